@@ -1,0 +1,35 @@
+"""Flax ResNet family with torchvision-compatible names and free widths."""
+
+from pleas_jax.models.layers import FEATURES, Conv, Dense
+from pleas_jax.models.resnet import (
+    ARCHITECTURES,
+    Block,
+    ResNet,
+    arch_name,
+    from_config,
+    resnet,
+    resnet18,
+    resnet20,
+    resnet34,
+    resnet50,
+    resnet101,
+    resnet152,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "FEATURES",
+    "Block",
+    "Conv",
+    "Dense",
+    "ResNet",
+    "arch_name",
+    "from_config",
+    "resnet",
+    "resnet18",
+    "resnet20",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+]
