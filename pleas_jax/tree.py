@@ -73,3 +73,19 @@ def to_dict(tree: Any) -> Any:
     if isinstance(tree, Mapping):
         return {k: to_dict(v) for k, v in tree.items()}
     return tree
+
+
+def check_same_structure(a: Mapping[str, Any], b: Mapping[str, Any], what=("A", "B")) -> None:
+    """Raise ``ValueError`` naming the first path where ``a`` and ``b`` differ
+    in presence or shape (two models of different architectures or widths)."""
+    fa, fb = flatten(a), flatten(b)
+    for path in fa.keys() - fb.keys():
+        raise ValueError(f"{path_str(path)} exists in model {what[0]} but not in model {what[1]}")
+    for path in fb.keys() - fa.keys():
+        raise ValueError(f"{path_str(path)} exists in model {what[1]} but not in model {what[0]}")
+    for path, x in fa.items():
+        sa, sb = tuple(getattr(x, "shape", ())), tuple(getattr(fb[path], "shape", ()))
+        if sa != sb:
+            raise ValueError(
+                f"{path_str(path)} has shape {sa} in model {what[0]} but {sb} in model {what[1]}"
+            )

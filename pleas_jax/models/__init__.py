@@ -1,6 +1,6 @@
 """Flax ResNet family with torchvision-compatible names and free widths."""
 
-from pleas_jax.models.layers import FEATURES, Conv, Dense
+from pleas_jax.models.layers import FEATURES, BatchNorm, Conv, Dense
 from pleas_jax.models.resnet import (
     ARCHITECTURES,
     Block,
@@ -19,6 +19,7 @@ from pleas_jax.models.resnet import (
 __all__ = [
     "ARCHITECTURES",
     "FEATURES",
+    "BatchNorm",
     "Block",
     "Conv",
     "Dense",

@@ -1,4 +1,4 @@
-"""Conv and Dense layers that can expose their input and output.
+"""Conv, Dense and BatchNorm layers that can expose the features they see.
 
 A merge needs, for every conv/dense layer, the features that enter it and the
 pre-normalisation features that leave it. The layers below record both in the
@@ -52,5 +52,15 @@ class Dense(_Recording, nn.Dense):
     def __call__(self, inputs):
         self._record("in", inputs)
         out = super().__call__(inputs)
+        self._record("out", out)
+        return out
+
+
+class BatchNorm(_Recording, nn.BatchNorm):
+    """``nn.BatchNorm`` that records its normalised, affine output as ``out``."""
+
+    @nn.compact
+    def __call__(self, inputs, *args, **kwargs):
+        out = super().__call__(inputs, *args, **kwargs)
         self._record("out", out)
         return out

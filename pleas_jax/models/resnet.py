@@ -28,15 +28,15 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from pleas_jax.models.layers import Conv, Dense
+from pleas_jax.models.layers import BatchNorm, Conv, Dense
 
 # torch.nn.BatchNorm2d defaults: eps 1e-5, running-average momentum 0.1.
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
 
 
-def _norm(train: bool, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(
+def _norm(train: bool, name: str) -> BatchNorm:
+    return BatchNorm(
         use_running_average=not train,
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,

@@ -1,0 +1,44 @@
+"""Padding, masking and multi-host argument handling."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pleas_jax import distributed
+
+
+def test_pad_batch_masks_padding():
+    x = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)
+    xp, mask = distributed.pad_batch(x, 4)
+    assert xp.shape == (8, 2) and mask.tolist() == [1] * 7 + [0]
+    np.testing.assert_array_equal(xp[:7], x)
+    xp, mask = distributed.pad_batch(x, 7)
+    assert xp.shape == (7, 2) and mask.sum() == 7
+    with pytest.raises(ValueError, match="at least one example"):
+        distributed.pad_batch(np.zeros((0, 3)), 2)
+
+
+def test_batch_sum_equals_plain_sum():
+    mesh = distributed.data_mesh()
+    x = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    f = distributed.batch_sum(lambda w, xs, m: {"s": (xs * m[:, None] * w).sum(0)}, mesh)
+    xs, mask = distributed.shard_batch(x, mesh)
+    out = f(jnp.float32(2.0), xs, mask)
+    np.testing.assert_allclose(out["s"], 2 * x.sum(0), rtol=1e-6)
+
+
+def test_multihost_args():
+    assert distributed.multihost_args({}) == {}
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}
+    assert distributed.multihost_args(env) == {
+        "coordinator_address": "10.0.0.1:1234",
+        "num_processes": 4,
+        "process_id": 2,
+    }
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES, JAX_PROCESS_ID"):
+        distributed.multihost_args({"JAX_COORDINATOR_ADDRESS": "h:1"})
+    with pytest.raises(ValueError, match="integers"):
+        distributed.multihost_args({**env, "JAX_PROCESS_ID": "x"})
+    with pytest.raises(ValueError, match="outside"):
+        distributed.multihost_args({**env, "JAX_PROCESS_ID": "4"})
+    assert distributed.initialize_multihost({}) is False
