@@ -1,0 +1,146 @@
+"""Activation matching recovers planted permutations; sharding changes nothing."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from pleas_jax import models
+from pleas_jax.matching import lap
+from pleas_jax.matching.activations import (
+    activation_matching,
+    activation_statistics,
+    feature_points,
+    statistics_to_scores,
+)
+from pleas_jax.permutation import apply_permutation, invert
+from pleas_jax.permutation import random as random_perm
+from pleas_jax.spec import derive_spec
+from pleas_jax.tree import flatten, unflatten
+from tests.helpers import images, init, randomize_norms
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _pair(arch, noise, size=32, width=16):
+    module = models.resnet(arch, num_classes=10, width=width)
+    va = randomize_norms(init(module, size), seed=1)
+    spec = derive_spec(module, va, np.zeros((1, size, size, 3), np.float32))
+    planted = random_perm(spec, jax.random.key(7))
+    vb = apply_permutation(va, spec, planted)
+    if noise:
+        rng = np.random.default_rng(0)
+        vb = unflatten(
+            {
+                p: v + noise * np.std(v) * rng.normal(size=np.shape(v)).astype(np.float32)
+                for p, v in flatten(vb).items()
+            }
+        )
+    return module, va, vb, spec, planted
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("noise", [0.0, 0.01])
+def test_recovers_planted_permutation_every_similarity(arch, noise):
+    module, va, vb, spec, planted = _pair(arch, noise)
+    batches = [images(8, seed=s) for s in range(2)]
+    expected = invert(planted)
+    stats = {
+        sim: activation_statistics(module, va, module, vb, spec, batches, sim)
+        for sim in ("distance", "correlation")
+    }
+    stats["inner"] = stats["distance"]  # cross moments are the same sums
+    for sim, st in stats.items():
+        scores = statistics_to_scores(st, sim)
+        for g in spec:
+            np.testing.assert_array_equal(
+                lap.solve(scores[g]), np.asarray(expected[g]), err_msg=f"{sim} {g}"
+            )
+
+
+def test_public_call_and_original_coordinates():
+    module, va, vb, spec, planted = _pair("resnet20", 0.0, size=16, width=8)
+    perm, costs = activation_matching(
+        module, va, module, vb, spec, [images(6, 16, seed=1)], "correlation"
+    )
+    expected = invert(planted)
+    for g in spec:
+        np.testing.assert_array_equal(perm[g], np.asarray(expected[g]))
+        # B = A permuted, so a matched pair sees identical features: correlation
+        # 1 at every point of the group.
+        n_points = len(feature_points(spec, va)[g])
+        rows = np.arange(spec[g].size)
+        assert np.all(costs[g][rows, perm[g]] <= n_points + 1e-4)
+        assert np.all(costs[g][rows, perm[g]] >= 0.99 * np.max(costs[g], axis=1))
+
+
+def test_rejects_models_of_other_widths_before_work():
+    a = models.resnet20(num_classes=5, width=8)
+    b = models.resnet20(num_classes=5, width=4)
+    va, vb = init(a, 16), init(b, 16)
+    spec = derive_spec(a, va, np.zeros((1, 16, 16, 3), np.float32))
+
+    def no_batches():
+        raise AssertionError("data was read before the check")
+        yield
+
+    with pytest.raises(ValueError, match="different architecture or widths"):
+        activation_matching(a, va, b, vb, spec, no_batches())
+
+
+def test_empty_data_is_an_error():
+    module, va, vb, spec, _ = _pair("resnet20", 0.0, size=16, width=4)
+    with pytest.raises(ValueError, match="at least one batch"):
+        activation_matching(module, va, module, vb, spec, [])
+
+
+_SHARDED = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, {root!r})
+    from pleas_jax import distributed, models
+    from pleas_jax.matching.activations import activation_statistics
+    from pleas_jax.spec import derive_spec
+    from tests.helpers import images, init, randomize_norms
+
+    assert len(jax.devices()) == 8, jax.devices()
+    m = models.resnet20(num_classes=4, width=4)
+    va = randomize_norms(init(m, 16), seed=1)
+    vb = randomize_norms(init(m, 16, seed=3), seed=2)
+    spec = derive_spec(m, va, np.zeros((1, 16, 16, 3), np.float32))
+    out = {{}}
+    for bs in (7, 8, 33):
+        batches = [images(bs, 16, seed=bs), images(5, 16, seed=bs + 1)]
+        one = activation_statistics(m, va, m, vb, spec, batches, "distance",
+                                    mesh=distributed.data_mesh(jax.devices()[:1]))
+        eight = activation_statistics(m, va, m, vb, spec, batches, "distance",
+                                      mesh=distributed.data_mesh())
+        worst = 0.0
+        for k in one:
+            for name in one[k]:
+                a, b = np.asarray(one[k][name], np.float64), np.asarray(eight[k][name], np.float64)
+                worst = max(worst, float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-12)))
+        out[bs] = worst
+        assert one[next(iter(one))]["count"] > 0
+    print(json.dumps(out))
+    """
+)
+
+
+def test_eight_devices_equal_one():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    res = subprocess.run(
+        [sys.executable, "-c", _SHARDED.format(root=ROOT)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    worst = json.loads(res.stdout.strip().splitlines()[-1])
+    print("8 vs 1 device, max relative difference per batch size:", worst)
+    assert set(worst) == {"7", "8", "33"}
+    assert all(v <= 1e-5 for v in worst.values()), worst
