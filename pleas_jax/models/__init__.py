@@ -1,6 +1,6 @@
 """Flax ResNet family with torchvision-compatible names and free widths."""
 
-from pleas_jax.models.layers import FEATURES, BatchNorm, Conv, Dense
+from pleas_jax.models.layers import FEATURES, BatchNorm, Conv, Dense, Splits, block_apply
 from pleas_jax.models.resnet import (
     ARCHITECTURES,
     Block,
@@ -14,6 +14,7 @@ from pleas_jax.models.resnet import (
     resnet50,
     resnet101,
     resnet152,
+    with_widths_of,
 )
 
 __all__ = [
@@ -24,7 +25,9 @@ __all__ = [
     "Conv",
     "Dense",
     "ResNet",
+    "Splits",
     "arch_name",
+    "block_apply",
     "from_config",
     "resnet",
     "resnet18",
@@ -33,4 +36,5 @@ __all__ = [
     "resnet50",
     "resnet101",
     "resnet152",
+    "with_widths_of",
 ]

@@ -10,8 +10,13 @@ pre-normalisation features that leave it. The layers below record both in the
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 FEATURES = "features"
+
+# (in_sizes, out_sizes): each (merged, A-only, B-only) channel counts.
+Splits = tuple[tuple[int, int, int], tuple[int, int, int]]
 
 
 def _keep_last(_previous, value):
@@ -34,33 +39,116 @@ class _Recording:
         self.sow(FEATURES, name, value, reduce_fn=_keep_last, init_fn=_none)
 
 
+def block_apply(op, x, kernel, splits: Splits):
+    """Apply a linear ``op(x, kernel)`` whose kernel is block-structured.
+
+    The kernel ``[..., C_in, C_out]`` of a partially merged layer has channels
+    ``[merged | A-only | B-only]`` on both axes, and its A-only <-> B-only
+    blocks are zero. Computing only the blocks that can be non-zero makes the
+    layer cost what the budget accounts for: merged outputs read every input,
+    A-only outputs read ``[merged | A-only]``, B-only outputs ``[merged | B-only]``.
+
+    Returns ``op`` of the full kernel, ``[..., C_out]``.
+    """
+    (mi, ai, bi), (mo, ao, bo) = splits
+    if x.shape[-1] != mi + ai + bi or kernel.shape[-1] != mo + ao + bo:
+        raise ValueError(f"splits {splits} do not fit input {x.shape} and kernel {kernel.shape}")
+    outs = []
+    if mo:
+        outs.append(op(x, kernel[..., :mo]))
+    for lo, n, width in ((mo, ao, ai), (mo + ao, bo, bi)):
+        if not n:
+            continue
+        cols = kernel[..., lo : lo + n]
+        # Separate outputs read the merged inputs and their own model's inputs.
+        start = mi if lo == mo else mi + ai
+        y = op(x[..., :mi], cols[..., :mi, :]) if mi else None
+        if width:
+            z = op(x[..., start : start + width], cols[..., start : start + width, :])
+            y = z if y is None else y + z
+        if y is None:
+            # No input may feed these outputs: they are zero (shaped by op).
+            y = op(x[..., :1], jnp.zeros_like(cols[..., :1, :]))
+        outs.append(y)
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
+
+
 class Conv(_Recording, nn.Conv):
-    """``nn.Conv`` (kernel ``[kh, kw, C_in, C_out]``) that records ``in``/``out``."""
+    """``nn.Conv`` (kernel ``[kh, kw, C_in, C_out]``) that records ``in``/``out``.
+
+    With ``splits`` set, the kernel is a partially merged one and only its
+    possibly non-zero blocks are computed (see :func:`block_apply`).
+    """
+
+    splits: Splits | None = None
 
     @nn.compact
     def __call__(self, inputs):
         self._record("in", inputs)
-        out = super().__call__(inputs)
+        if self.splits is None:
+            out = super().__call__(inputs)
+        else:
+            out = self._block_conv(inputs)
         self._record("out", out)
         return out
 
+    def _block_conv(self, x):
+        if self.use_bias or self.feature_group_count != 1:
+            raise ValueError("block-structured convs support neither bias nor feature groups")
+        shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        dtype = self.dtype or x.dtype
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+
+        nd = len(self.kernel_size)
+        tup = lambda v: (v,) * nd if isinstance(v, int) else tuple(v)  # noqa: E731
+        strides, dilation = tup(self.strides or 1), tup(self.kernel_dilation or 1)
+
+        def op(xs, k):
+            return jax.lax.conv_general_dilated(
+                xs, k, strides, self.padding,
+                rhs_dilation=dilation,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                precision=self.precision,
+            )
+
+        return block_apply(op, x, kernel, self.splits)
+
 
 class Dense(_Recording, nn.Dense):
-    """``nn.Dense`` (kernel ``[C_in, C_out]``) that records ``in``/``out``."""
+    """``nn.Dense`` (kernel ``[C_in, C_out]``) that records ``in``/``out``.
+
+    ``splits`` as for :class:`Conv`.
+    """
+
+    splits: Splits | None = None
 
     @nn.compact
     def __call__(self, inputs):
         self._record("in", inputs)
-        out = super().__call__(inputs)
+        if self.splits is None:
+            out = super().__call__(inputs)
+        else:
+            kernel = self.param(
+                "kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype
+            )
+            dtype = self.dtype or inputs.dtype
+            x, k = inputs.astype(dtype), kernel.astype(dtype)
+            out = block_apply(lambda xs, ks: jnp.dot(xs, ks, precision=self.precision), x, k, self.splits)
+            if self.use_bias:
+                bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                out = out + bias.astype(dtype)
         self._record("out", out)
         return out
 
 
 class BatchNorm(_Recording, nn.BatchNorm):
-    """``nn.BatchNorm`` that records its normalised, affine output as ``out``."""
+    """``nn.BatchNorm`` that records its input ``in`` and its normalised, affine
+    output ``out``."""
 
     @nn.compact
     def __call__(self, inputs, *args, **kwargs):
+        self._record("in", inputs)
         out = super().__call__(inputs, *args, **kwargs)
         self._record("out", out)
         return out

@@ -51,10 +51,19 @@ def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((p, p), (p, p))
 
 
-def _conv_factory(dtype):
+def _conv_factory(dtype, splits=(), prefix=""):
+    table = dict(splits)
+
     def conv(features: int, k: int, stride: int, name: str) -> Conv:
         return Conv(
-            features, (k, k), (stride, stride), padding=_pad(k), use_bias=False, dtype=dtype, name=name
+            features,
+            (k, k),
+            (stride, stride),
+            padding=_pad(k),
+            use_bias=False,
+            dtype=dtype,
+            splits=table.get(prefix + name),
+            name=name,
         )
 
     return conv
@@ -76,11 +85,12 @@ class Block(nn.Module):
     stride: int
     downsample: bool
     dtype: Any = jnp.float32
+    splits: tuple = ()
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """``x [N, H, W, C_in] -> [N, H/stride, W/stride, widths[-1]]``."""
-        conv = _conv_factory(self.dtype)
+        conv = _conv_factory(self.dtype, self.splits, f"{self.name}/")
         ks = (3, 3) if self.block == "basic" else (1, 3, 1)
         strides = [1] * len(ks)
         strides[ks.index(3)] = self.stride
@@ -112,6 +122,10 @@ class ResNet(nn.Module):
       stem: ``"imagenet"`` (7x7/2 conv + 3x3/2 max-pool) or ``"cifar"`` (3x3/1).
       stage_strides: stride of each stage's first block.
       dtype: computation dtype (parameters stay float32).
+      splits: for a partially merged model, ``(layer path, splits)`` pairs such
+        as ``("layer1_0/conv1", ((m, a, b), (m, a, b)))``: the layer's input and
+        output channel blocks, so that it computes only the blocks that can be
+        non-zero (:func:`pleas_jax.models.layers.block_apply`).
     """
 
     block: str
@@ -124,6 +138,7 @@ class ResNet(nn.Module):
     stem: str = "imagenet"
     stage_strides: tuple[int, ...] = (1, 2, 2, 2)
     dtype: Any = jnp.float32
+    splits: tuple = ()
 
     def _check(self) -> None:
         n_blocks = sum(self.stage_sizes)
@@ -168,7 +183,7 @@ class ResNet(nn.Module):
         """
         self._check()
         x = x.astype(self.dtype)
-        conv = _conv_factory(self.dtype)
+        conv = _conv_factory(self.dtype, self.splits)
         if self.stem == "imagenet":
             x = conv(self.stem_width, 7, 2, "conv1")(x)
             x = nn.relu(_norm(train, "bn1")(x))
@@ -186,6 +201,7 @@ class ResNet(nn.Module):
                     stride=self.stage_strides[s] if j == 0 else 1,
                     downsample=self.downsample[b],
                     dtype=self.dtype,
+                    splits=self.splits,
                     name=f"layer{s + 1}_{j}",
                 )(x, train)
                 b += 1
@@ -193,7 +209,9 @@ class ResNet(nn.Module):
         x = jnp.mean(x, axis=(1, 2))
         if self.num_classes is None:
             return x
-        return Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+        return Dense(
+            self.num_classes, dtype=self.dtype, splits=dict(self.splits).get("fc"), name="fc"
+        )(x)
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict:
@@ -208,6 +226,7 @@ class ResNet(nn.Module):
             "num_classes": self.num_classes,
             "stem": self.stem,
             "stage_strides": list(self.stage_strides),
+            "splits": [[name, [list(i), list(o)]] for name, (i, o) in self.splits],
         }
 
 
@@ -224,6 +243,9 @@ def from_config(config: dict) -> ResNet:
             num_classes=None if config["num_classes"] is None else int(config["num_classes"]),
             stem=config["stem"],
             stage_strides=tuple(config["stage_strides"]),
+            splits=tuple(
+                (name, (tuple(i), tuple(o))) for name, (i, o) in config.get("splits", ())
+            ),
         )
     except KeyError as e:
         raise ValueError(f"model config lacks the field {e.args[0]!r}") from None
@@ -305,6 +327,29 @@ def resnet152(num_classes: int | None = 1000, **kw) -> ResNet:
 
 def resnet20(num_classes: int | None = 10, **kw) -> ResNet:
     return resnet("resnet20", num_classes, **kw)
+
+
+def with_widths_of(module: ResNet, params: dict, splits: tuple = ()) -> ResNet:
+    """``module`` with every width read from ``params`` (kernel shapes), and
+    the given ``splits``: the module of a merged or resized variables tree."""
+    try:
+        stem = params["conv1"]["kernel"].shape[-1]
+        inner, stream, b = [], [], 0
+        n_inner = 1 if module.block == "basic" else 2
+        for s, size in enumerate(module.stage_sizes):
+            for j in range(size):
+                blk = params[f"layer{s + 1}_{j}"]
+                inner.append(tuple(blk[f"conv{i + 1}"]["kernel"].shape[-1] for i in range(n_inner)))
+                b += 1
+            stream.append(blk[f"conv{n_inner + 1}"]["kernel"].shape[-1])
+    except KeyError as e:
+        raise ValueError(f"params lack the layer {e.args[0]!r} of this architecture") from None
+    return module.clone(
+        stem_width=int(stem),
+        stream_widths=tuple(int(w) for w in stream),
+        inner_widths=tuple(tuple(int(v) for v in w) for w in inner),
+        splits=tuple(splits),
+    )
 
 
 def arch_name(module: ResNet) -> str | None:
