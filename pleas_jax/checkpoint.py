@@ -1,0 +1,243 @@
+"""Save and load a model (module + variables) as an orbax checkpoint with metadata.
+
+A checkpoint is a directory::
+
+    OUT/
+      pleas_jax.json   what the arrays are: format, pleas-jax version, arch name,
+                       the module config (ResNet.config()), num_classes, and any
+                       caller metadata (e.g. the source file's sha256)
+      arrays/          the variables pytree, written by orbax
+
+It is written whole or not at all: everything goes to a temporary directory
+beside ``OUT`` that is renamed into place at the end and removed on any failure.
+
+Example::
+
+    save("ckpt/resnet50", module, variables, source_sha256="...")
+    module, variables = load("ckpt/resnet50")
+    load_metadata("ckpt/resnet50")["arch"]      # "resnet50"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from pleas_jax import models
+from pleas_jax.tree import flatten, path_str, to_dict
+
+FORMAT = "pleas-jax checkpoint"
+FORMAT_VERSION = 1
+METADATA_FILE = "pleas_jax.json"
+ARRAYS_DIR = "arrays"
+_RESERVED = ("format", "format_version", "pleas_jax_version", "arch", "config", "num_classes")
+# Shapes are traced at this input size; parameters do not depend on it.
+_TRACE_INPUT = (1, 64, 64, 3)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read; the message names the path."""
+
+
+def _expected_shapes(module: models.ResNet) -> dict[tuple[str, ...], tuple[tuple[int, ...], Any]]:
+    shapes = jax.eval_shape(
+        module.init, jax.random.key(0), jax.ShapeDtypeStruct(_TRACE_INPUT, jnp.float32)
+    )
+    return {p: (tuple(s.shape), s.dtype) for p, s in flatten(to_dict(shapes)).items()}
+
+
+def _check_arrays(where: str, module: models.ResNet, got: Mapping[tuple[str, ...], Any]) -> None:
+    # ``got`` maps paths to anything with .shape; dtypes are checked too, since a
+    # float64 leaf would silently change the model's numerics.
+    want = _expected_shapes(module)
+    missing = [p for p in want if p not in got]
+    if missing:
+        raise CheckpointError(
+            f"{where}: arrays lack {path_str(missing[0])!r} ({len(missing)} missing) "
+            "that the model config needs"
+        )
+    extra = [p for p in got if p not in want]
+    if extra:
+        raise CheckpointError(
+            f"{where}: array {path_str(extra[0])!r} ({len(extra)} unexpected) "
+            "is not part of the model config"
+        )
+    for p, (shape, dtype) in want.items():
+        if tuple(got[p].shape) != shape:
+            raise CheckpointError(
+                f"{where}: {path_str(p)!r} has shape {tuple(got[p].shape)} but the model "
+                f"config implies {shape}"
+            )
+        if np.dtype(got[p].dtype) != np.dtype(dtype):
+            raise CheckpointError(
+                f"{where}: {path_str(p)!r} has dtype {np.dtype(got[p].dtype)}, expected {dtype}"
+            )
+
+
+def _write_metadata(file: Path, text: str) -> None:
+    # Written after the arrays: a directory with metadata is a finished checkpoint.
+    file.write_text(text + "\n")
+
+
+def save(
+    path: str | os.PathLike,
+    module: models.ResNet,
+    variables: Mapping[str, Any],
+    *,
+    overwrite: bool = False,
+    **metadata: Any,
+) -> Path:
+    """Write ``module`` and ``variables`` to the checkpoint directory ``path``.
+
+    Args:
+      path: the checkpoint directory to create; its parent must exist.
+      module: a :class:`pleas_jax.models.ResNet` (its ``config()`` is stored).
+      variables: ``{"params": ..., "batch_stats": ...}`` matching ``module``.
+      overwrite: replace an existing checkpoint at ``path`` (else it is an
+        error); any other existing file or directory is never replaced.
+      **metadata: extra JSON-able fields stored in ``pleas_jax.json`` (e.g.
+        ``source_sha256``); the names in ``_RESERVED`` are taken.
+
+    Returns:
+      ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+      CheckpointError: ``path`` exists, its parent does not, variables that do
+        not match the module, or metadata that is not JSON-able.
+    """
+    path = Path(path)
+    taken = [k for k in metadata if k in _RESERVED]
+    if taken:
+        raise CheckpointError(f"metadata field {taken[0]!r} is reserved")
+    if path.exists():
+        if not overwrite:
+            raise CheckpointError(f"{path}: already exists (pass overwrite=True to replace it)")
+        # Never delete a directory that is not a checkpoint of ours.
+        try:
+            load_metadata(path)
+        except CheckpointError:
+            raise CheckpointError(
+                f"{path}: exists and is not a pleas-jax checkpoint; refusing to overwrite it"
+            ) from None
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{path}: parent directory {path.parent} does not exist")
+    from pleas_jax import __version__  # here: pleas_jax/__init__ imports this module
+
+    info = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "pleas_jax_version": __version__,
+        "arch": models.arch_name(module),
+        "num_classes": module.num_classes,
+        "config": module.config(),
+        **metadata,
+    }
+    try:
+        text = json.dumps(info, indent=2, sort_keys=False)
+    except TypeError as e:
+        raise CheckpointError(f"metadata is not JSON-able: {e}") from None
+
+    # orbax rejects numpy scalars; 0-d arrays are fine. Host copies also free the
+    # write from any device placement.
+    arrays = jax.tree.map(lambda x: np.array(jax.device_get(x)), to_dict(variables))
+    _check_arrays(str(path), module, flatten(arrays))
+
+    # orbax wants absolute paths.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)).absolute()
+    try:
+        checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+        checkpointer.save(tmp / ARRAYS_DIR, args=ocp.args.StandardSave(arrays))
+        _write_metadata(tmp / METADATA_FILE, text)
+        if path.exists():
+            _replace(tmp, path)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace(new: Path, path: Path) -> None:
+    # os.replace cannot replace a non-empty directory: move the old checkpoint
+    # aside, move the new one in, and only then delete the old one (or move it
+    # back if the second rename fails).
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.replace(path, old / "ckpt")
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old / "ckpt", path)
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata dict of the checkpoint at ``path`` (no arrays are read).
+
+    Raises:
+      CheckpointError: ``path`` is missing, not a directory, or not a pleas-jax checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; a pleas-jax checkpoint is a directory")
+    meta_file = path / METADATA_FILE
+    if not meta_file.is_file() or not (path / ARRAYS_DIR).is_dir():
+        raise CheckpointError(
+            f"{path}: not a pleas-jax checkpoint (no {METADATA_FILE} and {ARRAYS_DIR}/ inside)"
+        )
+    try:
+        info = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_file}: not valid JSON ({e})") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_file}: not pleas-jax checkpoint metadata")
+    if info.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {info['format_version']} is newer than this pleas-jax "
+            f"reads ({FORMAT_VERSION}); upgrade pleas-jax"
+        )
+    return info
+
+
+def load(path: str | os.PathLike) -> tuple[models.ResNet, dict]:
+    """Read a checkpoint written by :func:`save`.
+
+    Returns:
+      ``(module, variables)``: the module rebuilt from its config and
+      ``{"params": ..., "batch_stats": ...}`` as jax arrays.
+
+    Raises:
+      CheckpointError: missing directory, not our checkpoint, or arrays whose
+        paths/shapes/dtypes do not match the stored module config.
+    """
+    path = Path(path)
+    info = load_metadata(path)
+    try:
+        module = models.from_config(info["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad model config in {METADATA_FILE}: {e}") from None
+    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    try:
+        stored = checkpointer.metadata((path / ARRAYS_DIR).absolute()).item_metadata.tree
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: unreadable {ARRAYS_DIR}/ ({type(e).__name__}: {e})"
+        ) from None
+    # Check against the config before reading any array data.
+    _check_arrays(str(path), module, flatten(to_dict(stored)))
+    arrays = checkpointer.restore((path / ARRAYS_DIR).absolute())
+    return module, jax.tree.map(jnp.asarray, to_dict(arrays))

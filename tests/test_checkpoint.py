@@ -1,0 +1,162 @@
+"""orbax checkpoints with metadata: round trip, atomic writes, clear errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pleas_jax
+from pleas_jax import checkpoint, models
+from pleas_jax.checkpoint import CheckpointError
+from pleas_jax.tree import flatten
+
+
+def _variables(module, seed=0):
+    # Random values of the right shapes, from numpy: running init op by op on
+    # the CPU costs seconds, and a checkpoint does not care where values came from.
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    module = models.resnet20(num_classes=10)
+    return module, _variables(module)
+
+
+def _assert_same(a, b):
+    fa, fb = flatten(a), flatten(b)
+    assert list(fa) == list(fb) or sorted(fa) == sorted(fb)
+    for path, x in fa.items():
+        y = fb[path]
+        assert np.asarray(y).dtype == np.asarray(x).dtype, path
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=str(path))
+
+
+def test_round_trip(tmp_path, resnet20):
+    module, variables = resnet20
+    out = pleas_jax.save(tmp_path / "ckpt", module, variables, source_sha256="ab" * 32, note=[1, 2])
+    assert out == tmp_path / "ckpt"
+    loaded_module, loaded = pleas_jax.load(tmp_path / "ckpt")
+    assert loaded_module == module
+    _assert_same(loaded, variables)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(loaded))
+    meta = checkpoint.load_metadata(tmp_path / "ckpt")
+    assert meta["arch"] == "resnet20"
+    assert meta["num_classes"] == 10
+    assert meta["config"] == module.config()
+    assert meta["source_sha256"] == "ab" * 32
+    assert meta["note"] == [1, 2]
+    assert meta["pleas_jax_version"] == pleas_jax.__version__
+    # Nothing but the checkpoint is left in the parent.
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_round_trip_free_widths(tmp_path):
+    module = models.ResNet(
+        block="basic",
+        stage_sizes=(1, 2),
+        stem_width=5,
+        stream_widths=(7, 11),
+        inner_widths=((3,), (9,), (4,)),
+        downsample=(True, True, False),
+        num_classes=None,
+        stem="cifar",
+        stage_strides=(1, 2),
+    )
+    variables = _variables(module)
+    checkpoint.save(tmp_path / "free", module, variables)
+    loaded_module, loaded = checkpoint.load(tmp_path / "free")
+    assert loaded_module == module
+    assert checkpoint.load_metadata(tmp_path / "free")["arch"] is None
+    _assert_same(loaded, variables)
+
+
+def test_refuses_to_overwrite_unless_asked(tmp_path, resnet20):
+    module, variables = resnet20
+    checkpoint.save(tmp_path / "ckpt", module, variables, run=1)
+    with pytest.raises(CheckpointError, match="already exists"):
+        checkpoint.save(tmp_path / "ckpt", module, variables, run=2)
+    assert checkpoint.load_metadata(tmp_path / "ckpt")["run"] == 1
+    checkpoint.save(tmp_path / "ckpt", module, variables, overwrite=True, run=2)
+    assert checkpoint.load_metadata(tmp_path / "ckpt")["run"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    # Even with overwrite, a directory that is not a checkpoint is never replaced.
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "thesis.tex").write_text("...")
+    with pytest.raises(CheckpointError, match="not a pleas-jax checkpoint; refusing"):
+        checkpoint.save(tmp_path / "precious", module, variables, overwrite=True)
+    assert (tmp_path / "precious" / "thesis.tex").exists()
+
+
+@pytest.mark.parametrize("failure", [OSError("disk full"), KeyboardInterrupt()])
+def test_failure_mid_save_leaves_nothing(tmp_path, resnet20, monkeypatch, failure):
+    module, variables = resnet20
+
+    def fail(file, text):
+        # The arrays are on disk by now: the failure is really mid-save.
+        assert (file.parent / checkpoint.ARRAYS_DIR).is_dir()
+        raise failure
+
+    monkeypatch.setattr(checkpoint, "_write_metadata", fail)
+    with pytest.raises(type(failure)):
+        checkpoint.save(tmp_path / "ckpt", module, variables)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path, resnet20, monkeypatch):
+    module, variables = resnet20
+    checkpoint.save(tmp_path / "ckpt", module, variables, run=1)
+    monkeypatch.setattr(checkpoint, "_write_metadata", lambda file, text: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        checkpoint.save(tmp_path / "ckpt", module, variables, overwrite=True, run=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    assert checkpoint.load_metadata(tmp_path / "ckpt")["run"] == 1
+
+
+def test_save_rejects_bad_input(tmp_path, resnet20):
+    module, variables = resnet20
+    wrong = models.resnet20(num_classes=7)
+    with pytest.raises(CheckpointError, match=r"params/fc/bias' has shape \(10,\).*\(7,\)"):
+        checkpoint.save(tmp_path / "a", wrong, variables)
+    with pytest.raises(CheckpointError, match="'arch' is reserved"):
+        checkpoint.save(tmp_path / "b", module, variables, arch="x")
+    with pytest.raises(CheckpointError, match="not JSON-able"):
+        checkpoint.save(tmp_path / "c", module, variables, when=object())
+    with pytest.raises(CheckpointError, match="parent directory"):
+        checkpoint.save(tmp_path / "no" / "d", module, variables)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="nope: no such checkpoint directory"):
+        checkpoint.load(tmp_path / "nope")
+
+
+def test_not_our_checkpoint(tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "weights.bin").write_bytes(b"\0")
+    with pytest.raises(CheckpointError, match="other: not a pleas-jax checkpoint"):
+        checkpoint.load(tmp_path / "other")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        checkpoint.load(tmp_path / "file")
+
+
+def test_metadata_that_does_not_match_the_arrays(tmp_path, resnet20):
+    module, variables = resnet20
+    checkpoint.save(tmp_path / "ckpt", module, variables)
+    meta_file = tmp_path / "ckpt" / checkpoint.METADATA_FILE
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["stream_widths"][2] = 48
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(
+        CheckpointError, match=r"has shape .*64.* but the model config implies .*48"
+    ):
+        checkpoint.load(tmp_path / "ckpt")
+    meta_file.write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        checkpoint.load(tmp_path / "ckpt")
