@@ -111,7 +111,3 @@ def train_linear_probe(
         carry = epoch(carry, key)
     return carry[0]
 
-
-def accuracy(logits, labels) -> float:
-    """Top-1 accuracy of ``logits [N, K]`` against ``labels [N]``."""
-    return float(np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(labels)))

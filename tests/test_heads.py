@@ -6,6 +6,7 @@ import pytest
 from pleas_jax import heads, models, partial
 from pleas_jax.permutation import identity
 from pleas_jax.spec import derive_spec
+from pleas_jax.train import accuracy
 from tests.helpers import images, init, randomize_norms
 
 
@@ -42,7 +43,7 @@ def test_linear_probe_learns_separable_classes():
     y = rng.integers(0, 4, size=400)
     x = centers[y] + rng.normal(size=(400, 16))
     head = heads.train_linear_probe(x[:300], y[:300], 4, epochs=30, learning_rate=1e-2, batch_size=64)
-    assert heads.accuracy(heads.apply_head(head, x[300:]), y[300:]) > 0.95
+    assert accuracy(heads.apply_head(head, x[300:]), y[300:]) > 0.95
     again = heads.train_linear_probe(x[:300], y[:300], 4, epochs=30, learning_rate=1e-2, batch_size=64)
     np.testing.assert_array_equal(head["kernel"], again["kernel"])  # seeded
 
