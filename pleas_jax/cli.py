@@ -116,7 +116,7 @@ def _convert(args: argparse.Namespace) -> int:
     if args.verify:
         report = converters.verify(module, conv.variables, conv.state_dict)
         _print_verification(report)
-        if report.max_rel > args.tolerance:
+        if not report.max_rel <= args.tolerance:  # NaN fails too
             print(
                 f"{PROG}: error: verification failed: relative difference {report.max_rel:.3e} "
                 f"exceeds --tolerance {args.tolerance:g}; nothing written",
@@ -184,7 +184,7 @@ def _demo(args: argparse.Namespace) -> int:
         _print_verification(report)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if report.max_rel > args.tolerance:
+    if not report.max_rel <= args.tolerance:  # NaN fails too
         print(
             f"{PROG}: error: demo parity {report.max_rel:.3e} > {args.tolerance:g}", file=sys.stderr
         )

@@ -166,6 +166,20 @@ def test_logits_match_resnet20(width):
     assert report.max_rel <= TOLERANCE
 
 
+def test_parity_check_catches_a_misplaced_bn_tensor():
+    # Negative control: one misplaced BN tensor is far outside the tolerance.
+    net = resnet20_torch()
+    module, variables = state_dict_to_flax(net.state_dict())
+    bn = variables["params"]["layer2_1"]["bn1"]
+    bn["scale"], bn["bias"] = bn["bias"], bn["scale"]
+    assert verify(module, variables, net.state_dict(), batch_size=2).max_rel > 100 * TOLERANCE
+    # A swapped mean/var gives negative variances, NaN outputs: never "within tolerance".
+    bn["scale"], bn["bias"] = bn["bias"], bn["scale"]
+    stats = variables["batch_stats"]["layer2_1"]["bn1"]
+    stats["mean"], stats["var"] = stats["var"], stats["mean"]
+    assert verify(module, variables, net.state_dict(), batch_size=2).max_rel == np.inf
+
+
 def test_torch_mirror_equals_torchvision(resnet18):
     # TorchResNet stands in for torchvision wherever torchvision cannot express
     # the widths; for a standard config it must be torchvision, name for name.
