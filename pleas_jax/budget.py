@@ -1,0 +1,903 @@
+"""Compute and parameter accounting of partially merged models; budget -> ratios.
+
+A merged group of ``n`` units at ratio ``r`` has ``n_m = n - s`` merged units,
+``s = n_separate(n, r)`` A-only units and ``s`` B-only units
+(:func:`pleas_jax.partial.n_separate`). In a merged conv/dense layer, merged
+outputs read every input, A-only outputs read ``[merged | A-only]`` inputs and
+B-only outputs ``[merged | B-only]`` (:func:`pleas_jax.models.block_apply`
+computes exactly these blocks). A layer whose input group has ``N_i`` units
+(``s_i`` separate) and output group ``N_o`` (``s_o``) therefore costs, per
+kernel tap and output position,
+
+    n_m_o (n_m_i + 2 s_i) + 2 s_o (n_m_i + s_i) = (N_o + s_o)(N_i + s_i) - 2 s_o s_i
+
+multiply-adds. Axes outside every group (image channels, a shared classifier's
+classes) count as merged (``s = 0``). At ``r = 0`` everywhere this is the source
+model; at ``r = 1`` everywhere it is exactly twice the source model: the merged
+stem reads the shared image once per model, and the shared classifier reads
+both models' features, so all-``r = 1`` is the ensemble, whose conv + dense
+compute is 2x. The **budget** ``B`` of an allocation is its compute relative to
+one source model (:func:`relative_compute`), so ``B`` lies in ``[1, 2]``.
+
+**What is counted.** :func:`macs` counts the multiply-adds of conv and dense
+kernels only, per image (bias adds, BatchNorm, activations and pooling are not
+in it, as in the usual GMACs figures). By default every kernel tap at every
+output position counts, padding included: the convention of published figures
+(torchvision's ResNet-18 at 224 px: 1.814 GMACs, ResNet-50: 4.089) and what
+dense accelerator kernels compute. ``count_padding=False`` counts only the taps
+that read real input, which is what XLA's cost analysis counts, so
+``2 * macs(..., count_padding=False)`` is the figure to compare with
+:func:`xla_flops` (which adds BatchNorm, ReLU, residual sums and pooling: under
+1% for ResNets). Parameters (:func:`params`) are counted both as stored
+(zero cross blocks included) and as possibly non-zero.
+
+Merging an isolated group saves nothing: a merged layer between two separate
+ones reads both models' inputs, or feeds both models' outputs. Savings come from
+runs of adjacent merged groups, which is why allocations differ so much.
+
+Budget -> ratios: :func:`uniform_ratios` (one ratio for every group),
+:func:`zip_ratios` (the first ``k`` stages merged, the rest separate, as in
+ZipIt!'s partial zipping) and :func:`optimized_ratios` (most sensitive groups
+kept separate first, under the budget); :func:`ratios_for_budget` dispatches.
+
+Example::
+
+    table = layer_table(model, variables, spec, (224, 224, 3))
+    macs(table, spec, 0.0)                           # one source model
+    ratios = uniform_ratios(table, spec, 1.5)
+    relative_compute(table, spec, ratios)            # <= 1.5, as close as rounding allows
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.extend.core as jcore
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+
+from pleas_jax.partial import n_separate
+from pleas_jax.tree import Path, flatten, path_str, unflatten
+
+__all__ = [
+    "METHODS",
+    "Layer",
+    "LayerTable",
+    "ParamCount",
+    "layer_table",
+    "macs",
+    "optimized_ratios",
+    "params",
+    "ratios_for_budget",
+    "relative_compute",
+    "sensitivity_from_costs",
+    "separate_units",
+    "stage_of_layer",
+    "uniform_ratios",
+    "xla_flops",
+    "zip_budgets",
+    "zip_ratios",
+    "zip_ratios_for_budget",
+]
+
+Ratios = Mapping[str, float] | float
+
+
+# ---------------------------------------------------------------------- table
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One conv or dense layer of the source model.
+
+    Attributes:
+      name: the layer's module path, e.g. ``"layer1_0/conv1"``.
+      kernel: path of its kernel in the variables, e.g.
+        ``("params", "layer1_0", "conv1", "kernel")``.
+      in_group, out_group: the groups of the kernel's input and output feature
+        axes, ``None`` for an axis outside every group.
+      c_in, c_out: input and output features of the source layer.
+      kernel_size: spatial size of the kernel (``()`` for a dense layer).
+      positions: output positions per image (``H_out * W_out``; 1 for a dense
+        layer on pooled features).
+      taps: kernel taps summed over output positions, padding included
+        (``prod(kernel_size) * positions``).
+      valid_taps: the taps that read real input rather than padding.
+      bias: whether the layer adds a bias.
+    """
+
+    name: str
+    kernel: Path
+    in_group: str | None
+    out_group: str | None
+    c_in: int
+    c_out: int
+    kernel_size: tuple[int, ...]
+    positions: int
+    taps: int
+    valid_taps: int
+    bias: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerTable:
+    """Everything the accounting needs about a source model at one input size.
+
+    Attributes:
+      layers: the conv/dense layers in execution order.
+      params: ``(path, shape, {axis: group})`` for every leaf of the ``params``
+        collection.
+      input_shape: one image, ``(H, W, C)``.
+    """
+
+    layers: tuple[Layer, ...]
+    params: tuple[tuple[Path, tuple[int, ...], dict[int, str]], ...]
+    input_shape: tuple[int, ...]
+
+
+def _image_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) == 4:
+        shape = shape[1:]
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"input_shape must be (H, W, C) or (N, H, W, C), got {tuple(input_shape)}")
+    return shape
+
+
+def _axis_groups(spec: Mapping[str, Any]) -> dict[Path, dict[int, str]]:
+    out: dict[Path, dict[int, str]] = {}
+    for g, group in spec.items():
+        for path, axis in group.axes:
+            out.setdefault(tuple(path), {})[int(axis)] = g
+    return out
+
+
+def _valid_taps_1d(size_in, size_out, k, stride, pad_lo, lhs_dil, rhs_dil) -> int:
+    """``(output, tap)`` pairs of one spatial axis that read an input element."""
+    o = np.arange(size_out)[:, None]
+    t = np.arange(k)[None, :]
+    pos = o * stride + t * rhs_dil - pad_lo  # in the lhs-dilated input
+    extent = (size_in - 1) * lhs_dil + 1
+    ok = (pos >= 0) & (pos < extent) & (pos % lhs_dil == 0)
+    return int(ok.sum())
+
+
+# Primitives that pass a kernel on unchanged (up to dtype).
+_PASS = {"convert_element_type", "copy", "copy_p", "reduce_precision", "device_put"}
+
+
+def _sub_jaxprs(eqn):
+    for value in eqn.params.values():
+        if isinstance(value, jcore.ClosedJaxpr):
+            yield value.jaxpr
+        elif isinstance(value, jcore.Jaxpr):
+            yield value
+
+
+def _walk(jaxpr, env: dict, found: list, stack: tuple[str, ...]) -> None:
+    """Collect conv / dot_general equations whose kernel is a parameter leaf.
+
+    ``env`` maps variables of ``jaxpr`` to the parameter path they carry.
+    """
+
+    def path_of(atom):
+        return None if isinstance(atom, jcore.Literal) else env.get(atom)
+
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        ins = [path_of(v) for v in eqn.invars]
+        if name in _PASS and ins and ins[0] is not None:
+            env[eqn.outvars[0]] = ins[0]
+        elif name == "conv_general_dilated":
+            found.append((eqn, ins[1], 1, stack))
+        elif name == "dot_general":
+            # Flax's Dense puts the kernel on the right.
+            idx = 1 if ins[1] is not None else 0
+            found.append((eqn, ins[idx], idx, stack))
+        else:
+            for sub in _sub_jaxprs(eqn):
+                # Calls (jit, custom_jvp, remat) map operands to inputs one to
+                # one; loops do not, and are left alone.
+                if len(sub.invars) != len(eqn.invars):
+                    continue
+                inner = {iv: p for iv, p in zip(sub.invars, ins, strict=True) if p is not None}
+                _walk(sub, inner, found, (*stack, name))
+                for ov, iv in zip(eqn.outvars, sub.outvars, strict=False):
+                    if not isinstance(iv, jcore.Literal) and iv in inner:
+                        env[ov] = inner[iv]
+
+
+def _layer_from_conv(eqn, path: Path, axis_groups) -> Layer:
+    p = eqn.params
+    lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+    out = eqn.outvars[0].aval.shape
+    dn = p["dimension_numbers"]
+    where = path_str(path)
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        raise ValueError(f"{where}: grouped convolutions are not supported by the accounting")
+    ks = tuple(int(rhs[d]) for d in dn.rhs_spec[2:])
+    size_in = [int(lhs[d]) for d in dn.lhs_spec[2:]]
+    size_out = [int(out[d]) for d in dn.out_spec[2:]]
+    positions = math.prod(size_out)
+    valid = 1
+    for i, k in enumerate(ks):
+        valid *= _valid_taps_1d(
+            size_in[i],
+            size_out[i],
+            k,
+            p["window_strides"][i],
+            p["padding"][i][0],
+            p["lhs_dilation"][i],
+            p["rhs_dilation"][i],
+        )
+    in_ax, out_ax = dn.rhs_spec[1], dn.rhs_spec[0]
+    groups = axis_groups.get(path, {})
+    return Layer(
+        name="/".join(path[1:-1]),
+        kernel=path,
+        in_group=groups.get(in_ax),
+        out_group=groups.get(out_ax),
+        c_in=int(rhs[in_ax]),
+        c_out=int(rhs[out_ax]),
+        kernel_size=ks,
+        positions=positions,
+        taps=math.prod(ks) * positions,
+        valid_taps=valid,
+        bias=False,
+    )
+
+
+def _layer_from_dot(eqn, path: Path, axis_groups, kernel_is_rhs: bool) -> Layer:
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    x, k = (v.aval.shape for v in eqn.invars[:2])
+    contract, batch = (rc, rb) if kernel_is_rhs else (lc, lb)
+    if not kernel_is_rhs:
+        x, k = k, x
+    where = path_str(path)
+    free = [ax for ax in range(len(k)) if ax not in (*contract, *batch)]
+    if len(contract) != 1 or len(free) != 1 or batch:
+        raise ValueError(f"{where}: only [C_in, C_out] dense kernels are supported")
+    in_ax, out_ax = contract[0], free[0]
+    groups = axis_groups.get(path, {})
+    # Every non-contracted axis of x is a position (batch of 1 while tracing).
+    positions = math.prod(x) // int(k[in_ax])
+    return Layer(
+        name="/".join(path[1:-1]),
+        kernel=path,
+        in_group=groups.get(in_ax),
+        out_group=groups.get(out_ax),
+        c_in=int(k[in_ax]),
+        c_out=int(k[out_ax]),
+        kernel_size=(),
+        positions=positions,
+        taps=positions,
+        valid_taps=positions,
+        bias=False,
+    )
+
+
+def layer_table(
+    module, variables: Mapping[str, Any], spec: Mapping[str, Any], input_shape: Sequence[int]
+) -> LayerTable:
+    """The conv/dense layers of ``module`` and its parameter shapes, for accounting.
+
+    Traces ``module.apply(variables, x)`` for one image ``x [1, H, W, C]`` to a
+    jaxpr (nothing is computed) and reads every ``conv_general_dilated`` and
+    ``dot_general`` whose kernel is a parameter leaf: its strides, padding and
+    dilation give the exact taps; the spec gives the groups of the kernel's
+    feature axes.
+
+    Args:
+      module, variables: a source model (the unmerged one).
+      spec: its permutation spec.
+      input_shape: ``(H, W, C)`` or ``(N, H, W, C)``; counts are per image.
+
+    Returns:
+      a :class:`LayerTable`.
+    """
+    shape = _image_shape(input_shape)
+    flat = flatten(variables)
+    paths = list(flat)
+    axis_groups = _axis_groups(spec)
+
+    def fn(leaves, x):
+        return module.apply(unflatten(dict(zip(paths, leaves, strict=True))), x)
+
+    leaves = [jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v)) for v in flat.values()]
+    closed = jax.make_jaxpr(fn)(leaves, jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+    jaxpr = closed.jaxpr
+    env = {v: p for v, p in zip(jaxpr.invars[: len(paths)], paths, strict=True)}
+    found: list = []
+    _walk(jaxpr, env, found, ())
+
+    layers = []
+    for eqn, path, idx, stack in found:
+        if path is None or path[0] != "params":
+            if eqn.primitive.name == "conv_general_dilated":
+                raise ValueError(
+                    f"a convolution (inside {'/'.join(stack) or 'the top level'}) has a kernel "
+                    "that is not a parameter leaf; the accounting cannot name it"
+                )
+            continue  # e.g. a dot of two activations: no kernel, no layer
+        if eqn.primitive.name == "conv_general_dilated":
+            layers.append(_layer_from_conv(eqn, path, axis_groups))
+        else:
+            layers.append(_layer_from_dot(eqn, path, axis_groups, idx == 1))
+
+    bias_of = {p[:-1] for p in paths if p[0] == "params" and p[-1] == "bias"}
+    layers = [dataclasses.replace(la, bias=la.kernel[:-1] in bias_of) for la in layers]
+    param_rows = tuple(
+        (p, tuple(int(d) for d in np.shape(v)), dict(axis_groups.get(p, {})))
+        for p, v in flat.items()
+        if p[0] == "params"
+    )
+    return LayerTable(tuple(layers), param_rows, shape)
+
+
+# ----------------------------------------------------------------- accounting
+def separate_units(spec: Mapping[str, Any], ratios: Ratios) -> dict[str, int]:
+    """Units of each model kept separate per group: ``n_separate(n_g, r_g)``.
+
+    ``ratios`` is one ratio for every group or a dict with exactly the spec's
+    groups. Raises ``ValueError`` for a ratio outside ``[0, 1]`` (naming the
+    group), a missing group or an unknown one.
+    """
+    if isinstance(ratios, int | float | np.floating | np.integer):
+        ratios = dict.fromkeys(spec, float(ratios))
+    missing = [g for g in spec if g not in ratios]
+    unknown = [g for g in ratios if g not in spec]
+    if missing or unknown:
+        raise ValueError(
+            f"ratios must name every group of the spec: missing {missing}, unknown {unknown}"
+        )
+    out = {}
+    for g, group in spec.items():
+        r = float(ratios[g])
+        if not 0.0 <= r <= 1.0:  # also rejects NaN
+            raise ValueError(f"the ratio of group {g!r} must lie in [0, 1], got {ratios[g]}")
+        out[g] = n_separate(group.size, r)
+    return out
+
+
+def _check_budget(budget: float) -> float:
+    b = float(budget)
+    if not 1.0 <= b <= 2.0:  # also rejects NaN
+        raise ValueError(
+            f"a budget is compute relative to one source model and must lie in [1, 2], got {budget}"
+        )
+    return b
+
+
+class _Compute:
+    """Vectorised conv + dense multiply-adds as a function of the separate units.
+
+    ``s`` is ``[G]`` separate units per group in ``self.groups`` order (ints
+    for exact counts, floats for the continuous relaxation the solvers use).
+    """
+
+    def __init__(self, table: LayerTable, spec: Mapping[str, Any], count_padding: bool):
+        self.spec = spec
+        self.groups = list(spec)
+        self.sizes = np.array([spec[g].size for g in self.groups], np.int64)
+        index = {g: i for i, g in enumerate(self.groups)}
+        G = len(self.groups)
+        for la in table.layers:
+            for g in (la.in_group, la.out_group):
+                if g is not None and g not in index:
+                    raise ValueError(f"layer {la.name} has group {g!r}, which the spec lacks")
+        # Index G is a dummy group that never has separate units.
+        self.i = np.array([index.get(la.in_group, G) for la in table.layers], np.int64)
+        self.o = np.array([index.get(la.out_group, G) for la in table.layers], np.int64)
+        self.ci = np.array([la.c_in for la in table.layers], np.int64)
+        self.co = np.array([la.c_out for la in table.layers], np.int64)
+        self.taps = np.array(
+            [la.taps if count_padding else la.valid_taps for la in table.layers], np.int64
+        )
+        self.base = int(self(np.zeros(G, np.int64)))
+
+    def _ext(self, s):
+        return np.append(s, np.zeros(1, np.asarray(s).dtype))
+
+    def __call__(self, s):
+        e = self._ext(s)
+        si, so = e[self.i], e[self.o]
+        # Merged outputs (co - so) read all ci + si inputs; each model's so
+        # separate outputs read its ci inputs: (co + so)(ci + si) - 2 so si.
+        return np.sum(self.taps * ((self.co + so) * (self.ci + si) - 2 * so * si))
+
+    def grad(self, s):
+        """``d compute / d s_g``, ``[G]``."""
+        e = self._ext(np.asarray(s, np.float64))
+        si, so = e[self.i], e[self.o]
+        out = np.zeros(len(self.groups) + 1)
+        np.add.at(out, self.i, self.taps * (self.co + so - 2 * so))
+        np.add.at(out, self.o, self.taps * (self.ci + si - 2 * si))
+        return out[:-1]
+
+    def separate(self, ratios: Mapping[str, float]) -> np.ndarray:
+        sep = separate_units(self.spec, ratios)
+        return np.array([sep[g] for g in self.groups], np.int64)
+
+
+def macs(
+    table: LayerTable, spec: Mapping[str, Any], ratios: Ratios, *, count_padding: bool = True
+) -> int:
+    """Conv + dense multiply-adds of the merged model, per image.
+
+    Args:
+      table: from :func:`layer_table`.
+      spec: the permutation spec the table was built with.
+      ratios: per-group ratios (or one for all); ``0.0`` gives the source model.
+      count_padding: count kernel taps that fall on padding (the convention of
+        published GMACs); ``False`` counts what XLA's cost analysis counts.
+
+    Returns:
+      the exact integer count (bias adds not included).
+    """
+    comp = _Compute(table, spec, count_padding)
+    return int(comp(comp.separate(ratios)))
+
+
+def relative_compute(
+    table: LayerTable, spec: Mapping[str, Any], ratios: Ratios, *, count_padding: bool = True
+) -> float:
+    """The budget ``B`` an allocation spends: ``macs(ratios) / macs(0)``, in ``[1, 2]``."""
+    base = macs(table, spec, 0.0, count_padding=count_padding)
+    return macs(table, spec, ratios, count_padding=count_padding) / base
+
+
+class ParamCount(NamedTuple):
+    """Parameters of a merged model (the ``params`` collection; BatchNorm running
+    statistics are not parameters).
+
+    Attributes:
+      stored: entries of the merged variables, the zero A-only <-> B-only cross
+        blocks of kernels included (what a checkpoint holds).
+      nonzero: ``stored`` less those cross blocks (what can be non-zero).
+    """
+
+    stored: int
+    nonzero: int
+
+
+def params(table: LayerTable, spec: Mapping[str, Any], ratios: Ratios) -> ParamCount:
+    """Parameter counts of the merged model at ``ratios`` (see :class:`ParamCount`)."""
+    sep = separate_units(spec, ratios)
+    stored = nonzero = 0
+    for _, shape, groups in table.params:
+        dims = list(shape)
+        for ax, g in groups.items():
+            dims[ax] = shape[ax] + sep[g]
+        n = math.prod(dims)
+        stored += n
+        if len(groups) == 2:
+            (ax1, g1), (ax2, g2) = sorted(groups.items())
+            # A-only x B-only and B-only x A-only blocks stay zero.
+            other = n // (dims[ax1] * dims[ax2])
+            n -= other * 2 * sep[g1] * sep[g2]
+        nonzero += n
+    return ParamCount(stored, nonzero)
+
+
+# ------------------------------------------------------------------------ XLA
+def xla_flops(
+    module, variables: Mapping[str, Any], input_shape: Sequence[int], *, compiled: bool = False
+) -> float:
+    """FLOPs of ``module.apply(variables, x)`` per image, by XLA's cost analysis.
+
+    The function is lowered with ``variables`` as arguments (so nothing is
+    constant-folded) and never run. XLA counts 2 FLOPs per multiply-add of a
+    conv / dot (only taps that read real input: compare with
+    ``2 * macs(..., count_padding=False)``) and one per element of every other
+    arithmetic op (BatchNorm, ReLU, residual sums, pooling), which adds well
+    under 1% to a ResNet.
+
+    Args:
+      module, variables: the model (e.g. a merged one from
+        :func:`pleas_jax.partial.partial_merge`).
+      input_shape: ``(H, W, C)`` (one image) or ``(N, H, W, C)`` (divided by N).
+      compiled: analyse the program compiled for the default backend instead
+        of the program as lowered. Convs and dots cost the same in both, but
+        backend fusion may duplicate cheap elementwise producers (BatchNorm,
+        ReLU) into each of their consumers and count them once per copy; a
+        block-structured layer slices its input several times, so a merged
+        model's compiled count exceeds its lowered one by a few percent on CPU.
+
+    Returns:
+      FLOPs per image (float).
+    """
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) == 3:
+        shape = (1, *shape)
+    _image_shape(shape)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), variables
+    )
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    lowered = jax.jit(lambda v, x: module.apply(v, x)).lower(abstract, x)
+    cost = lowered.compile().cost_analysis() if compiled else lowered.cost_analysis()
+    # Older jax returns one dict per computation.
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        raise RuntimeError("XLA's cost analysis reports no 'flops' for this program")
+    return float(cost["flops"]) / shape[0]
+
+
+def _as_ratios(groups, sizes, s) -> dict[str, float]:
+    # k / n rounds back to exactly k units under n_separate.
+    return {g: float(k) / float(n) for g, n, k in zip(groups, sizes, s, strict=True)}
+
+
+# ------------------------------------------------------------------- uniform
+def uniform_ratios(
+    table: LayerTable, spec: Mapping[str, Any], budget: float, *, count_padding: bool = True
+) -> dict[str, float]:
+    """One ratio for every group, the largest whose compute stays within ``budget``.
+
+    Compute is a step function of a shared ratio r (each group's separate units
+    ``floor(r n + 1/2)`` jump at ``r = (k - 1/2) / n``), so the answer is exact:
+    the allocation spends at most ``budget`` and the next step up would spend
+    more. Within its step, r is the middle of the step (0 and 1 at the ends).
+
+    Returns:
+      group -> r (the same r for all).
+    """
+    b = _check_budget(budget)
+    comp = _Compute(table, spec, count_padding)
+    limit = b * comp.base
+    steps = np.unique(
+        np.concatenate([(np.arange(1, n + 1) - 0.5) / n for n in comp.sizes] or [np.zeros(0)])
+    )
+    # Representatives of the intervals [0, steps[0]), [steps[0], steps[1]), ..., [steps[-1], 1].
+    reps = (
+        np.concatenate([[0.0], (steps[:-1] + steps[1:]) / 2, [1.0]]) if len(steps) else np.zeros(1)
+    )
+
+    def cost(r):
+        return comp(np.array([n_separate(int(n), float(r)) for n in comp.sizes], np.int64))
+
+    lo, hi = 0, len(reps) - 1  # cost(reps[0]) = base <= limit
+    if cost(reps[hi]) <= limit:
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if cost(reps[mid]) <= limit:
+            lo = mid
+        else:
+            hi = mid
+    return dict.fromkeys(spec, float(reps[lo]))
+
+
+# ----------------------------------------------------------------------- zip
+_BLOCK = re.compile(r"^layer(\d+)_(\d+)(/|$)")
+
+
+def stage_of_layer(name: str) -> tuple[int, int] | None:
+    """``(stage, block)`` of a layer of our ResNets from its name.
+
+    ``"layer3_1/conv2" -> (3, 1)``; the stem (``"conv1"``) belongs to the first
+    block of stage 1, whose residual stream it writes; the classifier and
+    anything else outside the stages -> ``None``.
+    """
+    m = _BLOCK.match(name)
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    if name in ("conv1", "bn1"):
+        return (1, 0)
+    return None
+
+
+def _zip_units(table: LayerTable, spec, unit: str, stage_of) -> tuple[list, dict[str, int]]:
+    """Ordered units and, per group, the index of the last unit that writes it."""
+    if unit not in ("stage", "block"):
+        raise ValueError(f"unit must be 'stage' or 'block', got {unit!r}")
+    key_of = {}
+    for la in table.layers:
+        pos = stage_of(la.name)
+        if pos is not None:
+            key_of[la.name] = pos[0] if unit == "stage" else tuple(pos)
+    units = sorted(set(key_of.values()))
+    rank = {u: i for i, u in enumerate(units)}
+    last: dict[str, int] = {}
+    readers: dict[str, int] = {}
+    for la in table.layers:
+        if la.name not in key_of:
+            continue
+        r = rank[key_of[la.name]]
+        if la.out_group is not None:
+            last[la.out_group] = max(last.get(la.out_group, -1), r)
+        if la.in_group is not None:
+            readers[la.in_group] = min(readers.get(la.in_group, len(units)), r)
+    for g in spec:
+        if g not in last:
+            if g not in readers:
+                raise ValueError(f"no layer inside the stages writes or reads group {g!r}")
+            last[g] = readers[g]  # written by no conv: belongs where it is first read
+    return units, last
+
+
+def zip_ratios(
+    table: LayerTable,
+    spec: Mapping[str, Any],
+    k: int,
+    *,
+    unit: str = "stage",
+    stage_of: Callable[[str], tuple[int, int] | None] = stage_of_layer,
+) -> dict[str, float]:
+    """ZipIt!'s partial zipping: the first ``k`` units merged, the rest separate.
+
+    A unit is a stage (``"layer{s}_*"``, the stem with stage 1) or, with
+    ``unit="block"``, a residual block. A group is merged (r = 0) when every
+    layer that writes it lies in the first ``k`` units, else fully separate
+    (r = 1): a residual stream is merged only with its whole stage. ``k = 0``
+    is the ensemble (budget 2), ``k`` = number of units the fully merged model.
+
+    Returns:
+      group -> 0.0 or 1.0.
+    """
+    units, last = _zip_units(table, spec, unit, stage_of)
+    if not 0 <= int(k) <= len(units) or int(k) != k:
+        raise ValueError(f"k must be an integer in [0, {len(units)}] ({unit}s), got {k}")
+    return {g: 0.0 if last[g] < k else 1.0 for g in spec}
+
+
+def zip_budgets(
+    table: LayerTable,
+    spec: Mapping[str, Any],
+    *,
+    unit: str = "stage",
+    stage_of: Callable[[str], tuple[int, int] | None] = stage_of_layer,
+    count_padding: bool = True,
+) -> list[tuple[int, float]]:
+    """``(k, budget)`` of every zip allocation, ``k = 0 .. units``; budgets fall with k."""
+    units, _ = _zip_units(table, spec, unit, stage_of)
+    return [
+        (
+            k,
+            relative_compute(
+                table,
+                spec,
+                zip_ratios(table, spec, k, unit=unit, stage_of=stage_of),
+                count_padding=count_padding,
+            ),
+        )
+        for k in range(len(units) + 1)
+    ]
+
+
+def zip_ratios_for_budget(
+    table: LayerTable,
+    spec: Mapping[str, Any],
+    budget: float,
+    *,
+    unit: str = "stage",
+    stage_of: Callable[[str], tuple[int, int] | None] = stage_of_layer,
+    count_padding: bool = True,
+) -> dict[str, float]:
+    """The zip allocation that spends the most compute within ``budget``: the
+    fewest merged units ``k`` whose budget is at most ``budget``."""
+    b = _check_budget(budget)
+    for k, spent in zip_budgets(
+        table, spec, unit=unit, stage_of=stage_of, count_padding=count_padding
+    ):
+        if spent <= b * (1 + 1e-12):
+            return zip_ratios(table, spec, k, unit=unit, stage_of=stage_of)
+    raise AssertionError("unreachable: the fully merged model spends budget 1")
+
+
+# ----------------------------------------------------------------- optimized
+def sensitivity_from_costs(
+    spec: Mapping[str, Any],
+    perm: Mapping[str, Any],
+    costs: Mapping[str, Any],
+    *,
+    reference: Mapping[str, float] | float | None = None,
+) -> dict[str, float]:
+    """Per-unit sensitivity of each group to merging, from its matching scores.
+
+    For group g with matched scores ``m_i = costs[g][i, perm[g][i]]`` (higher is
+    better), the deficit of pair i is ``(ref - m_i) / (ref - mean(costs[g]))``:
+    0 for a pair as good as the reference, 1 for a pair no better than a random
+    pairing (the mean of all scores). The sensitivity is the mean deficit over
+    the group's pairs, clipped at 0: the share of alignment a merged unit of the
+    group loses on average. Scale- and shift-free, so groups observed at
+    different numbers of points, or matched by distance, correlation or inner
+    product, compare.
+
+    Args:
+      spec, perm, costs: as from :func:`pleas_jax.weight_matching` or
+        :func:`pleas_jax.activation_matching` (``costs[g] [n, n]``).
+      reference: the score of a perfectly aligned pair, per group or for all;
+        by default each group's best matched score (which makes a group whose
+        pairs are all equally good, however good, insensitive: pass e.g. the
+        number of observation points for summed correlations to measure
+        absolute deficits).
+
+    Returns:
+      group -> sensitivity ``w_g >= 0`` (1.0 where all scores are equal: no
+      evidence of alignment).
+    """
+    out = {}
+    for g, group in spec.items():
+        c = np.asarray(costs[g], np.float64)
+        p = np.asarray(perm[g], np.int64)
+        if c.shape != (group.size, group.size) or p.shape != (group.size,):
+            raise ValueError(
+                f"group {g!r}: costs {c.shape} / perm {p.shape} do not fit its {group.size} units"
+            )
+        matched = c[np.arange(group.size), p]
+        if reference is None:
+            ref = float(matched.max())
+        else:
+            ref = float(reference if isinstance(reference, int | float) else reference[g])
+        spread = ref - float(c.mean())
+        if not spread > 0:
+            out[g] = 1.0
+            continue
+        out[g] = float(np.mean(np.maximum((ref - matched) / spread, 0.0)))
+    return out
+
+
+def _check_weights(spec, weights) -> np.ndarray:
+    if isinstance(weights, int | float):
+        weights = dict.fromkeys(spec, float(weights))
+    missing = [g for g in spec if g not in weights]
+    unknown = [g for g in weights if g not in spec]
+    if missing or unknown:
+        raise ValueError(f"weights must name every group: missing {missing}, unknown {unknown}")
+    w = np.array([float(weights[g]) for g in spec])
+    bad = [g for g, v in zip(spec, w, strict=True) if not (np.isfinite(v) and v >= 0)]
+    if bad:
+        raise ValueError(f"weights must be finite and non-negative; bad for {bad}")
+    return w
+
+
+def _round_feasible(comp: _Compute, w: np.ndarray, r: np.ndarray, limit: float) -> np.ndarray:
+    """Integer separate units near ``r * n`` within ``limit``, then filled greedily.
+
+    Units are taken off (least weight per unit of compute first) while over the
+    limit, then added (most weight per unit of compute first) while one fits.
+    """
+    n = comp.sizes
+    s = np.clip(np.floor(r * n + 1e-9), 0, n).astype(np.int64)
+    G = len(n)
+    eye = np.eye(G, dtype=np.int64)
+
+    def deltas(sign):
+        now = comp(s)
+        return np.array([comp(s + sign * eye[g]) - now for g in range(G)], np.float64)
+
+    while comp(s) > limit:
+        d = -deltas(-1)  # compute saved by removing a unit
+        ok = (s > 0) & (d > 0)
+        # Cheapest objective loss per compute saved; ties -> first group.
+        score = np.where(ok, w / np.where(d > 0, d, 1.0), np.inf)
+        s[int(np.argmin(score))] -= 1
+    while True:
+        d = deltas(+1)
+        now = comp(s)
+        ok = (s < n) & (w > 0) & (now + d <= limit)
+        if not ok.any():
+            return s
+        score = np.where(ok, w / np.maximum(d, 1e-300), -np.inf)
+        s[int(np.argmax(score))] += 1
+
+
+def _greedy_start(comp: _Compute, w: np.ndarray, limit: float) -> np.ndarray:
+    """Continuous greedy: open groups fully, best weight per compute first."""
+    n = comp.sizes.astype(np.float64)
+    r = np.zeros(len(n))
+    open_ = w > 0
+    while open_.any():
+        grad = comp.grad(r * n) * n  # compute per unit of ratio
+        score = np.where(open_, w * n / np.maximum(grad, 1e-300), -np.inf)
+        g = int(np.argmax(score))
+        open_[g] = False
+        trial = r.copy()
+        trial[g] = 1.0
+        if comp(trial * n) <= limit:
+            r = trial
+            continue
+
+        # The budget binds inside this group: compute is monotone in r_g.
+        def excess(x, g=g, r=r):
+            return comp(np.where(np.arange(len(n)) == g, x, r) * n) - limit
+
+        r[g] = scipy.optimize.brentq(excess, 0.0, 1.0, xtol=1e-12)
+    return r
+
+
+def optimized_ratios(
+    table: LayerTable,
+    spec: Mapping[str, Any],
+    budget: float,
+    weights: Mapping[str, float] | float,
+    *,
+    count_padding: bool = True,
+    maxiter: int = 500,
+) -> dict[str, float]:
+    """Per-group ratios that keep the most sensitive units separate within ``budget``.
+
+    Maximises ``sum_g w_g s_g`` (``s_g = r_g n_g`` separate units, ``w_g`` the
+    per-unit sensitivity, e.g. :func:`sensitivity_from_costs`) subject to
+    ``macs <= budget * macs(source)`` and ``0 <= r_g <= 1``. The constraint is
+    quadratic (a layer's cost grows with both its input and output widths), so
+    the continuous problem is solved with scipy's SLSQP from two deterministic
+    starts (the uniform allocation and a greedy one); each solution is rounded
+    to whole units and repaired / filled greedily so the budget holds exactly,
+    and the best of these and the uniform allocation is returned. Deterministic.
+
+    Returns:
+      group -> r (each ``k / n_g`` for a whole number k of separate units).
+    """
+    b = _check_budget(budget)
+    w = _check_weights(spec, weights)
+    comp = _Compute(table, spec, count_padding)
+    n = comp.sizes.astype(np.float64)
+    limit = b * comp.base
+    uniform = comp.separate(uniform_ratios(table, spec, b, count_padding=count_padding))
+    candidates = [uniform]
+    if w.any():
+        scale = float(np.sum(w * n))
+
+        def objective(r):
+            return -float(np.dot(w * n, r)) / scale
+
+        def objective_grad(r):
+            return -(w * n) / scale
+
+        cons = {
+            "type": "ineq",
+            "fun": lambda r: (limit - comp(r * n)) / comp.base,
+            "jac": lambda r: -(comp.grad(r * n) * n) / comp.base,
+        }
+        for start in (uniform / n, _greedy_start(comp, w, limit)):
+            res = scipy.optimize.minimize(
+                objective,
+                start,
+                jac=objective_grad,
+                bounds=[(0.0, 1.0)] * len(n),
+                constraints=[cons],
+                method="SLSQP",
+                options={"maxiter": maxiter, "ftol": 1e-12},
+            )
+            r = np.clip(res.x, 0.0, 1.0) if np.all(np.isfinite(res.x)) else start
+            candidates.append(_round_feasible(comp, w, r, limit))
+            candidates.append(_round_feasible(comp, w, start, limit))
+    # Best objective; ties -> the earliest candidate (uniform first).
+    best = max(range(len(candidates)), key=lambda i: (float(np.dot(w, candidates[i])), -i))
+    return _as_ratios(comp.groups, comp.sizes, candidates[best])
+
+
+# ---------------------------------------------------------------- dispatcher
+METHODS = ("uniform", "zip", "optimized")
+
+
+def ratios_for_budget(
+    method: str,
+    table: LayerTable,
+    spec: Mapping[str, Any],
+    budget: float,
+    *,
+    weights: Mapping[str, float] | float | None = None,
+    count_padding: bool = True,
+    **kwargs: Any,
+) -> dict[str, float]:
+    """Per-group ratios for ``budget`` by ``method``: ``"uniform"``
+    (:func:`uniform_ratios`), ``"zip"`` (:func:`zip_ratios_for_budget`, extra
+    ``unit=``) or ``"optimized"`` (:func:`optimized_ratios`, needs ``weights``)."""
+    _check_budget(budget)
+    if method == "uniform":
+        return uniform_ratios(table, spec, budget, count_padding=count_padding, **kwargs)
+    if method == "zip":
+        return zip_ratios_for_budget(table, spec, budget, count_padding=count_padding, **kwargs)
+    if method == "optimized":
+        if weights is None:
+            raise ValueError("the optimized allocation needs per-group weights (sensitivities)")
+        return optimized_ratios(table, spec, budget, weights, count_padding=count_padding, **kwargs)
+    raise ValueError(f"unknown ratio method {method!r}; choose from {', '.join(METHODS)}")
