@@ -454,12 +454,20 @@ def _first_sentence(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    # safetensors: an 8-byte little-endian header length, then the JSON header.
+    # torch files start with "PK" (zip) or a pickle opcode, never this.
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 32
+
+
 def _read(path: Path) -> Any:
     if not path.exists():
         raise ConversionError(f"{path}: no such file")
     if path.is_dir():
         raise ConversionError(f"{path}: is a directory, expected a .pth/.pt or .safetensors file")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 

@@ -374,9 +374,13 @@ def test_load_state_dict_forms(tmp_path, r20, wrap, ema, expect_ema):
 def test_safetensors(tmp_path, r20):
     path = tmp_path / "model.safetensors"
     save_file({f"module.{k}": v.contiguous() for k, v in r20.items()}, str(path))
-    got = load_state_dict(path)
-    # safetensors keeps keys sorted, not in insertion order.
-    assert sorted(got) == sorted(r20) and all(torch.equal(got[k], r20[k]) for k in r20)
+    # Also when the file is misnamed: the content decides.
+    misnamed = tmp_path / "model.pt"
+    misnamed.write_bytes(path.read_bytes())
+    for p in (path, misnamed):
+        got = load_state_dict(p)
+        # safetensors keeps keys sorted, not in insertion order.
+        assert sorted(got) == sorted(r20) and all(torch.equal(got[k], r20[k]) for k in r20)
 
 
 def test_ema_flag_errors(tmp_path, r20):
