@@ -1,0 +1,309 @@
+"""The whole PLeaS merge in one call.
+
+``merge(model_a, model_b, data, budget)`` runs, in order: the permutation spec
+(by tracing), matching (activations on ``data`` or weights), per-group ratios
+for the compute budget, the partial merge, least squares (closed form or
+gradient descent), BatchNorm statistics, and the heads; it returns the merged
+model with a report of what each stage did and cost.
+
+Example::
+
+    a, b = pleas_jax.load("ckpt/a"), pleas_jax.load("ckpt/b")
+    batches = list(pleas_jax.data.batches(images, batch_size=128))
+    result = pleas_jax.merge(a, b, batches, budget=1.5)
+    logits = result.module.apply(result.variables, images[:8])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from pleas_jax import budget as budget_lib
+from pleas_jax import heads as heads_lib
+from pleas_jax import partial
+from pleas_jax.batch_norm import recompute_batch_norm
+from pleas_jax.least_squares import least_squares as fit_least_squares
+from pleas_jax.matching.activations import SIMILARITIES, activation_matching
+from pleas_jax.matching.weights import weight_matching
+from pleas_jax.permutation import identity
+from pleas_jax.spec import Group, derive_spec
+
+MATCHINGS = ("activation", "weight", "identity")
+RATIOS = ("uniform", "zip", "optimized")
+LEAST_SQUARES = ("closed_form", "gd", None)
+HEADS = ("shared", "separate")
+
+
+@dataclasses.dataclass
+class MergeResult:
+    """What :func:`merge` returns.
+
+    Attributes:
+      module, variables: the merged model (a backbone returning pooled
+        features when ``heads="separate"``).
+      heads: ``{"a": head, "b": head}`` routed source heads for separate label
+        spaces (see :func:`pleas_jax.heads.route_heads`), else ``None``.
+      spec, perm, costs: the permutation spec and the matching (``perm[g][i]``
+        is B's unit matched with A's unit i).
+      ratios, blocks: per-group ratios and merge blocks.
+      report: seconds per stage, FLOPs, parameters, least-squares residuals.
+    """
+
+    module: Any
+    variables: dict
+    heads: dict | None
+    spec: dict
+    perm: dict
+    costs: dict
+    ratios: dict
+    blocks: dict
+    report: dict
+
+    def logits(self, x, head: str | None = None):
+        """Outputs for images ``x [N, H, W, C]``: the shared head's logits, or
+        ``head="a"``/``"b"``'s logits on the merged backbone's features."""
+        out = self.module.apply(self.variables, x)
+        if self.heads is None:
+            if head is not None:
+                raise ValueError("this merge has a shared head; call logits(x) without head")
+            return out
+        if head not in self.heads:
+            raise ValueError(f"choose head 'a' or 'b' for a merge with separate heads, got {head!r}")
+        return heads_lib.apply_head(self.heads[head], out)
+
+
+def _batches_factory(data) -> Callable[[], Iterable[Any]]:
+    if callable(data):
+        return data
+    if isinstance(data, Iterable) and not hasattr(data, "__next__"):
+        return lambda: data
+    raise TypeError(
+        "data must be a re-iterable collection of batches (e.g. a list) or a callable "
+        "returning a fresh iterator of batches; a one-shot iterator cannot feed every stage"
+    )
+
+
+def _first_images(data_fn) -> np.ndarray:
+    for batch in data_fn():
+        x = np.asarray(batch[0] if isinstance(batch, tuple | list) else batch)
+        if x.ndim != 4:
+            raise ValueError(f"batches must hold images [N, H, W, C], got shape {x.shape}")
+        if x.shape[0]:
+            return x
+    raise ValueError("merging needs data: the batches are empty")
+
+
+def _check_models(module_a, module_b, heads: str) -> None:
+    ca, cb = dict(module_a.config()), dict(module_b.config())
+    na, nb = ca.pop("num_classes"), cb.pop("num_classes")
+    for key in ca:
+        if ca[key] != cb.get(key):
+            raise ValueError(
+                f"models A and B have different architectures or widths: {key} is "
+                f"{ca[key]} in A but {cb.get(key)} in B"
+            )
+    if heads == "shared" and na != nb:
+        raise ValueError(
+            f"a shared head needs the same classes, but A has {na} and B has {nb}; "
+            "use heads='separate' for different label spaces"
+        )
+    if heads == "separate" and (na is None or nb is None):
+        raise ValueError("heads='separate' needs both models with their classifier (fc)")
+
+
+def _without_head(variables) -> dict:
+    return {c: {k: v for k, v in t.items() if k != "fc"} for c, t in variables.items()}
+
+
+def _backbone_spec(spec) -> dict:
+    """The spec without the classifier's axes (its group stays, now read by
+    the routed heads)."""
+    out = {}
+    for g, group in spec.items():
+        axes = tuple((p, a) for p, a in group.axes if tuple(p)[1:2] != ("fc",))
+        if axes:
+            out[g] = Group(group.size, axes)
+    return out
+
+
+def merge(
+    model_a: tuple[Any, Mapping[str, Any]],
+    model_b: tuple[Any, Mapping[str, Any]],
+    data,
+    budget: float,
+    *,
+    matching: str = "activation",
+    ratios: str | Mapping[str, float] = "uniform",
+    least_squares: str | None = "closed_form",
+    heads: str = "shared",
+    similarity: str = "distance",
+    batch_norm: bool = True,
+    ridge: float = 1e-4,
+    gd_steps: int = 400,
+    gd_learning_rate: float = 5e-4,
+    max_iter: int = 100,
+    seed: int = 0,
+    precomputed_matching: tuple[Mapping, Mapping] | None = None,
+    count_xla_flops: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge two models of the same architecture into one of ``budget`` compute.
+
+    Args:
+      model_a, model_b: ``(module, variables)`` pairs as returned by
+        :func:`pleas_jax.load`.
+      data: batches of images ``[N, H, W, C]`` (or ``(images, labels)``): a list
+        or other re-iterable, or a callable returning a fresh iterator. Used for
+        activation matching, least squares and BatchNorm statistics.
+      budget: compute of the merged model relative to one source model, in
+        ``[1, 2]`` (1: fully merged, 2: the ensemble).
+      matching: ``"activation"``, ``"weight"`` (Git Re-Basin) or ``"identity"``
+        (no alignment: plain averaging).
+      ratios: ``"uniform"``, ``"zip"``, ``"optimized"`` or a dict group -> r.
+      least_squares: ``"closed_form"``, ``"gd"`` or ``None`` (keep the
+        partial merge's weights, ZipIt!-style).
+      heads: ``"shared"`` (same label space; classifier refit like any layer) or
+        ``"separate"`` (the merged backbone with each source model's head).
+      similarity: activation similarity (``"distance"``, ``"correlation"``, ``"inner"``).
+      batch_norm: recompute BatchNorm statistics of the merged model on ``data``.
+      ridge, gd_steps, gd_learning_rate: least-squares settings.
+      max_iter, seed: weight matching's sweeps and group order.
+      precomputed_matching: ``(perm, costs)`` from an earlier merge of the same
+        pair (matching does not depend on the budget).
+      count_xla_flops: cross-check the analytic FLOPs with XLA's cost analysis.
+      mesh: device mesh for the statistics passes.
+      progress: progress bars per stage.
+
+    Returns:
+      a :class:`MergeResult`.
+    """
+    if not isinstance(budget, int | float) or not 1.0 <= float(budget) <= 2.0:
+        raise ValueError(f"budget must lie in [1, 2] (compute relative to one model), got {budget}")
+    for name, value, choices in (
+        ("matching", matching, MATCHINGS),
+        ("least_squares", least_squares, LEAST_SQUARES),
+        ("heads", heads, HEADS),
+        ("similarity", similarity, SIMILARITIES),
+    ):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    if isinstance(ratios, str) and ratios not in RATIOS:
+        raise ValueError(f"ratios must be one of {RATIOS} or a dict of group ratios, got {ratios!r}")
+    (module_a, va), (module_b, vb) = model_a, model_b
+    _check_models(module_a, module_b, heads)
+    data_fn = _batches_factory(data)
+    example = _first_images(data_fn)[:1]
+
+    seconds: dict[str, float] = {}
+    stages = tqdm(total=7, desc="merge", disable=not progress)
+
+    def stage(name):
+        stages.set_postfix_str(name)
+        return time.perf_counter()
+
+    def done(name, t0):
+        seconds[name] = time.perf_counter() - t0
+        stages.update(1)
+
+    t0 = stage("spec")
+    spec = derive_spec(module_a, va, example)
+    head_group = None
+    if heads == "separate":
+        (head_group,) = [
+            g for g in spec if any(tuple(p)[1:2] == ("fc",) and a == 0 for p, a in spec[g].axes)
+        ]
+        spec = _backbone_spec(spec)
+        heads_ab = (va["params"]["fc"], vb["params"]["fc"])
+        module_a, module_b = module_a.clone(num_classes=None), module_b.clone(num_classes=None)
+        va, vb = _without_head(va), _without_head(vb)
+    done("spec", t0)
+
+    t0 = stage("matching")
+    if precomputed_matching is not None:
+        perm, costs = precomputed_matching
+        missing = set(spec) - set(perm)
+        if missing:
+            raise ValueError(f"precomputed matching lacks group(s) {sorted(missing)}")
+    elif matching == "activation":
+        perm, costs = activation_matching(
+            module_a, va, module_b, vb, spec, data_fn(), similarity, mesh=mesh, progress=progress
+        )
+    elif matching == "weight":
+        perm, costs = weight_matching(spec, va, vb, max_iter=max_iter, seed=seed)
+    else:
+        perm = {g: np.asarray(p) for g, p in identity(spec).items()}
+        costs = {g: np.zeros((grp.size, grp.size)) for g, grp in spec.items()}
+    done("matching", t0)
+
+    t0 = stage("ratios")
+    table = budget_lib.layer_table(module_a, va, spec, example.shape[1:])
+    if isinstance(ratios, str):
+        weights = (
+            budget_lib.sensitivity_from_costs(spec, perm, costs) if ratios == "optimized" else None
+        )
+        group_ratios = budget_lib.ratios_for_budget(ratios, table, spec, float(budget), weights=weights)
+    else:
+        group_ratios = {g: float(ratios[g]) for g in spec}
+        for g, r in group_ratios.items():
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"ratio of group {g} must lie in [0, 1], got {r}")
+    blocks = partial.make_blocks(spec, perm, costs, group_ratios)
+    merged_module, merged = partial.partial_merge(module_a, spec, blocks, va, vb)
+    done("ratios", t0)
+
+    t0 = stage("least squares")
+    ls_report = None
+    if least_squares is not None:
+        merged, ls_report = fit_least_squares(
+            module_a, va, module_b, vb, spec, blocks, merged_module, merged, data_fn(),
+            mode=least_squares, ridge=ridge, steps=gd_steps, learning_rate=gd_learning_rate,
+            mesh=mesh, progress=progress,
+        )
+    done("least squares", t0)
+
+    t0 = stage("batch norm")
+    if batch_norm:
+        merged = recompute_batch_norm(merged_module, merged, data_fn(), mesh=mesh, progress=progress)
+    done("batch norm", t0)
+
+    t0 = stage("heads")
+    routed = None
+    if heads == "separate":
+        ha, hb = heads_lib.route_heads(blocks[head_group], *heads_ab)
+        routed = {"a": ha, "b": hb}
+    done("heads", t0)
+
+    t0 = stage("report")
+    report = {
+        "budget": float(budget),
+        "achieved_budget": budget_lib.relative_compute(table, spec, group_ratios),
+        "matching": matching if precomputed_matching is None else "precomputed",
+        "least_squares": least_squares,
+        "heads": heads,
+        "macs": budget_lib.macs(table, spec, group_ratios),
+        "macs_source": budget_lib.macs(table, spec, 0.0),
+        "params": budget_lib.params(table, spec, group_ratios)._asdict(),
+        "ratios": {g: float(r) for g, r in group_ratios.items()},
+        "widths": {g: int(b.width) for g, b in blocks.items()},
+        "least_squares_report": ls_report,
+    }
+    if count_xla_flops:
+        # Like for like: XLA counts 2 FLOPs per multiply-add on real input taps.
+        report["analytic_conv_flops"] = 2 * budget_lib.macs(
+            table, spec, group_ratios, count_padding=False
+        )
+        report["xla_flops"] = budget_lib.xla_flops(merged_module, merged, example.shape[1:])
+    done("report", t0)
+    stages.close()
+    report["seconds"] = seconds
+    return MergeResult(
+        merged_module, merged, routed, spec, perm, costs, group_ratios, blocks, report
+    )

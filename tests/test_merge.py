@@ -1,0 +1,133 @@
+"""The merge pipeline against ensembles, planted permutations and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pleas_jax import models
+from pleas_jax.batch_norm import recompute_batch_norm
+from pleas_jax.merge import merge
+from pleas_jax.permutation import apply_permutation
+from pleas_jax.permutation import random as random_perm
+from pleas_jax.spec import derive_spec
+from tests.helpers import images, init, randomize_norms
+
+CONFIGS = {"resnet20": (16, 4), "resnet18": (32, 8)}
+
+
+def _pair(arch, classes_a=5, classes_b=5):
+    size, width = CONFIGS[arch]
+    ma = models.resnet(arch, num_classes=classes_a, width=width)
+    mb = models.resnet(arch, num_classes=classes_b, width=width)
+    va = randomize_norms(init(ma, size), 1)
+    vb = randomize_norms(init(mb, size, seed=2), 3)
+    data = [images(16, size, seed=s) for s in range(3)]
+    return (ma, va), (mb, vb), data, images(8, size, seed=11)
+
+
+def _scale(y):
+    return float(jnp.abs(y).max())
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet18"])
+def test_budget_two_is_the_ensemble(arch):
+    (ma, va), (mb, vb), data, x = _pair(arch)
+    ens = 0.5 * (ma.apply(va, x) + mb.apply(vb, x))
+    # Before least squares and BN recompute: exact.
+    raw = merge((ma, va), (mb, vb), data, 2.0, least_squares=None, batch_norm=False, progress=False)
+    np.testing.assert_allclose(raw.logits(x), ens, atol=1e-5 * _scale(ens))
+    # After both: the ensemble of the sources with their BN recomputed on the same data.
+    full = merge((ma, va), (mb, vb), data, 2.0, progress=False, count_xla_flops=False)
+    ra, rb = recompute_batch_norm(ma, va, data), recompute_batch_norm(mb, vb, data)
+    ens_bn = 0.5 * (ma.apply(ra, x) + mb.apply(rb, x))
+    err = float(jnp.abs(full.logits(x) - ens_bn).max()) / _scale(ens_bn)
+    print(f"{arch}: budget 2 after LS + BN, relative error {err:.2e}")
+    assert err <= 1e-3
+
+
+def test_budget_two_separate_heads_reproduce_each_model():
+    (ma, va), (mb, vb), data, x = _pair("resnet20", 3, 4)
+    raw = merge((ma, va), (mb, vb), data, 2.0, heads="separate", least_squares=None,
+                batch_norm=False, progress=False, count_xla_flops=False)
+    for head, (m, v) in (("a", (ma, va)), ("b", (mb, vb))):
+        ref = m.apply(v, x)
+        np.testing.assert_allclose(raw.logits(x, head), ref, atol=1e-5 * _scale(ref))
+    full = merge((ma, va), (mb, vb), data, 2.0, heads="separate", progress=False,
+                 count_xla_flops=False)
+    for head, (m, v) in (("a", (ma, va)), ("b", (mb, vb))):
+        ref = m.apply(recompute_batch_norm(m, v, data), x)
+        err = float(jnp.abs(full.logits(x, head) - ref).max()) / _scale(ref)
+        assert err <= 1e-3, (head, err)
+
+
+@pytest.mark.parametrize("matching", ["activation", "weight"])
+def test_budget_one_merges_a_permuted_copy_back_into_the_model(matching):
+    (m, va), _, data, x = _pair("resnet20")
+    spec = derive_spec(m, va, x[:1])
+    vb = apply_permutation(va, spec, random_perm(spec, jax.random.key(5)))
+    result = merge((m, va), (m, vb), data, 1.0, matching=matching, progress=False,
+                   count_xla_flops=False)
+    assert result.module.stream_widths == m.stream_widths
+    ref = m.apply(recompute_batch_norm(m, va, data), x)
+    err = float(jnp.abs(result.logits(x) - ref).max()) / _scale(ref)
+    print(f"budget 1, planted permutation, {matching} matching: relative error {err:.2e}")
+    assert err <= 1e-3
+
+
+def test_report_and_budget():
+    (ma, va), (mb, vb), data, x = _pair("resnet20")
+    r = merge((ma, va), (mb, vb), data, 1.5, progress=False)
+    rep = r.report
+    assert 1.4 <= rep["achieved_budget"] <= 1.5
+    assert set(rep["seconds"]) >= {"spec", "matching", "least squares", "batch norm"}
+    layers = rep["least_squares_report"]["layers"]
+    assert all(v["after"] <= v["before"] * (1 + 1e-6) + 1e-9 for v in layers.values())
+    assert abs(rep["xla_flops"] / rep["analytic_conv_flops"] - 1) < 0.1
+    assert r.logits(x).shape == (8, 5)
+
+
+def _no_data():
+    raise AssertionError("data was read before the inputs were checked")
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"budget": 0.5}, r"budget must lie in \[1, 2\]"),
+        ({"budget": 2.5}, r"budget must lie in \[1, 2\]"),
+        ({"ratios": "random"}, "ratios must be one of"),
+        ({"matching": "magic"}, "matching must be one of"),
+        ({"least_squares": "adam"}, "least_squares must be one of"),
+    ],
+)
+def test_bad_arguments_fail_before_work(kwargs, message):
+    (ma, va), (mb, vb), _, _ = _pair("resnet20")
+    args = {"budget": 1.5, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        merge((ma, va), (mb, vb), _no_data, progress=False, **args)
+
+
+def test_ratio_outside_unit_interval():
+    (ma, va), (mb, vb), data, x = _pair("resnet20")
+    spec = derive_spec(ma, va, x[:1])
+    bad = {g: 1.5 for g in spec}
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        merge((ma, va), (mb, vb), data, 1.5, ratios=bad, matching="identity", progress=False)
+
+
+def test_model_mismatches_and_empty_data():
+    (ma, va), (mb, vb), data, _ = _pair("resnet20")
+    other = models.resnet20(num_classes=5, width=8)
+    with pytest.raises(ValueError, match="different architectures or widths"):
+        merge((ma, va), (other, init(other, 16)), _no_data, 1.5, progress=False)
+    deeper = models.resnet18(num_classes=5, width=4)
+    with pytest.raises(ValueError, match="different architectures or widths"):
+        merge((ma, va), (deeper, init(deeper, 16)), _no_data, 1.5, progress=False)
+    (ma3, va3), (mb4, vb4), _, _ = _pair("resnet20", 3, 4)
+    with pytest.raises(ValueError, match="shared head needs the same classes"):
+        merge((ma3, va3), (mb4, vb4), _no_data, 1.5, progress=False)
+    with pytest.raises(ValueError, match="batches are empty"):
+        merge((ma, va), (mb, vb), [], 1.5, progress=False)
+    with pytest.raises(TypeError, match="re-iterable"):
+        merge((ma, va), (mb, vb), iter(data), 1.5, progress=False)
