@@ -1,0 +1,957 @@
+"""Least squares: refit every conv/dense layer of the merged model (the "LeaS").
+
+Every layer of the merged model reads channels ``[merged | A-only | B-only]``
+and writes channels in the same order. Its regression inputs X̃ and targets Ỹ
+come from the two *source* models on the same batch, not from the merged
+model: merged channels are the average of the matched A and B channels,
+separate channels are copied (:func:`pleas_jax.partial.combine`), taken at the
+layer's input and at its output before normalisation.
+
+One row of X̃ per output position. For a conv the row is the input patch that
+position sees, flattened channel-major (column ``c * taps + offset``, with
+``taps = prod(kernel_size)`` and the offset in row-major kernel order), so an
+input channel's patch columns are contiguous; a layer with a bias gets a last
+column of ones. A kernel ``[*kernel_size, C_in, C_out]`` is the matrix
+``[C_in * taps (+1), C_out]`` (:func:`weights_to_matrix`).
+
+A-only outputs may not read B-only inputs and vice versa, so each layer splits
+into three independent ridge regressions: merged outputs on every input,
+A-only outputs on ``[merged, A-only]``, B-only outputs on ``[merged, B-only]``
+(the bias column is always allowed). Each is solved in closed form from sums
+accumulated in one sharded pass over the data (:func:`layer_statistics`):
+
+    G = Σ X̃ᵀX̃,  C = Σ X̃ᵀỸ,  W_S = (G_SS + λI)⁻¹ (C_S + λ W0_S),
+    λ = ridge · trace(G_SS) / |S|.
+
+W0 is the ridge's centre. ``"init"`` (the default of :func:`least_squares`)
+centres it on the partial-merge weights: a direction the data does not excite
+keeps its merged value instead of collapsing to zero, a layer the merge
+already gets exactly right stays exact (budget 2 keeps the ensemble), and the
+result is the point Adam started from W0 converges to as the ridge vanishes.
+``"zero"`` is the textbook ridge ``(G + λI)⁻¹ C``. When the statistics carry
+the merge weights W0, the solve and the residuals are written relative to W0
+(they also accumulate ``R0 = Σ X̃ᵀ(X̃W0 − Ỹ)`` and the exact residual of W0), so
+fp32 round-off scales with how far the solution moves rather than with the
+targets' energy.
+
+The gradient mode (:func:`gradient_descent`) minimises the same masked
+per-layer mean squared error with optax from features recomputed per batch,
+as the paper's code does; it also serves layers whose Gram would exceed a
+memory bound.
+
+Layer geometry (kernel size, strides, padding, dilation, bias) is read from
+the Flax modules while tracing the forward pass (every ``nn.Conv`` and
+``nn.Dense`` call is intercepted), not guessed from shapes, and the patch
+geometry is checked against the output shape the layer records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.linen.linear import canonicalize_padding
+from tqdm.auto import tqdm
+
+from pleas_jax import distributed
+from pleas_jax.models.layers import FEATURES
+from pleas_jax.partial import GroupBlocks, combine
+from pleas_jax.tree import flatten, path_str, to_dict, unflatten
+
+_HI = jax.lax.Precision.HIGHEST
+MODES = ("closed_form", "gd")
+RIDGE_CENTRES = ("init", "zero")
+Weights = dict[str, dict[str, Any]]  # layer name -> {"kernel": ..., "bias": ...}
+
+
+# --------------------------------------------------------------------- layers
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One conv/dense layer of the merged model, as least squares sees it.
+
+    Attributes:
+      name: the layer's path, ``"layer1_0/conv1"`` (its parameters live under
+        ``params/<name>`` and its features under ``features/<name>``).
+      kind: ``"conv"`` or ``"dense"``.
+      kernel_size: spatial kernel shape, ``()`` for a dense layer.
+      strides, dilation: per spatial axis (``()`` for dense).
+      padding: explicit ``(low, high)`` per spatial axis.
+      bias: whether the layer adds a bias.
+      in_group, out_group: spec groups of the kernel's input and output axes
+        (``None`` for an axis outside every group, which counts as merged).
+      in_splits, out_splits: ``(merged, A-only, B-only)`` channel counts.
+    """
+
+    name: str
+    kind: str
+    kernel_size: tuple[int, ...]
+    strides: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+    bias: bool
+    in_group: str | None
+    out_group: str | None
+    in_splits: tuple[int, int, int]
+    out_splits: tuple[int, int, int]
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return tuple(self.name.split("/"))
+
+    @property
+    def c_in(self) -> int:
+        return sum(self.in_splits)
+
+    @property
+    def c_out(self) -> int:
+        return sum(self.out_splits)
+
+    @property
+    def taps(self) -> int:
+        """Kernel positions per input channel (1 for dense)."""
+        return math.prod(self.kernel_size)
+
+    @property
+    def dim(self) -> int:
+        """Columns of X̃: ``C_in * taps`` (+1 for the bias)."""
+        return self.c_in * self.taps + int(self.bias)
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """The merged kernel, ``[*kernel_size, C_in, C_out]``."""
+        return (*self.kernel_size, self.c_in, self.c_out)
+
+    @property
+    def gram_bytes(self) -> int:
+        """Memory of the fp32 Gram ``[dim, dim]``."""
+        return 4 * self.dim * self.dim
+
+
+def _tup(v, n: int, default: int = 1) -> tuple[int, ...]:
+    if v is None:
+        return (default,) * n
+    if isinstance(v, int):
+        return (v,) * n
+    return tuple(int(i) for i in v)
+
+
+def _trace_layers(module, variables, x) -> dict[tuple[str, ...], dict[str, Any]]:
+    """Geometry of every ``nn.Conv`` / ``nn.Dense`` call in the forward pass."""
+    found: dict[tuple[str, ...], dict[str, Any]] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        mod = context.module
+        path = tuple(mod.path)
+        if context.method_name == "__call__" and path not in found:
+            if isinstance(mod, nn.Conv):
+                found[path] = _conv_geometry(mod, args[0].shape, path)
+            elif isinstance(mod, nn.Dense):
+                found[path] = {"kind": "dense", "kernel_size": (), "strides": (), "padding": (),
+                               "dilation": (), "bias": bool(mod.use_bias)}
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(lambda v, x: module.apply(v, x), variables, x)
+    return found
+
+
+def _conv_geometry(mod: nn.Conv, in_shape, path) -> dict[str, Any]:
+    where = f"layer {path_str(path)}"
+    ks = _tup(mod.kernel_size, 1)
+    nd = len(ks)
+    if len(in_shape) != nd + 2:
+        raise ValueError(f"{where}: least squares needs inputs [N, *spatial, C], got {in_shape}")
+    if mod.feature_group_count != 1 or mod.mask is not None:
+        raise ValueError(f"{where}: grouped or masked convolutions are not supported")
+    if any(d != 1 for d in _tup(mod.input_dilation, nd)):
+        raise ValueError(f"{where}: input (transposed) dilation is not supported")
+    strides = _tup(mod.strides, nd)
+    dilation = _tup(mod.kernel_dilation, nd)
+    pad = canonicalize_padding(mod.padding, nd)
+    if isinstance(pad, str):
+        if pad.upper() not in ("SAME", "VALID", "SAME_LOWER"):
+            raise ValueError(f"{where}: padding {pad!r} is not supported")
+        window = [(k - 1) * d + 1 for k, d in zip(ks, dilation, strict=True)]
+        pad = jax.lax.padtype_to_pads(in_shape[1:-1], window, strides, pad.upper())
+    return {"kind": "conv", "kernel_size": ks, "strides": strides,
+            "padding": tuple((int(lo), int(hi)) for lo, hi in pad),
+            "dilation": dilation, "bias": bool(mod.use_bias)}
+
+
+def _group_splits(group: str | None, blocks: Mapping[str, GroupBlocks], n: int, where: str):
+    if group is None:
+        return (int(n), 0, 0)
+    if group not in blocks:
+        raise ValueError(f"{where}: no blocks for group {group!r}")
+    m, a, b = blocks[group].sizes
+    if m + a != n:
+        raise ValueError(f"{where}: group {group!r} has {m + a} units in its blocks, the kernel {n}")
+    return (m, a, b)
+
+
+def find_layers(
+    module, variables: Mapping[str, Any], spec: Mapping[str, Any], blocks: Mapping[str, GroupBlocks],
+    example_input: Any,
+) -> dict[str, Layer]:
+    """Every conv/dense layer of a source model, sized for the merged model.
+
+    Args:
+      module, variables: a source model (A); its forward pass on
+        ``example_input [N, H, W, C]`` is traced (shapes only).
+      spec, blocks: the permutation spec and the merge blocks per group.
+
+    Returns:
+      layer name -> :class:`Layer`, in forward order.
+
+    Raises:
+      ValueError: a kernel belongs to a module other than ``nn.Conv`` /
+        ``nn.Dense``, or a geometry least squares cannot express.
+    """
+    variables = to_dict(variables)
+    flat = flatten(variables.get("params", {}))
+    traced = _trace_layers(module, variables, example_input)
+    axis_group = {(tuple(p), ax): g for g, grp in spec.items() for p, ax in grp.axes}
+    layers: dict[str, Layer] = {}
+    for path, geo in traced.items():
+        kernel = flat.get((*path, "kernel"))
+        if kernel is None:
+            continue
+        where = f"layer {path_str(path)}"
+        shape = np.shape(kernel)
+        nd = len(shape)
+        if shape[:-2] != tuple(geo["kernel_size"]):
+            raise ValueError(f"{where}: kernel {shape} does not match kernel_size {geo['kernel_size']}")
+        if geo["bias"] and (*path, "bias") not in flat:
+            raise ValueError(f"{where} uses a bias but params/{path_str(path)}/bias is missing")
+        kp = ("params", *path, "kernel")
+        gin, gout = axis_group.get((kp, nd - 2)), axis_group.get((kp, nd - 1))
+        layers[path_str(path)] = Layer(
+            name=path_str(path), in_group=gin, out_group=gout,
+            in_splits=_group_splits(gin, blocks, shape[-2], where),
+            out_splits=_group_splits(gout, blocks, shape[-1], where),
+            **geo,
+        )
+    seen = {tuple(layer.path) for layer in layers.values()}
+    for p in flat:
+        if p[-1] == "kernel" and p[:-1] not in seen:
+            raise ValueError(
+                f"layer {path_str(p[:-1])} has a kernel but is not an nn.Conv or nn.Dense used in the "
+                "forward pass; least squares cannot refit it"
+            )
+    return layers
+
+
+# ---------------------------------------------------------- rows and matrices
+def conv_patches(x, kernel_size, strides, padding, dilation):
+    """The input patch seen by every output position of a conv.
+
+    Args:
+      x: ``[N, *spatial, C]``.
+      kernel_size, strides, dilation: per spatial axis.
+      padding: ``(low, high)`` per spatial axis (negative crops).
+
+    Returns:
+      ``[N, *out_spatial, C * prod(kernel_size)]``, column ``c * taps + t``
+      with ``t`` the row-major kernel offset: ``patches @ weights_to_matrix(k)``
+      equals ``conv_general_dilated(x, k)``. Exact (slices, no matmul).
+    """
+    zero = jnp.zeros((), x.dtype)
+    x = jax.lax.pad(x, zero, [(0, 0, 0), *[(int(lo), int(hi), 0) for lo, hi in padding], (0, 0, 0)])
+    spatial = x.shape[1:-1]
+    out = [(s - d * (k - 1) - 1) // st + 1
+           for s, k, st, d in zip(spatial, kernel_size, strides, dilation, strict=True)]
+    if any(o <= 0 for o in out):
+        raise ValueError(f"input {x.shape} is too small for kernel {kernel_size} (after padding)")
+    cols = []
+    for offs in itertools.product(*(range(k) for k in kernel_size)):
+        start = (0, *(o * d for o, d in zip(offs, dilation, strict=True)), 0)
+        limit = (x.shape[0], *(s + st * (n - 1) + 1 for s, st, n in zip(start[1:-1], strides, out, strict=True)),
+                 x.shape[-1])
+        cols.append(jax.lax.slice(x, start, limit, (1, *strides, 1)))
+    p = jnp.stack(cols, axis=-1)  # [N, *out, C, taps]: channel-major columns
+    return p.reshape(*p.shape[:-2], -1)
+
+
+def layer_rows(layer: Layer, x):
+    """Regression inputs X̃ of ``layer`` from its merged input features.
+
+    ``x [N, ..., C_in] -> [rows, dim]`` (rows: examples times output
+    positions, example-major; a ones column last when the layer has a bias).
+    """
+    if layer.kind == "conv":
+        x = conv_patches(x, layer.kernel_size, layer.strides, layer.padding, layer.dilation)
+    rows = x.reshape(-1, x.shape[-1])
+    if layer.bias:
+        rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
+    return rows
+
+
+def weights_to_matrix(layer: Layer, kernel, bias=None):
+    """``kernel [*k, C_in, C_out]`` (+ ``bias [C_out]``) -> ``[dim, C_out]``."""
+    kernel = jnp.asarray(kernel, jnp.float32)
+    if kernel.shape != layer.kernel_shape:
+        raise ValueError(f"layer {layer.name}: kernel {kernel.shape}, expected {layer.kernel_shape}")
+    w = jnp.moveaxis(kernel, -2, 0).reshape(layer.c_in * layer.taps, layer.c_out)
+    if layer.bias:
+        b = jnp.zeros((layer.c_out,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+        w = jnp.concatenate([w, b[None]], axis=0)
+    return w
+
+
+def matrix_to_weights(layer: Layer, w) -> dict[str, Any]:
+    """Inverse of :func:`weights_to_matrix`: ``{"kernel": ..., "bias": ...}``."""
+    n = layer.c_in * layer.taps
+    kernel = jnp.moveaxis(w[:n].reshape(layer.c_in, *layer.kernel_size, layer.c_out), 0, -2)
+    out = {"kernel": kernel}
+    if layer.bias:
+        out["bias"] = w[n]
+    return out
+
+
+def channel_mask(layer: Layer) -> np.ndarray:
+    """``[C_in, C_out]`` bool: which input channels each output may read."""
+    mi, ai, _ = layer.in_splits
+    mo, ao, _ = layer.out_splits
+    mask = np.ones((layer.c_in, layer.c_out), bool)
+    mask[mi + ai:, mo:mo + ao] = False  # A-only outputs never read B-only inputs
+    mask[mi:mi + ai, mo + ao:] = False  # and B-only outputs never read A-only inputs
+    return mask
+
+
+def matrix_mask(layer: Layer) -> np.ndarray:
+    """``[dim, C_out]`` bool: :func:`channel_mask` over patch columns, bias allowed."""
+    m = np.repeat(channel_mask(layer), layer.taps, axis=0)
+    if layer.bias:
+        m = np.concatenate([m, np.ones((1, layer.c_out), bool)])
+    return m
+
+
+def weights_of(variables: Mapping[str, Any], layers: Mapping[str, Layer]) -> Weights:
+    """The kernels (and biases) of ``layers`` in a merged variables tree."""
+    params = to_dict(variables)["params"]
+    out: Weights = {}
+    for name, layer in layers.items():
+        node = params
+        for k in layer.path:
+            if k not in node:
+                raise ValueError(f"the merged variables have no layer params/{name}")
+            node = node[k]
+        shape = np.shape(node["kernel"])
+        if shape != layer.kernel_shape:
+            raise ValueError(
+                f"params/{name}/kernel has shape {shape}, the blocks give {layer.kernel_shape}"
+            )
+        out[name] = {"kernel": jnp.asarray(node["kernel"], jnp.float32)}
+        if layer.bias:
+            out[name]["bias"] = jnp.asarray(node["bias"], jnp.float32)
+    return out
+
+
+def apply_solution(merged_variables: Mapping[str, Any], solution: Mapping[str, Mapping[str, Any]]):
+    """``merged_variables`` with the kernels (and biases) of ``solution`` written in.
+
+    ``solution``: layer name -> ``{"kernel": [*k, C_in, C_out], "bias": [C_out]}``
+    (other keys are ignored). Shapes must match the merged model's params.
+    """
+    flat = flatten(to_dict(merged_variables))
+    for name, w in solution.items():
+        for leaf in ("kernel", "bias"):
+            if leaf not in w:
+                continue
+            path = ("params", *name.split("/"), leaf)
+            if path not in flat:
+                raise ValueError(f"the merged variables have no {path_str(path)}")
+            if np.shape(flat[path]) != np.shape(w[leaf]):
+                raise ValueError(
+                    f"{path_str(path)} has shape {np.shape(flat[path])}, the solution {np.shape(w[leaf])}"
+                )
+            flat[path] = jnp.asarray(w[leaf], jnp.asarray(flat[path]).dtype)
+    return unflatten(flat)
+
+
+# ------------------------------------------------------------------- features
+def _features(module, variables, x) -> dict[tuple[str, ...], Any]:
+    _, state = module.apply(variables, x, mutable=[FEATURES])
+    return flatten(state[FEATURES])
+
+
+def _layer_data(layer: Layer, blocks, fa, fb):
+    """Merged input ``[N, ..., C_in]`` and target ``[N, ..., C_out]`` (fp32)."""
+    pieces = []
+    for end, group in (("in", layer.in_group), ("out", layer.out_group)):
+        a, b = fa.get((*layer.path, end)), fb.get((*layer.path, end))
+        if a is None or b is None:
+            raise ValueError(
+                f"layer {layer.name}: the models record no {end!r} features; build them from "
+                "pleas_jax.models layers"
+            )
+        bl = None if group is None else blocks[group]
+        pieces.append(combine(a.astype(jnp.float32), b.astype(jnp.float32), bl))
+    return pieces
+
+
+def _row_weights(mask, n_rows):
+    # Rows are example-major, so each example's mask repeats over its positions.
+    return jnp.repeat(mask.astype(jnp.float32), n_rows // mask.shape[0])
+
+
+def _peek(batches: Iterable[Any], what: str):
+    it = iter(batches)
+    first = next(it, None)
+    if first is None:
+        raise ValueError(f"{what} needs at least one batch of data")
+    return first, itertools.chain([first], it)
+
+
+def _images(batch) -> np.ndarray:
+    x = batch[0] if isinstance(batch, tuple | list) else batch
+    return np.asarray(x)
+
+
+def _select(layers: Mapping[str, Layer], names: Iterable[str] | None) -> dict[str, Layer]:
+    if names is None:
+        return dict(layers)
+    names = list(names)
+    unknown = [n for n in names if n not in layers]
+    if unknown:
+        raise ValueError(f"no conv/dense layers {unknown}; the model has {list(layers)}")
+    return {n: layers[n] for n in names}
+
+
+# ----------------------------------------------------------------- statistics
+def _statistics_fn(module_a, module_b, layers, blocks, precision):
+    def fn(replicated, x, mask):
+        va, vb, init = replicated
+        fa, fb = _features(module_a, va, x), _features(module_b, vb, x)
+        out = {}
+        for name, layer in layers.items():
+            xin, y = _layer_data(layer, blocks, fa, fb)
+            rows = layer_rows(layer, xin)
+            y = y.reshape(-1, layer.c_out)
+            if y.shape[0] != rows.shape[0]:
+                raise ValueError(
+                    f"layer {name}: {rows.shape[0]} patch rows but {y.shape[0]} output rows; the "
+                    f"geometry {layer.kernel_size}/{layer.strides}/{layer.padding} does not match"
+                )
+            w = _row_weights(mask, rows.shape[0])
+            rw = rows * w[:, None]
+            s = {
+                "gram": jnp.matmul(rw.T, rows, precision=precision),
+                "cross": jnp.matmul(rw.T, y, precision=precision),
+                "target_sq": jnp.sum(w[:, None] * y * y, axis=0),
+                "count": jnp.sum(w),
+            }
+            if init is not None:
+                err = jnp.matmul(rows, init[name], precision=precision) - y
+                s["init_grad"] = jnp.matmul(rw.T, err, precision=precision)
+                s["init_sq"] = jnp.sum(w[:, None] * err * err, axis=0)
+            out[name] = s
+        return out
+
+    return fn
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _add(acc, new):
+    return jax.tree.map(jnp.add, acc, new)
+
+
+def layer_statistics(
+    module_a,
+    variables_a,
+    module_b,
+    variables_b,
+    spec: Mapping[str, Any],
+    blocks: Mapping[str, GroupBlocks],
+    batches: Iterable[Any],
+    *,
+    init: Mapping[str, Mapping[str, Any]] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    layers: Iterable[str] | None = None,
+    precision: Any = _HI,
+    progress: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Sums for the closed-form solve of every merged layer, in one pass over data.
+
+    Per batch, both source models run with their features recorded; for every
+    layer, X̃ and Ỹ are built (module docstring) and the sums below accumulate
+    in fp32, each device summing its shard of the batch, then ``psum``.
+
+    Args:
+      module_a, variables_a, module_b, variables_b: the two source models.
+      spec: their permutation spec; blocks: merge blocks per group.
+      batches: iterable of images ``[N, H, W, C]`` (or ``(images, labels)``).
+      init: optional layer name -> ``{"kernel", "bias"}`` of the merged model
+        (:func:`weights_of`), the W0 the solve and residuals are taken
+        relative to.
+      mesh: a 1-D data mesh (all local devices by default).
+      layers: only these layer names (default: every conv/dense layer).
+      precision: matmul precision of the sums (fp32 ``HIGHEST`` by default).
+      progress: show a progress bar.
+
+    Returns:
+      layer name -> ``{"layer": Layer, "gram": [dim, dim], "cross": [dim, C_out],
+      "target_sq": [C_out] (Σ Ỹ²), "count": [] (rows)}``, plus with ``init``:
+      ``"init": [dim, C_out]`` (W0), ``"init_grad": [dim, C_out]``
+      (Σ X̃ᵀ(X̃W0 − Ỹ)) and ``"init_sq": [C_out]`` (Σ (X̃W0 − Ỹ)²).
+
+    Raises:
+      ValueError: no data, or a layer least squares cannot handle.
+    """
+    first, batches = _peek(batches, "least squares")
+    example = _images(first)[:1]
+    all_layers = find_layers(module_a, variables_a, spec, blocks, example)
+    chosen = _select(all_layers, layers)
+    init_m = None
+    if init is not None:
+        # Forbidden entries of W0 are zero by construction; masking keeps R0
+        # consistent with the masked solution even for a hand-made W0.
+        init_m = {n: weights_to_matrix(lay, init[n]["kernel"], init[n].get("bias"))
+                  * jnp.asarray(matrix_mask(lay), jnp.float32) for n, lay in chosen.items()}
+    mesh = mesh or distributed.data_mesh()
+    step = distributed.batch_sum(_statistics_fn(module_a, module_b, chosen, blocks, precision), mesh)
+    replicated = (variables_a, variables_b, init_m)
+    acc = None
+    for batch in tqdm(batches, desc="least-squares statistics", disable=not progress, leave=False):
+        x, mask = distributed.shard_batch(_images(batch), mesh)
+        s = step(replicated, x, mask)
+        acc = s if acc is None else _add(acc, s)
+    out = {}
+    for name, layer in chosen.items():
+        out[name] = {"layer": layer, **acc[name]}
+        if init_m is not None:
+            out[name]["init"] = init_m[name]
+    return out
+
+
+# ---------------------------------------------------------------------- solve
+def _allowed_sets(layer: Layer):
+    """``(first output, end output, allowed rows)`` per output block."""
+    mask = matrix_mask(layer)
+    mo, ao, bo = layer.out_splits
+    return [(lo, lo + n, np.flatnonzero(mask[:, lo])) for lo, n in ((0, mo), (mo, ao), (mo + ao, bo)) if n]
+
+
+def _pinv_solve(a, c):
+    s, v = jnp.linalg.eigh(a)
+    tol = jnp.finfo(a.dtype).eps * a.shape[0] * jnp.max(jnp.abs(s))
+    keep = s > tol
+    inv = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
+    return jnp.matmul(v, inv[:, None] * jnp.matmul(v.T, c, precision=_HI), precision=_HI)
+
+
+def _ridge_solve(g, rhs, centre, ridge, method):
+    """``(g + λI)⁻¹ (rhs + λ centre)`` with ``λ = ridge · trace(g) / n``, by
+    Cholesky or by an eigendecomposition pseudo-inverse."""
+    n = g.shape[0]
+    g = 0.5 * (g + g.T)
+    lam = ridge * jnp.trace(g) / n
+    a = g + lam * jnp.eye(n, dtype=g.dtype)
+    b = rhs + lam * centre
+    if method == "eigh":
+        return _pinv_solve(a, b)
+    return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a, lower=True), b)
+
+
+@functools.partial(jax.jit, static_argnames=("sets", "ridge", "centre", "method"))
+def _solve_matrix(gram, cross, init, init_grad, sets, ridge, centre, method):
+    """All output blocks of one layer; ``sets`` as from :func:`_allowed_sets`
+    (hashable). With ``init`` (W0) the unknown is ``D = W − W0``:
+    ``(G + λI) D = −R0 + λ (Z − W0)`` with ``R0 = G W0 − C`` and Z the centre."""
+    relative = init is not None
+    w = init if relative else jnp.zeros_like(cross)
+    for lo, hi, idx in sets:
+        idx = np.asarray(idx)
+        g = gram[idx][:, idx]
+        if relative:
+            rhs = -init_grad[idx, lo:hi]
+            shift = jnp.zeros_like(rhs) if centre == "init" else -init[idx, lo:hi]
+            w = w.at[idx, lo:hi].add(_ridge_solve(g, rhs, shift, ridge, method))
+        else:
+            rhs = cross[idx, lo:hi]
+            w = w.at[idx, lo:hi].set(_ridge_solve(g, rhs, jnp.zeros_like(rhs), ridge, method))
+    return w
+
+
+def solve(
+    stats: Mapping[str, Mapping[str, Any]], *, ridge: float = 1e-4, ridge_centre: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """Block-constrained ridge solve of every layer in ``stats``.
+
+    Per layer, three solves (merged outputs on every input, A-only outputs on
+    ``[merged, A-only]``, B-only outputs on ``[merged, B-only]``), each
+    ``W_S = (G_SS + λI)⁻¹ (C_S + λ W0_S)`` with ``λ = ridge · trace(G_SS) / |S|``
+    by Cholesky in fp32 (pseudo-inverse by ``eigh`` where that fails). Weights
+    outside the allowed sets are exactly zero.
+
+    Args:
+      stats: from :func:`layer_statistics`.
+      ridge: relative ridge (0 for plain least squares).
+      ridge_centre: ``"init"`` pulls towards the merge weights W0 (needs stats
+        taken with ``init``), ``"zero"`` towards zero; by default ``"init"``
+        where the stats carry W0, else ``"zero"``.
+
+    Returns:
+      layer name -> ``{"kernel": [*k, C_in, C_out], "bias": [C_out] (if the
+      layer has one), "fallback": bool (a block needed the pseudo-inverse)}``.
+
+    Raises:
+      ValueError: a non-finite solution (names the layer), or ``init`` centre
+        without init statistics.
+    """
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    if ridge_centre not in (*RIDGE_CENTRES, None):
+        raise ValueError(f"ridge_centre must be one of {RIDGE_CENTRES}, got {ridge_centre!r}")
+    out = {}
+    with jax.default_matmul_precision("highest"):
+        for name, s in stats.items():
+            layer = s["layer"]
+            relative = "init" in s
+            centre = ridge_centre or ("init" if relative else "zero")
+            if centre == "init" and not relative:
+                raise ValueError(f"layer {name}: ridge_centre='init' needs statistics taken with init")
+            sets = tuple((lo, hi, tuple(int(i) for i in idx)) for lo, hi, idx in _allowed_sets(layer))
+            args = (None, s["init"], s["init_grad"]) if relative else (s["cross"], None, None)
+            w = _solve_matrix(s["gram"], *args, sets, float(ridge), centre, "cholesky")
+            # NaN from Cholesky means the matrix is not positive definite (no
+            # ridge on a rank-deficient Gram, or round-off); the pseudo-inverse
+            # then gives the least-squares solution of smallest norm.
+            fb = not bool(jnp.all(jnp.isfinite(w)))
+            if fb:
+                w = _solve_matrix(s["gram"], *args, sets, float(ridge), centre, "eigh")
+            if not bool(jnp.all(jnp.isfinite(w))):
+                raise ValueError(f"layer {name}: the least-squares solution is not finite (features overflow?)")
+            out[name] = {**matrix_to_weights(layer, w), "fallback": bool(fb)}
+    return out
+
+
+@jax.jit
+def _sse_plain(gram, cross, target_sq, w):
+    gw = jnp.matmul(gram, w, precision=_HI)
+    return jnp.sum(w * gw) - 2.0 * jnp.sum(w * cross) + jnp.sum(target_sq)
+
+
+@jax.jit
+def _sse_relative(gram, init, init_grad, init_sq, w):
+    # Taken relative to W0, so round-off scales with the change, not with Σ Ỹ².
+    d = w - init
+    return jnp.sum(init_sq) + 2.0 * jnp.sum(d * init_grad) + jnp.sum(d * jnp.matmul(gram, d, precision=_HI))
+
+
+def residuals(stats: Mapping[str, Mapping[str, Any]], weights: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Mean squared error of each layer of ``stats`` with the given weights.
+
+    ``Σ ‖X̃W − Ỹ‖² / (rows · C_out)`` from the accumulated sums, for every layer
+    present in both ``stats`` and ``weights`` (``{"kernel", "bias"}``).
+    """
+    out = {}
+    for name, s in stats.items():
+        if name not in weights:
+            continue
+        layer = s["layer"]
+        w = weights_to_matrix(layer, weights[name]["kernel"], weights[name].get("bias"))
+        if "init" in s:
+            sse = _sse_relative(s["gram"], s["init"], s["init_grad"], s["init_sq"], w)
+        else:
+            sse = _sse_plain(s["gram"], s["cross"], s["target_sq"], w)
+        out[name] = float(sse) / (float(s["count"]) * layer.c_out)
+    return out
+
+
+# ----------------------------------------------------------- gradient descent
+_CONV_DIMS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
+
+
+def layer_apply(layer: Layer, x, weights: Mapping[str, Any]):
+    """The merged layer on its merged input ``x [N, ..., C_in] -> [N, ..., C_out]`` (fp32)."""
+    k = weights["kernel"]
+    if layer.kind == "conv":
+        y = jax.lax.conv_general_dilated(
+            x, k, layer.strides, layer.padding, rhs_dilation=layer.dilation,
+            dimension_numbers=_CONV_DIMS[len(layer.kernel_size)], precision=_HI,
+        )
+    else:
+        y = jnp.matmul(x, k, precision=_HI)
+    if layer.bias:
+        y = y + weights["bias"]
+    return y
+
+
+def _sse_fn(module_a, module_b, layers, blocks, with_grad):
+    """Per-shard ``Σ‖X̃W − Ỹ‖² / C_out`` and rows per layer (and its gradient)."""
+
+    def fn(replicated, x, mask):
+        va, vb, params = replicated
+        fa, fb = _features(module_a, va, x), _features(module_b, vb, x)
+        data = {n: _layer_data(lay, blocks, fa, fb) for n, lay in layers.items()}
+
+        def loss(params):
+            sse, count = {}, {}
+            for n, lay in layers.items():
+                xin, y = data[n]
+                pred = layer_apply(lay, xin, params[n])
+                err = (pred - y).reshape(-1, lay.c_out)
+                w = _row_weights(mask, err.shape[0])
+                sse[n] = jnp.sum(w[:, None] * err * err) / lay.c_out
+                count[n] = jnp.sum(w)
+            return sum(sse.values()), (sse, count)
+
+        if not with_grad:
+            return dict(zip(("sse", "count"), loss(params)[1], strict=True))
+        grads, (sse, count) = jax.grad(loss, has_aux=True)(params)
+        return {"grad": grads, "sse": sse, "count": count}
+
+    return fn
+
+
+def feature_residuals(
+    module_a, variables_a, module_b, variables_b, spec, blocks, weights: Mapping[str, Mapping[str, Any]],
+    batches: Iterable[Any], *, mesh: jax.sharding.Mesh | None = None, progress: bool = False,
+) -> dict[str, float]:
+    """Mean squared error of each layer in ``weights`` measured directly on data.
+
+    One sharded pass: ``Σ ‖layer(X̃) − Ỹ‖² / (rows · C_out)`` per layer, with
+    the layer applied as a conv (no Gram). Arguments as for
+    :func:`layer_statistics`; ``weights``: layer name -> ``{"kernel", "bias"}``.
+    """
+    first, batches = _peek(batches, "least squares")
+    layers = _select(find_layers(module_a, variables_a, spec, blocks, _images(first)[:1]), weights)
+    mesh = mesh or distributed.data_mesh()
+    step = distributed.batch_sum(_sse_fn(module_a, module_b, layers, blocks, False), mesh)
+    params = {n: dict(weights[n]) for n in layers}
+    params = {n: {k: v for k, v in p.items() if k in ("kernel", "bias")} for n, p in params.items()}
+    acc = None
+    for batch in tqdm(batches, desc="least-squares residuals", disable=not progress, leave=False):
+        x, mask = distributed.shard_batch(_images(batch), mesh)
+        s = step((variables_a, variables_b, params), x, mask)
+        acc = s if acc is None else _add(acc, s)
+    return {n: float(acc["sse"][n]) / float(acc["count"][n]) for n in layers}
+
+
+def gradient_descent(
+    module_a,
+    variables_a,
+    module_b,
+    variables_b,
+    spec: Mapping[str, Any],
+    blocks: Mapping[str, GroupBlocks],
+    init: Mapping[str, Mapping[str, Any]],
+    batches: Sequence[Any],
+    *,
+    steps: int = 400,
+    learning_rate: float = 5e-4,
+    optimizer: optax.GradientTransformation | None = None,
+    layers: Iterable[str] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, dict[str, Any]], np.ndarray]:
+    """Fit the merged layers by gradient descent on the masked per-layer MSE.
+
+    Every layer minimises ``Σ ‖X̃W − Ỹ‖² / (rows · C_out)`` on one batch per
+    step (cycling through ``batches``), from the source models' features, all
+    layers at once (they are independent). Forbidden weights (A-only outputs
+    reading B-only inputs and vice versa) stay exactly zero: the gradient and
+    the parameters are both masked. Each step is one compiled function,
+    sharded over the batch like :func:`layer_statistics`.
+
+    Args:
+      init: layer name -> ``{"kernel", "bias"}``, the starting weights (the
+        partial merge, :func:`weights_of`); also selects the layers unless
+        ``layers`` is given.
+      batches: a sequence of images ``[N, H, W, C]`` (or ``(images, labels)``).
+      steps, learning_rate: the paper's code: Adam, 5e-4, cosine decay, 400 steps.
+      optimizer: replaces Adam with the cosine schedule.
+      Others as for :func:`layer_statistics`.
+
+    Returns:
+      ``(weights, losses)``: layer name -> ``{"kernel", "bias"}``, and the
+      ``[steps]`` batch losses (mean over layers of each layer's MSE) before
+      each update.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("least squares needs at least one batch of data")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    chosen = _select(
+        find_layers(module_a, variables_a, spec, blocks, _images(batches[0])[:1]),
+        init if layers is None else layers,
+    )
+    params = {}
+    masks = {}
+    for n, lay in chosen.items():
+        params[n] = {"kernel": jnp.asarray(init[n]["kernel"], jnp.float32)}
+        if tuple(params[n]["kernel"].shape) != lay.kernel_shape:
+            raise ValueError(f"layer {n}: initial kernel {params[n]['kernel'].shape}, expected {lay.kernel_shape}")
+        if lay.bias:
+            params[n]["bias"] = jnp.asarray(init[n]["bias"], jnp.float32)
+        m = jnp.asarray(channel_mask(lay), jnp.float32)
+        masks[n] = {"kernel": jnp.broadcast_to(m, lay.kernel_shape)}
+        if lay.bias:
+            masks[n]["bias"] = jnp.ones((lay.c_out,), jnp.float32)
+    params = jax.tree.map(jnp.multiply, params, masks)
+    opt = optimizer or optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
+    mesh = mesh or distributed.data_mesh()
+    sums = distributed.batch_sum(_sse_fn(module_a, module_b, chosen, blocks, True), mesh)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def update(params, opt_state, va, vb, x, mask):
+        s = sums((va, vb, params), x, mask)
+        grads = {n: jax.tree.map(lambda g, n=n: g / s["count"][n], s["grad"][n]) for n in params}
+        grads = jax.tree.map(jnp.multiply, grads, masks)
+        upd, opt_state = opt.update(grads, opt_state, params)
+        params = jax.tree.map(jnp.multiply, optax.apply_updates(params, upd), masks)
+        loss = sum(s["sse"][n] / s["count"][n] for n in params) / len(params)
+        return params, opt_state, loss
+
+    opt_state = opt.init(params)
+    shards = [distributed.shard_batch(_images(b), mesh) for b in batches]
+    losses = []
+    for i in tqdm(range(steps), desc="least squares (gradient)", disable=not progress, leave=False):
+        x, mask = shards[i % len(shards)]
+        params, opt_state, loss = update(params, opt_state, variables_a, variables_b, x, mask)
+        losses.append(loss)
+    return params, np.asarray(jnp.stack(losses))
+
+
+# ----------------------------------------------------------------- top level
+def least_squares(
+    module_a,
+    variables_a,
+    module_b,
+    variables_b,
+    spec: Mapping[str, Any],
+    blocks: Mapping[str, GroupBlocks],
+    merged_module,
+    merged_variables: Mapping[str, Any],
+    batches: Iterable[Any],
+    *,
+    mode: str = "closed_form",
+    ridge: float = 1e-4,
+    ridge_centre: str = "init",
+    max_gram_bytes: int = 1 << 30,
+    steps: int = 400,
+    learning_rate: float = 5e-4,
+    mesh: jax.sharding.Mesh | None = None,
+    precision: Any = _HI,
+    progress: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Refit every conv/dense layer of the merged model (PLeaS step 3).
+
+    Args:
+      module_a, variables_a, module_b, variables_b: the source models (B in
+        its original unit order; ``blocks`` carry the matching).
+      spec, blocks: permutation spec and merge blocks per group.
+      merged_module, merged_variables: the partial merge
+        (:func:`pleas_jax.partial.partial_merge`), whose weights start the
+        refit and centre the ridge.
+      batches: iterable of images ``[N, H, W, C]`` (or ``(images, labels)``).
+      mode: ``"closed_form"`` (ridge solve per block; layers whose Gram
+        exceeds ``max_gram_bytes`` fall back to gradient descent) or ``"gd"``
+        (gradient descent on every layer).
+      ridge, ridge_centre: see :func:`solve`.
+      steps, learning_rate: gradient mode (:func:`gradient_descent`).
+      mesh, precision, progress: as for :func:`layer_statistics`.
+
+    Returns:
+      ``(variables, report)``: the merged variables with refitted kernels and
+      biases (BatchNorm statistics untouched), and ``{"mode", "ridge",
+      "seconds": {stage: s}, "layers": {name: {"method", "before", "after",
+      "fallback"}}}`` with each layer's mean squared error before (partial
+      merge weights) and after.
+
+    Raises:
+      ValueError: an unknown mode, no data, or merged variables that do not
+        fit the blocks.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if ridge_centre not in RIDGE_CENTRES:
+        raise ValueError(f"ridge_centre must be one of {RIDGE_CENTRES}, got {ridge_centre!r}")
+    first, batches = _peek(batches, "least squares")
+    example = _images(first)[:1]
+    layers = find_layers(module_a, variables_a, spec, blocks, example)
+    _check_geometry(layers, find_layers(merged_module, merged_variables, {}, {}, example))
+    init = weights_of(merged_variables, layers)
+    if mode == "gd":
+        closed, descent = {}, dict(layers)
+    else:
+        closed = {n: lay for n, lay in layers.items() if lay.gram_bytes <= max_gram_bytes}
+        descent = {n: lay for n, lay in layers.items() if n not in closed}
+    if descent:
+        # Several passes follow: keep the data.
+        batches = list(batches)
+    mesh = mesh or distributed.data_mesh()
+    seconds: dict[str, float] = {}
+    report_layers: dict[str, dict[str, Any]] = {}
+    solution: dict[str, dict[str, Any]] = {}
+    if closed:
+        t0 = time.perf_counter()
+        stats = layer_statistics(
+            module_a, variables_a, module_b, variables_b, spec, blocks, batches,
+            init=init, mesh=mesh, layers=list(closed), precision=precision, progress=progress,
+        )
+        jax.block_until_ready(stats)
+        seconds["statistics"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        solution.update(solve(stats, ridge=ridge, ridge_centre=ridge_centre))
+        jax.block_until_ready(solution)
+        seconds["solve"] = time.perf_counter() - t0
+        before, after = residuals(stats, init), residuals(stats, solution)
+        for n in closed:
+            report_layers[n] = {"method": "closed_form", "before": before[n], "after": after[n],
+                                "fallback": solution[n]["fallback"]}
+    if descent:
+        t0 = time.perf_counter()
+        d_init = {n: init[n] for n in descent}
+        fitted, _ = gradient_descent(
+            module_a, variables_a, module_b, variables_b, spec, blocks, d_init, batches,
+            steps=steps, learning_rate=learning_rate, mesh=mesh, progress=progress,
+        )
+        jax.block_until_ready(fitted)
+        seconds["gradient"] = time.perf_counter() - t0
+        kw = {"mesh": mesh, "progress": progress}
+        before = feature_residuals(module_a, variables_a, module_b, variables_b, spec, blocks, d_init, batches, **kw)
+        after = feature_residuals(module_a, variables_a, module_b, variables_b, spec, blocks, fitted, batches, **kw)
+        solution.update(fitted)
+        for n in descent:
+            report_layers[n] = {"method": "gd", "before": before[n], "after": after[n], "fallback": False}
+    variables = apply_solution(merged_variables, solution)
+    report = {
+        "mode": mode,
+        "ridge": ridge,
+        "ridge_centre": ridge_centre,
+        "seconds": seconds,
+        "layers": {n: report_layers[n] for n in layers},
+    }
+    return variables, report
+
+
+def _check_geometry(source: Mapping[str, Layer], merged: Mapping[str, Layer]) -> None:
+    """The merged model has the source's layers, geometry and widths."""
+    if list(source) != list(merged):
+        raise ValueError(
+            f"the merged model's layers {list(merged)} differ from the source's {list(source)}"
+        )
+    for n, s in source.items():
+        m = merged[n]
+        if (s.kind, s.kernel_size, s.strides, s.padding, s.dilation, s.bias) != (
+            m.kind, m.kernel_size, m.strides, m.padding, m.dilation, m.bias
+        ):
+            raise ValueError(f"layer {n} has another geometry in the merged model")
+        if s.kernel_shape != m.kernel_shape:
+            raise ValueError(
+                f"params/{n}/kernel of the merged model has shape {m.kernel_shape}, the blocks give "
+                f"{s.kernel_shape}"
+            )

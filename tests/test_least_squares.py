@@ -1,0 +1,330 @@
+"""Least squares: exact on planted problems, block mask respected, no worse than
+gradient descent, keeps the ensemble at budget 2, sharding changes nothing."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pleas_jax import least_squares as ls
+from pleas_jax import models, partial
+from pleas_jax.matching.activations import activation_matching
+from pleas_jax.permutation import identity
+from pleas_jax.spec import derive_spec
+from tests.helpers import images, init, randomize_norms
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 16
+
+
+# ------------------------------------------------------------ planted problems
+def _stats_from_arrays(layer, x, y, w0=None):
+    """What layer_statistics accumulates, from one batch of merged features."""
+    rows = ls.layer_rows(layer, jnp.asarray(x))
+    y = jnp.asarray(y).reshape(-1, layer.c_out)
+    hi = jax.lax.Precision.HIGHEST
+    s = {
+        "layer": layer,
+        "gram": jnp.matmul(rows.T, rows, precision=hi),
+        "cross": jnp.matmul(rows.T, y, precision=hi),
+        "target_sq": jnp.sum(y * y, 0),
+        "count": jnp.asarray(rows.shape[0], jnp.float32),
+    }
+    if w0 is not None:
+        err = jnp.matmul(rows, w0, precision=hi) - y
+        s.update(init=w0, init_grad=jnp.matmul(rows.T, err, precision=hi), init_sq=jnp.sum(err * err, 0))
+    return s
+
+
+def _layer(kind, in_splits, out_splits, bias, k=(), stride=(), pad=()):
+    return ls.Layer(
+        name="planted", kind=kind, kernel_size=k, strides=stride, padding=pad,
+        dilation=(1,) * len(k), bias=bias, in_group="gi", out_group="go",
+        in_splits=in_splits, out_splits=out_splits,
+    )
+
+
+@pytest.mark.parametrize("centre", ["zero", "init"])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        _layer("dense", (4, 3, 3), (5, 2, 2), True),
+        _layer("dense", (0, 4, 4), (0, 3, 3), False),
+        _layer("conv", (3, 2, 2), (4, 2, 2), True, (3, 3), (2, 2), ((1, 1), (1, 1))),
+    ],
+    ids=["dense", "dense-all-separate", "conv"],
+)
+def test_planted_weights_are_recovered(layer, centre):
+    rng = np.random.default_rng(0)
+    shape = (400, layer.c_in) if layer.kind == "dense" else (12, 9, 9, layer.c_in)
+    x = rng.normal(size=shape).astype(np.float32)
+    mask = ls.matrix_mask(layer)
+    planted = (rng.normal(size=mask.shape) * mask).astype(np.float32)
+    rows = ls.layer_rows(layer, jnp.asarray(x))
+    y = jnp.matmul(rows, planted, precision=jax.lax.Precision.HIGHEST)
+    w0 = None
+    if centre == "init":
+        w0 = jnp.asarray(rng.normal(size=mask.shape) * mask, jnp.float32)
+    sol = ls.solve({"planted": _stats_from_arrays(layer, x, y, w0)}, ridge=1e-9, ridge_centre=centre)
+    got = ls.weights_to_matrix(layer, sol["planted"]["kernel"], sol["planted"].get("bias"))
+    np.testing.assert_allclose(got, planted, atol=1e-5)
+    assert not sol["planted"]["fallback"]
+    # Forbidden weights are exactly zero, not merely small.
+    assert np.all(np.asarray(got)[~mask] == 0.0)
+
+
+def test_rank_deficient_gram_falls_back_to_pseudo_inverse():
+    layer = _layer("dense", (3, 0, 0), (2, 0, 0), False)
+    x = np.random.default_rng(1).normal(size=(50, 3)).astype(np.float32)
+    x[:, 2] = x[:, 0]  # two equal columns: singular Gram
+    w = np.array([[1.0, 2.0], [0.5, -1.0], [1.0, 0.0]], np.float32)
+    s = _stats_from_arrays(layer, x, x @ w)
+    sol = ls.solve({"planted": s}, ridge=0.0)["planted"]
+    assert sol["fallback"]
+    # Minimum-norm solution: the duplicated column's weight is shared equally.
+    np.testing.assert_allclose(sol["kernel"], [[1.0, 1.0], [0.5, -1.0], [1.0, 1.0]], atol=1e-4)
+
+
+# ------------------------------------------------------------------ conv path
+@pytest.mark.parametrize(
+    "k,stride,pad,dil",
+    [(3, 2, ((1, 1), (1, 1)), 1), (7, 2, ((3, 3), (3, 3)), 1), (1, 2, ((0, 0), (0, 0)), 1),
+     (3, 1, ((2, 2), (2, 2)), 2), (3, 2, ((0, 1), (1, 0)), 1)],
+)
+def test_patches_times_matrix_is_the_conv(k, stride, pad, dil):
+    layer = ls.Layer("c", "conv", (k, k), (stride, stride), pad, (dil, dil), False, None, None,
+                     (5, 0, 0), (4, 0, 0))
+    rng = np.random.default_rng(k)
+    x = jnp.asarray(rng.normal(size=(2, 15, 15, 5)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=layer.kernel_shape), jnp.float32)
+    ref = jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad, rhs_dilation=(dil, dil),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       precision=jax.lax.Precision.HIGHEST)
+    rows = ls.layer_rows(layer, x)
+    got = jnp.matmul(rows, ls.weights_to_matrix(layer, kernel), precision=jax.lax.Precision.HIGHEST)
+    # fp32 sums of up to 245 products: compare at 1e-6 of the output scale.
+    tol = 1e-6 * float(jnp.max(jnp.abs(ref)))
+    np.testing.assert_allclose(got.reshape(ref.shape), ref, atol=tol)
+    np.testing.assert_allclose(ls.layer_apply(layer, x, {"kernel": kernel}), ref, atol=tol)
+    back = ls.matrix_to_weights(layer, ls.weights_to_matrix(layer, kernel))["kernel"]
+    np.testing.assert_array_equal(back, kernel)
+
+
+class _OneConv(nn.Module):
+    k: int
+    stride: int
+    padding: object
+    bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        conv = models.Conv(6, (self.k, self.k), (self.stride, self.stride), padding=self.padding,
+                           use_bias=self.bias, name="conv")
+        return conv(x)
+
+
+@pytest.mark.parametrize(
+    "k,stride,padding,bias",
+    [(3, 2, 1, False), (7, 2, 3, False), (1, 2, 0, False), (3, 2, "SAME", True)],
+    ids=["3x3/2", "stem-7x7/2", "downsample-1x1/2", "same-bias"],
+)
+def test_single_conv_layer_recovers_the_planted_kernel(k, stride, padding, bias):
+    # Targets are the average of two convs: the planted kernel is their mean.
+    m = _OneConv(k, stride, padding, bias)
+    x0 = jnp.zeros((1, SIZE, SIZE, 3))
+    va, vb = m.init(jax.random.key(1), x0), m.init(jax.random.key(2), x0)
+    if bias:
+        va = jax.tree.map(lambda v: v + 0.1, va)
+    spec = derive_spec(m, va, np.zeros((1, SIZE, SIZE, 3), np.float32))
+    assert spec == {}  # input and output axes are fixed: one merged layer
+    batches = [images(4, SIZE, seed=s) for s in range(3)]
+    stats = ls.layer_statistics(m, va, m, vb, spec, {}, batches)
+    layer = stats["conv"]["layer"]
+    assert layer.kernel_size == (k, k) and layer.strides == (stride, stride) and layer.bias == bias
+    sol = ls.solve(stats, ridge=1e-9)["conv"]
+    planted = 0.5 * (va["params"]["conv"]["kernel"] + vb["params"]["conv"]["kernel"])
+    np.testing.assert_allclose(sol["kernel"], planted, atol=1e-5)
+    if bias:
+        np.testing.assert_allclose(sol["bias"], 0.05 * np.ones(6), atol=1e-5)
+    assert stats["conv"]["count"] == 12 * (-(-SIZE // stride)) ** 2
+
+
+# ---------------------------------------------------------------- resnet pairs
+@pytest.fixture(scope="module")
+def pair():
+    m = models.resnet20(num_classes=10, width=8)
+    va = randomize_norms(init(m, SIZE), 1)
+    vb = randomize_norms(init(m, SIZE, seed=2), 3)
+    spec = derive_spec(m, va, np.zeros((1, SIZE, SIZE, 3), np.float32))
+    batches = [images(32, SIZE, seed=s) for s in range(4)]
+    return m, va, vb, spec, batches
+
+
+def _blocks(pair, budget):
+    m, va, vb, spec, batches = pair
+    if budget == 1.0:
+        return partial.full_blocks(spec, identity(spec), 0.0)
+    # (1 + r)^2 = 1.5: inner convs scale with both widths.
+    perm, costs = activation_matching(m, va, m, vb, spec, batches[:1])
+    return partial.make_blocks(spec, perm, costs, 0.225)
+
+
+def _assert_mask(layers, weights):
+    for n, lay in layers.items():
+        k = np.asarray(weights[n]["kernel"])
+        mi, ai, bi = lay.in_splits
+        mo, ao, bo = lay.out_splits
+        assert np.all(k[..., mi + ai:, mo:mo + ao] == 0.0), n  # A-only outputs, B-only inputs
+        assert np.all(k[..., mi:mi + ai, mo + ao:] == 0.0), n  # B-only outputs, A-only inputs
+
+
+@pytest.mark.parametrize("budget", [1.0, 1.5])
+def test_closed_form_is_no_worse_than_gradient_descent(pair, budget):
+    m, va, vb, spec, batches = pair
+    blocks = _blocks(pair, budget)
+    mm, vm = partial.partial_merge(m, spec, blocks, va, vb)
+    layers = ls.find_layers(m, va, spec, blocks, batches[0][:1])
+    w0 = ls.weights_of(vm, layers)
+    stats = ls.layer_statistics(m, va, m, vb, spec, blocks, batches, init=w0)
+    closed = ls.solve(stats)
+    descent, losses = ls.gradient_descent(m, va, m, vb, spec, blocks, w0, batches, steps=400)
+    assert losses[-1] < losses[0]
+    before, r_cf, r_gd = (ls.residuals(stats, w) for w in (w0, closed, descent))
+    worst = 0.0
+    for n, s in stats.items():
+        energy = float(jnp.sum(s["target_sq"])) / (float(s["count"]) * s["layer"].c_out)
+        # Layers the merge already solves exactly (the stem, reading the image)
+        # sit at fp32 round-off (~1e-14 of the target energy) in both modes;
+        # below 1e-9 of the energy a ratio compares noise.
+        assert r_cf[n] <= 1.001 * r_gd[n] + 1e-9 * energy, (n, r_cf[n], r_gd[n])
+        assert r_cf[n] <= before[n] + 1e-9 * energy, n
+        if r_gd[n] > 1e-9 * energy:
+            worst = max(worst, r_cf[n] / r_gd[n])
+    print(f"budget {budget}: worst closed-form / gradient residual ratio {worst:.4f}; "
+          f"mean {np.mean([r_cf[n] for n in stats]):.4g} vs {np.mean([r_gd[n] for n in stats]):.4g}")
+    _assert_mask(layers, closed)
+    _assert_mask(layers, descent)
+    if budget == 1.5:
+        assert any(lay.in_splits[1] and lay.out_splits[1] for lay in layers.values())
+    # Residuals from the sums agree with residuals measured on the features.
+    direct = ls.feature_residuals(m, va, m, vb, spec, blocks, closed, batches)
+    for n in stats:
+        energy = float(jnp.sum(stats[n]["target_sq"])) / (float(stats[n]["count"]) * stats[n]["layer"].c_out)
+        assert abs(direct[n] - r_cf[n]) <= 1e-4 * direct[n] + 1e-9 * energy, (n, direct[n], r_cf[n])
+
+
+def test_budget_two_keeps_the_ensemble(pair):
+    m, va, vb, spec, batches = pair
+    blocks = partial.full_blocks(spec, identity(spec), 1.0)
+    mm, vm = partial.partial_merge(m, spec, blocks, va, vb)
+    new, report = ls.least_squares(m, va, m, vb, spec, blocks, mm, vm, batches)
+    assert set(report["layers"]) == set(ls.find_layers(m, va, spec, blocks, batches[0][:1]))
+    assert all(r["method"] == "closed_form" for r in report["layers"].values())
+    x = np.concatenate(batches)
+    ens = 0.5 * (m.apply(va, x) + m.apply(vb, x))
+    err = float(jnp.max(jnp.abs(mm.apply(new, x) - ens)))
+    scale = float(jnp.max(jnp.abs(ens)))
+    print(f"budget 2: max |merged - ensemble| / max |logit| = {err / scale:.2e}")
+    assert err <= 1e-3 * scale
+    # Batch norm statistics are left alone.
+    np.testing.assert_array_equal(
+        new["batch_stats"]["bn1"]["mean"], vm["batch_stats"]["bn1"]["mean"]
+    )
+
+
+def test_oversized_grams_fall_back_to_gradient_descent(pair):
+    m, va, vb, spec, batches = pair
+    blocks = _blocks(pair, 1.0)
+    mm, vm = partial.partial_merge(m, spec, blocks, va, vb)
+    layers = ls.find_layers(m, va, spec, blocks, batches[0][:1])
+    bound = sorted(lay.gram_bytes for lay in layers.values())[len(layers) // 2]
+    new, report = ls.least_squares(m, va, m, vb, spec, blocks, mm, vm, batches[:2],
+                                   max_gram_bytes=bound, steps=20)
+    methods = {n: r["method"] for n, r in report["layers"].items()}
+    assert {n for n, k in methods.items() if k == "gd"} == {
+        n for n, lay in layers.items() if lay.gram_bytes > bound
+    }
+    assert "gradient" in report["seconds"] and "solve" in report["seconds"]
+    for r in report["layers"].values():
+        assert r["after"] <= r["before"] * (1 + 1e-6) + 1e-12
+    out = mm.apply(new, batches[0])
+    assert out.shape == (32, 10) and np.all(np.isfinite(out))
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_input_is_a_clear_error(pair):
+    m, va, vb, spec, batches = pair
+    blocks = _blocks(pair, 1.0)
+    mm, vm = partial.partial_merge(m, spec, blocks, va, vb)
+    with pytest.raises(ValueError, match="at least one batch"):
+        ls.least_squares(m, va, m, vb, spec, blocks, mm, vm, [])
+    with pytest.raises(ValueError, match="at least one batch"):
+        ls.layer_statistics(m, va, m, vb, spec, blocks, iter([]))
+    with pytest.raises(ValueError, match="at least one batch"):
+        ls.gradient_descent(m, va, m, vb, spec, blocks, {}, [])
+    with pytest.raises(ValueError, match="mode must be"):
+        ls.least_squares(m, va, m, vb, spec, blocks, mm, vm, batches, mode="adam")
+    other = partial.full_blocks(spec, identity(spec), 1.0)
+    with pytest.raises(ValueError, match="kernel"):
+        ls.least_squares(m, va, m, vb, spec, other, mm, vm, batches)
+
+
+# ---------------------------------------------------------------- 8 devices
+_SHARDED = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, {root!r})
+    from pleas_jax import distributed, models, partial
+    from pleas_jax import least_squares as ls
+    from pleas_jax.permutation import identity
+    from pleas_jax.spec import derive_spec
+    from tests.helpers import images, init, randomize_norms
+
+    assert len(jax.devices()) == 8, jax.devices()
+    m = models.resnet20(num_classes=4, width=4)
+    va = randomize_norms(init(m, 16), seed=1)
+    vb = randomize_norms(init(m, 16, seed=3), seed=2)
+    spec = derive_spec(m, va, np.zeros((1, 16, 16, 3), np.float32))
+    blocks = partial.full_blocks(spec, identity(spec), 0.5)
+    _, vm = partial.partial_merge(m, spec, blocks, va, vb)
+    w0 = ls.weights_of(vm, ls.find_layers(m, va, spec, blocks, np.zeros((1, 16, 16, 3), np.float32)))
+    out = {{}}
+    for bs in (7, 33):
+        batches = [images(bs, 16, seed=bs), images(5, 16, seed=bs + 1)]
+        one = ls.layer_statistics(m, va, m, vb, spec, blocks, batches, init=w0,
+                                  mesh=distributed.data_mesh(jax.devices()[:1]))
+        eight = ls.layer_statistics(m, va, m, vb, spec, blocks, batches, init=w0,
+                                    mesh=distributed.data_mesh())
+        worst = 0.0
+        for k in one:
+            assert float(one[k]["count"]) > 0
+            for name, a in one[k].items():
+                if name == "layer":
+                    continue
+                a, b = np.asarray(a, np.float64), np.asarray(eight[k][name], np.float64)
+                worst = max(worst, float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-12)))
+        out[bs] = worst
+    print(json.dumps(out))
+    """
+)
+
+
+def test_eight_devices_equal_one():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    res = subprocess.run(
+        [sys.executable, "-c", _SHARDED.format(root=ROOT)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    worst = json.loads(res.stdout.strip().splitlines()[-1])
+    print("8 vs 1 device, max relative difference per batch size:", worst)
+    assert set(worst) == {"7", "33"}
+    assert all(v <= 1e-5 for v in worst.values()), worst
