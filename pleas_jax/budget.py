@@ -292,7 +292,9 @@ def layer_table(
     feature axes.
 
     Args:
-      module, variables: a source model (the unmerged one).
+      module, variables: a source model (the unmerged one); only the shapes of
+        the variables are read, so ``jax.ShapeDtypeStruct`` leaves (from
+        ``jax.eval_shape(module.init, ...)``) do.
       spec: its permutation spec.
       input_shape: ``(H, W, C)`` or ``(N, H, W, C)``; counts are per image.
 
