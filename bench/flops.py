@@ -4,7 +4,7 @@ For each architecture and budget, the uniform allocation for that budget
 (:func:`pleas_jax.budget.uniform_ratios`) is built as a real merged model
 (identity matching, random weights, :func:`pleas_jax.partial.partial_merge`)
 and its FLOPs are counted by XLA, as lowered and (optionally) as compiled for
-this machine's backend. Prints one JSON object.
+this machine's backend. Prints a JSON list, one entry per architecture.
 
     .venv/bin/python bench/flops.py                      # resnet18 + resnet50, 224 px
     .venv/bin/python bench/flops.py --archs resnet18 --size 64 --no-compiled
