@@ -13,7 +13,7 @@ Example::
 
 from pleas_jax import data, models
 from pleas_jax.batch_norm import recompute_batch_norm
-from pleas_jax.checkpoint import load, load_metadata, save
+from pleas_jax.checkpoint import load, load_heads, load_metadata, save
 from pleas_jax.heads import apply_head, route_heads, train_linear_probe
 from pleas_jax.least_squares import least_squares
 from pleas_jax.matching.activations import activation_matching
@@ -42,6 +42,7 @@ __all__ = [
     "least_squares",
     "linear_assignment",
     "load",
+    "load_heads",
     "load_metadata",
     "make_blocks",
     "merge",

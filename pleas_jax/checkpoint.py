@@ -6,7 +6,12 @@ A checkpoint is a directory::
       pleas_jax.json   what the arrays are: format, pleas-jax version, arch name,
                        the module config (ResNet.config()), num_classes, and any
                        caller metadata (e.g. the source file's sha256)
-      arrays/          the variables pytree, written by orbax
+      arrays/          the variables pytree, written by orbax (and, for a merged
+                       backbone with separate label spaces, its heads)
+
+A merged model with separate heads is a backbone (``num_classes=None``) plus
+named heads ``{"a": {"kernel": [C, K_a], "bias": [K_a]}, "b": ...}``: pass them
+as ``save(..., heads=...)`` and read them back with :func:`load_heads`.
 
 It is written whole or not at all: everything goes to a temporary directory
 beside ``OUT`` that is renamed into place at the end and removed on any failure.
@@ -16,6 +21,9 @@ Example::
     save("ckpt/resnet50", module, variables, source_sha256="...")
     module, variables = load("ckpt/resnet50")
     load_metadata("ckpt/resnet50")["arch"]      # "resnet50"
+
+    save("ckpt/merged", backbone, variables, heads={"a": head_a, "b": head_b})
+    load_heads("ckpt/merged")["a"]["kernel"].shape    # (C, K_a)
 """
 
 from __future__ import annotations
@@ -40,26 +48,38 @@ FORMAT = "pleas-jax checkpoint"
 FORMAT_VERSION = 1
 METADATA_FILE = "pleas_jax.json"
 ARRAYS_DIR = "arrays"
-_RESERVED = ("format", "format_version", "pleas_jax_version", "arch", "config", "num_classes")
+HEADS = "heads"  # the arrays' collection (and metadata field) holding separate heads
+_RESERVED = (
+    "format", "format_version", "pleas_jax_version", "arch", "config", "num_classes", HEADS
+)
 # Shapes are traced at this input size; parameters do not depend on it.
-_TRACE_INPUT = (1, 64, 64, 3)
+_TRACE_SIZE = 64
+_STEM_KERNEL = ("params", "conv1", "kernel")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written or read; the message names the path."""
 
 
-def _expected_shapes(module: models.ResNet) -> dict[tuple[str, ...], tuple[tuple[int, ...], Any]]:
-    shapes = jax.eval_shape(
-        module.init, jax.random.key(0), jax.ShapeDtypeStruct(_TRACE_INPUT, jnp.float32)
-    )
+def _expected_shapes(
+    module: models.ResNet, channels: int = 3
+) -> dict[tuple[str, ...], tuple[tuple[int, ...], Any]]:
+    x = jax.ShapeDtypeStruct((1, _TRACE_SIZE, _TRACE_SIZE, channels), jnp.float32)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), x)
     return {p: (tuple(s.shape), s.dtype) for p, s in flatten(to_dict(shapes)).items()}
+
+
+def _input_channels(got: Mapping[tuple[str, ...], Any]) -> int:
+    # The config does not record the image channels (3 for RGB, 1 for MNIST);
+    # the stem kernel [k, k, C_in, C_out] fixes them.
+    stem = got.get(_STEM_KERNEL)
+    return int(stem.shape[-2]) if stem is not None and len(stem.shape) == 4 else 3
 
 
 def _check_arrays(where: str, module: models.ResNet, got: Mapping[tuple[str, ...], Any]) -> None:
     # ``got`` maps paths to anything with .shape; dtypes are checked too, since a
     # float64 leaf would silently change the model's numerics.
-    want = _expected_shapes(module)
+    want = _expected_shapes(module, _input_channels(got))
     missing = [p for p in want if p not in got]
     if missing:
         raise CheckpointError(
@@ -84,6 +104,41 @@ def _check_arrays(where: str, module: models.ResNet, got: Mapping[tuple[str, ...
             )
 
 
+def _check_heads(where: str, module: models.ResNet, got: Mapping[tuple[str, ...], Any]) -> None:
+    # ``got`` maps (head name, "kernel" | "bias") to anything with .shape and .dtype.
+    if module.num_classes is not None:
+        raise CheckpointError(
+            f"{where}: separate heads need a backbone (num_classes=None), but the model "
+            f"has its own classifier of {module.num_classes} classes"
+        )
+    features = module.stream_widths[-1]
+    names = sorted({p[0] for p in got})
+    if not names:
+        raise CheckpointError(f"{where}: heads is empty; pass heads=None for no heads")
+    for name in names:
+        if sorted(p[1:] for p in got if p[0] == name) != [("bias",), ("kernel",)]:
+            raise CheckpointError(f"{where}: head {name!r} must hold exactly 'kernel' and 'bias'")
+        kernel, bias = got[(name, "kernel")], got[(name, "bias")]
+        k = tuple(kernel.shape)
+        if len(k) != 2 or k[0] != features or tuple(bias.shape) != k[1:]:
+            raise CheckpointError(
+                f"{where}: head {name!r} has kernel {k} and bias {tuple(bias.shape)}; the "
+                f"backbone gives {features} features, so expected ({features}, K) and (K,)"
+            )
+        for leaf, arr in (("kernel", kernel), ("bias", bias)):
+            if np.dtype(arr.dtype) != np.float32:
+                raise CheckpointError(
+                    f"{where}: head {name!r} {leaf} has dtype {np.dtype(arr.dtype)}, expected float32"
+                )
+
+
+def _split_heads(flat: Mapping[tuple[str, ...], Any]) -> tuple[dict, dict]:
+    """``(variables' leaves, heads' leaves)`` of a flattened arrays tree."""
+    body = {p: v for p, v in flat.items() if p[0] != HEADS}
+    heads = {p[1:]: v for p, v in flat.items() if p[0] == HEADS}
+    return body, heads
+
+
 def _write_metadata(file: Path, text: str) -> None:
     # Written after the arrays: a directory with metadata is a finished checkpoint.
     file.write_text(text + "\n")
@@ -94,6 +149,7 @@ def save(
     module: models.ResNet,
     variables: Mapping[str, Any],
     *,
+    heads: Mapping[str, Mapping[str, Any]] | None = None,
     overwrite: bool = False,
     **metadata: Any,
 ) -> Path:
@@ -103,6 +159,10 @@ def save(
       path: the checkpoint directory to create; its parent must exist.
       module: a :class:`pleas_jax.models.ResNet` (its ``config()`` is stored).
       variables: ``{"params": ..., "batch_stats": ...}`` matching ``module``.
+      heads: for a backbone (``module.num_classes is None``), named classifier
+        heads ``{name: {"kernel": [C, K], "bias": [K]}}`` over its pooled
+        features ``[N, C]`` (a merge with separate label spaces); read back with
+        :func:`load_heads`.
       overwrite: replace an existing checkpoint at ``path`` (else it is an
         error); any other existing file or directory is never replaced.
       **metadata: extra JSON-able fields stored in ``pleas_jax.json`` (e.g.
@@ -112,8 +172,8 @@ def save(
       ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
-      CheckpointError: ``path`` exists, its parent does not, variables that do
-        not match the module, or metadata that is not JSON-able.
+      CheckpointError: ``path`` exists, its parent does not, variables (or
+        heads) that do not match the module, or metadata that is not JSON-able.
     """
     path = Path(path)
     taken = [k for k in metadata if k in _RESERVED]
@@ -133,6 +193,10 @@ def save(
         raise CheckpointError(f"{path}: parent directory {path.parent} does not exist")
     from pleas_jax import __version__  # here: pleas_jax/__init__ imports this module
 
+    head_arrays = None
+    if heads is not None:
+        head_arrays = jax.tree.map(lambda x: np.array(jax.device_get(x)), to_dict(heads))
+        _check_heads(str(path), module, flatten(head_arrays))
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -142,6 +206,8 @@ def save(
         "config": module.config(),
         **metadata,
     }
+    if head_arrays is not None:
+        info[HEADS] = {n: int(h["kernel"].shape[1]) for n, h in head_arrays.items()}
     try:
         text = json.dumps(info, indent=2, sort_keys=False)
     except TypeError as e:
@@ -151,6 +217,8 @@ def save(
     # write from any device placement.
     arrays = jax.tree.map(lambda x: np.array(jax.device_get(x)), to_dict(variables))
     _check_arrays(str(path), module, flatten(arrays))
+    if head_arrays is not None:
+        arrays = {**arrays, HEADS: head_arrays}
 
     # orbax wants absolute paths.
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)).absolute()
@@ -218,12 +286,32 @@ def load(path: str | os.PathLike) -> tuple[models.ResNet, dict]:
 
     Returns:
       ``(module, variables)``: the module rebuilt from its config and
-      ``{"params": ..., "batch_stats": ...}`` as jax arrays.
+      ``{"params": ..., "batch_stats": ...}`` as jax arrays (any separate heads
+      are left out: see :func:`load_heads`).
 
     Raises:
       CheckpointError: missing directory, not our checkpoint, or arrays whose
         paths/shapes/dtypes do not match the stored module config.
     """
+    module, variables, _ = _restore(path)
+    return module, variables
+
+
+def load_heads(path: str | os.PathLike) -> dict[str, dict[str, jax.Array]] | None:
+    """The separate heads of the checkpoint at ``path``, or ``None`` if it has none.
+
+    Returns:
+      ``{name: {"kernel": [C, K], "bias": [K]}}`` as jax arrays, reading the
+      backbone's pooled features ``[N, C]``
+      (:func:`pleas_jax.heads.apply_head`).
+
+    Raises:
+      CheckpointError: as for :func:`load`.
+    """
+    return _restore(path)[2]
+
+
+def _restore(path: str | os.PathLike) -> tuple[models.ResNet, dict, dict | None]:
     path = Path(path)
     info = load_metadata(path)
     try:
@@ -238,6 +326,14 @@ def load(path: str | os.PathLike) -> tuple[models.ResNet, dict]:
             f"{path}: unreadable {ARRAYS_DIR}/ ({type(e).__name__}: {e})"
         ) from None
     # Check against the config before reading any array data.
-    _check_arrays(str(path), module, flatten(to_dict(stored)))
-    arrays = checkpointer.restore((path / ARRAYS_DIR).absolute())
-    return module, jax.tree.map(jnp.asarray, to_dict(arrays))
+    body, head_leaves = _split_heads(flatten(to_dict(stored)))
+    _check_arrays(str(path), module, body)
+    if (HEADS in info) != bool(head_leaves):
+        raise CheckpointError(
+            f"{path}: {METADATA_FILE} and {ARRAYS_DIR}/ disagree on whether there are heads"
+        )
+    if head_leaves:
+        _check_heads(str(path), module, head_leaves)
+    arrays = jax.tree.map(jnp.asarray, to_dict(checkpointer.restore((path / ARRAYS_DIR).absolute())))
+    heads = arrays.pop(HEADS, None)
+    return module, arrays, heads

@@ -160,3 +160,55 @@ def test_metadata_that_does_not_match_the_arrays(tmp_path, resnet20):
     meta_file.write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         checkpoint.load(tmp_path / "ckpt")
+
+
+def test_grayscale_model_round_trip(tmp_path):
+    # The image channels are not in the config; the stem kernel says them.
+    module = models.resnet20(num_classes=3, width=4)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
+    checkpoint.save(tmp_path / "gray", module, variables)
+    loaded_module, loaded = checkpoint.load(tmp_path / "gray")
+    assert loaded["params"]["conv1"]["kernel"].shape == (3, 3, 1, 4)
+    _assert_same(loaded, variables)
+    assert checkpoint.load_heads(tmp_path / "gray") is None
+
+
+def _heads(features, classes=(3, 4), seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        name: {
+            "kernel": rng.standard_normal((features, k)).astype(np.float32),
+            "bias": rng.standard_normal(k).astype(np.float32),
+        }
+        for name, k in zip("ab", classes, strict=True)
+    }
+
+
+def test_backbone_with_separate_heads_round_trip(tmp_path):
+    backbone = models.resnet20(num_classes=None, width=4)
+    variables = _variables(backbone)
+    heads = _heads(backbone.stream_widths[-1])
+    checkpoint.save(tmp_path / "merged", backbone, variables, heads=heads, budget=1.5)
+    module, loaded = checkpoint.load(tmp_path / "merged")
+    assert module == backbone and "heads" not in loaded
+    _assert_same(loaded, variables)
+    _assert_same(checkpoint.load_heads(tmp_path / "merged"), heads)
+    meta = checkpoint.load_metadata(tmp_path / "merged")
+    assert meta["heads"] == {"a": 3, "b": 4} and meta["budget"] == 1.5
+
+
+def test_bad_heads_are_refused(tmp_path, resnet20):
+    module, variables = resnet20
+    with pytest.raises(CheckpointError, match="need a backbone"):
+        checkpoint.save(tmp_path / "a", module, variables, heads=_heads(64))
+    backbone = models.resnet20(num_classes=None, width=4)
+    bb_vars = _variables(backbone)
+    with pytest.raises(CheckpointError, match=r"head 'a' has kernel \(7, 3\).*expected \(16, K\)"):
+        checkpoint.save(tmp_path / "b", backbone, bb_vars, heads=_heads(7))
+    missing = _heads(16)
+    del missing["b"]["bias"]
+    with pytest.raises(CheckpointError, match="head 'b' must hold exactly 'kernel' and 'bias'"):
+        checkpoint.save(tmp_path / "c", backbone, bb_vars, heads=missing)
+    assert list(tmp_path.iterdir()) == []
