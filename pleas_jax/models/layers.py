@@ -56,20 +56,20 @@ def block_apply(op, x, kernel, splits: Splits):
     outs = []
     if mo:
         outs.append(op(x, kernel[..., :mo]))
-    for lo, n, width in ((mo, ao, ai), (mo + ao, bo, bi)):
-        if not n:
-            continue
-        cols = kernel[..., lo : lo + n]
-        # Separate outputs read the merged inputs and their own model's inputs.
-        start = mi if lo == mo else mi + ai
-        y = op(x[..., :mi], cols[..., :mi, :]) if mi else None
-        if width:
-            z = op(x[..., start : start + width], cols[..., start : start + width, :])
-            y = z if y is None else y + z
-        if y is None:
+    if ao:
+        # [merged | A-only] inputs are contiguous: one op.
+        outs.append(op(x[..., : mi + ai], kernel[..., : mi + ai, mo : mo + ao]))
+    if bo:
+        cols = kernel[..., mo + ao :]
+        parts = []
+        if mi:
+            parts.append(op(x[..., :mi], cols[..., :mi, :]))
+        if bi:
+            parts.append(op(x[..., mi + ai :], cols[..., mi + ai :, :]))
+        if not parts:
             # No input may feed these outputs: they are zero (shaped by op).
-            y = op(x[..., :1], jnp.zeros_like(cols[..., :1, :]))
-        outs.append(y)
+            parts.append(op(x[..., :1], jnp.zeros_like(cols[..., :1, :])))
+        outs.append(parts[0] if len(parts) == 1 else parts[0] + parts[1])
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
 
 
