@@ -428,6 +428,30 @@ def _select(layers: Mapping[str, Layer], names: Iterable[str] | None) -> dict[st
     return {n: layers[n] for n in names}
 
 
+# Compiled per-batch functions, reused across calls on the same models, layers
+# and blocks (a new closure would otherwise recompile every call).
+_COMPILED: dict[tuple, Any] = {}
+_COMPILED_MAX = 16
+
+
+def _blocks_key(blocks: Mapping[str, GroupBlocks], layers: Mapping[str, Layer]) -> tuple:
+    groups = sorted({g for lay in layers.values() for g in (lay.in_group, lay.out_group) if g})
+    return tuple(
+        (g, *(np.asarray(a, np.int64).tobytes() for a in
+              (blocks[g].merged_a, blocks[g].merged_b, blocks[g].only_a, blocks[g].only_b)))
+        for g in groups
+    )
+
+
+def _cached(key: tuple, build):
+    fn = _COMPILED.get(key)
+    if fn is None:
+        if len(_COMPILED) >= _COMPILED_MAX:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        fn = _COMPILED[key] = build()
+    return fn
+
+
 # ----------------------------------------------------------------- statistics
 def _statistics_fn(module_a, module_b, layers, blocks, precision):
     def fn(replicated, x, mask):
@@ -519,7 +543,10 @@ def layer_statistics(
         init_m = {n: weights_to_matrix(lay, init[n]["kernel"], init[n].get("bias"))
                   * jnp.asarray(matrix_mask(lay), jnp.float32) for n, lay in chosen.items()}
     mesh = mesh or distributed.data_mesh()
-    step = distributed.batch_sum(_statistics_fn(module_a, module_b, chosen, blocks, precision), mesh)
+    key = ("statistics", module_a, module_b, tuple(chosen.values()), _blocks_key(blocks, chosen),
+           precision, mesh, init_m is None)
+    step = _cached(key, lambda: distributed.batch_sum(
+        _statistics_fn(module_a, module_b, chosen, blocks, precision), mesh))
     replicated = (variables_a, variables_b, init_m)
     acc = None
     for batch in tqdm(batches, desc="least-squares statistics", disable=not progress, leave=False):
@@ -728,7 +755,8 @@ def feature_residuals(
     first, batches = _peek(batches, "least squares")
     layers = _select(find_layers(module_a, variables_a, spec, blocks, _images(first)[:1]), weights)
     mesh = mesh or distributed.data_mesh()
-    step = distributed.batch_sum(_sse_fn(module_a, module_b, layers, blocks, False), mesh)
+    key = ("residuals", module_a, module_b, tuple(layers.values()), _blocks_key(blocks, layers), mesh)
+    step = _cached(key, lambda: distributed.batch_sum(_sse_fn(module_a, module_b, layers, blocks, False), mesh))
     params = {n: dict(weights[n]) for n in layers}
     params = {n: {k: v for k, v in p.items() if k in ("kernel", "bias")} for n, p in params.items()}
     acc = None
@@ -737,6 +765,23 @@ def feature_residuals(
         s = step((variables_a, variables_b, params), x, mask)
         acc = s if acc is None else _add(acc, s)
     return {n: float(acc["sse"][n]) / float(acc["count"][n]) for n in layers}
+
+
+def _gradient_step(module_a, module_b, layers, blocks, mesh, opt):
+    """One compiled masked optimizer step on one sharded batch."""
+    sums = distributed.batch_sum(_sse_fn(module_a, module_b, layers, blocks, True), mesh)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def update(params, opt_state, masks, va, vb, x, mask):
+        s = sums((va, vb, params), x, mask)
+        grads = {n: jax.tree.map(lambda g, n=n: g / s["count"][n], s["grad"][n]) for n in params}
+        grads = jax.tree.map(jnp.multiply, grads, masks)
+        upd, opt_state = opt.update(grads, opt_state, params)
+        params = jax.tree.map(jnp.multiply, optax.apply_updates(params, upd), masks)
+        loss = sum(s["sse"][n] / s["count"][n] for n in params) / len(params)
+        return params, opt_state, loss
+
+    return update
 
 
 def gradient_descent(
@@ -803,24 +848,15 @@ def gradient_descent(
     params = jax.tree.map(jnp.multiply, params, masks)
     opt = optimizer or optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
     mesh = mesh or distributed.data_mesh()
-    sums = distributed.batch_sum(_sse_fn(module_a, module_b, chosen, blocks, True), mesh)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def update(params, opt_state, va, vb, x, mask):
-        s = sums((va, vb, params), x, mask)
-        grads = {n: jax.tree.map(lambda g, n=n: g / s["count"][n], s["grad"][n]) for n in params}
-        grads = jax.tree.map(jnp.multiply, grads, masks)
-        upd, opt_state = opt.update(grads, opt_state, params)
-        params = jax.tree.map(jnp.multiply, optax.apply_updates(params, upd), masks)
-        loss = sum(s["sse"][n] / s["count"][n] for n in params) / len(params)
-        return params, opt_state, loss
-
+    key = ("gradient", module_a, module_b, tuple(chosen.values()), _blocks_key(blocks, chosen), mesh,
+           (steps, learning_rate) if optimizer is None else optimizer)
+    update = _cached(key, lambda: _gradient_step(module_a, module_b, chosen, blocks, mesh, opt))
     opt_state = opt.init(params)
     shards = [distributed.shard_batch(_images(b), mesh) for b in batches]
     losses = []
     for i in tqdm(range(steps), desc="least squares (gradient)", disable=not progress, leave=False):
         x, mask = shards[i % len(shards)]
-        params, opt_state, loss = update(params, opt_state, variables_a, variables_b, x, mask)
+        params, opt_state, loss = update(params, opt_state, masks, variables_a, variables_b, x, mask)
         losses.append(loss)
     return params, np.asarray(jnp.stack(losses))
 
