@@ -12,7 +12,9 @@ A data spec is a string:
 
 Any spec may end in a label subset, ``mnist5k[0-4]`` or ``digits[1,3,5]``: only
 those classes are kept and relabelled ``0..k-1`` in ascending order. Images are
-float32 NHWC, normalised with the training split's per-channel mean and std.
+float32 NHWC, normalised with the training split's per-channel mean and std
+(or with given statistics: a trained model must see its own training inputs'
+normalisation, e.g. when evaluated on another label subset).
 """
 
 from __future__ import annotations
@@ -202,12 +204,23 @@ def _tfds(rest: str, size: int, data_dir: str | None):
     return x, y, xt, yt
 
 
-def load(spec: str, *, image_size: int = DEFAULT_SIZE, data_dir: str | None = None) -> Dataset:
+def load(
+    spec: str,
+    *,
+    image_size: int = DEFAULT_SIZE,
+    data_dir: str | None = None,
+    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> Dataset:
     """Read a data spec (see the module docstring) into a :class:`Dataset`.
 
+    Args:
+      normalization: per-channel ``(mean [C], std [C])`` of images in ``[0, 1]``
+        to normalise with, instead of this training split's own statistics.
+
     Raises:
-      DataError: unknown spec, missing file or folder, unreadable data, or a
-        label subset naming classes the data lacks.
+      DataError: unknown spec, missing file or folder, unreadable data, a
+        label subset naming classes the data lacks, or a ``normalization``
+        whose channels differ from the images'.
     """
     base, subset = parse_subset(spec)
     if base == "digits":
@@ -235,8 +248,16 @@ def load(spec: str, *, image_size: int = DEFAULT_SIZE, data_dir: str | None = No
     x, xt = resize(x[keep], image_size), resize(xt[keep_t], image_size)
     y = np.asarray([relabel[int(c)] for c in y[keep]], np.int32)
     yt = np.asarray([relabel[int(c)] for c in yt[keep_t]], np.int32)
-    mean = x.mean(axis=(0, 1, 2))
-    std = x.std(axis=(0, 1, 2)) + 1e-6
+    if normalization is None:
+        mean = x.mean(axis=(0, 1, 2))
+        std = x.std(axis=(0, 1, 2)) + 1e-6
+    else:
+        mean, std = (np.asarray(a, np.float32).reshape(-1) for a in normalization)
+        if mean.shape != (x.shape[-1],) or std.shape != (x.shape[-1],):
+            raise DataError(
+                f"{spec!r} has {x.shape[-1]}-channel images but the normalization has "
+                f"{mean.shape[0]} mean(s) and {std.shape[0]} std(s)"
+            )
     norm = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
     return Dataset(norm(x), y, norm(xt), yt, classes, spec, mean, std)
 

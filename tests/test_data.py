@@ -78,3 +78,15 @@ def test_batches_cover_everything_once():
     assert [len(b) for b in data.batches(x, None, 4, drop_last=True)] == [4, 4]
     aug = next(data.batches(np.ones((3, 8, 8, 3), np.float32), None, 3, augment=True))
     assert aug.shape == (3, 8, 8, 3)
+
+
+def test_given_normalization():
+    own = data.load("digits[0-4]", image_size=8)
+    full = data.load("digits", image_size=8)
+    same = data.load("digits[0-4]", image_size=8, normalization=(full.mean, full.std))
+    np.testing.assert_array_equal(same.mean, full.mean)
+    # The same raw pixels, normalised with the full data's statistics.
+    raw = own.x_train * own.std + own.mean
+    np.testing.assert_allclose(same.x_train, (raw - full.mean) / full.std, atol=1e-5)
+    with pytest.raises(data.DataError, match="1-channel images but the normalization has 3"):
+        data.load("digits", image_size=8, normalization=([0.5] * 3, [0.2] * 3))
