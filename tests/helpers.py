@@ -10,8 +10,27 @@ from pleas_jax.tree import flatten, unflatten
 
 
 def init(module, size=32, seed=0, channels=3):
-    """Initialise ``module`` on ``[1, size, size, channels]`` inputs."""
-    return module.init(jax.random.key(seed), jnp.zeros((1, size, size, channels)))
+    """Variables for ``module`` on ``[1, size, size, channels]`` inputs.
+
+    Shapes come from ``jax.eval_shape(module.init)``; values are drawn like
+    Flax's defaults (kernels ~ N(0, 1/fan_in), BN scale 1, biases and means 0,
+    variances 1) with numpy, because running ``init`` op by op or compiling it
+    costs seconds per model on a CPU.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(module.init, jax.random.key(seed), jnp.zeros((1, size, size, channels)))
+
+    def fill(path, s):
+        name = path[-1].key
+        if name == "kernel":
+            v = rng.normal(0.0, 1.0 / np.sqrt(np.prod(s.shape[:-1])), s.shape)
+        elif name in ("scale", "var"):
+            v = np.ones(s.shape)
+        else:
+            v = np.zeros(s.shape)
+        return jnp.asarray(v, s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def randomize_norms(variables, seed=0):
