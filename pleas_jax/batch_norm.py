@@ -16,6 +16,7 @@ result does not depend on the device count); others run replicated.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -31,7 +32,10 @@ from pleas_jax.models.layers import FEATURES
 from pleas_jax.tree import flatten, unflatten
 
 
+@functools.lru_cache(maxsize=16)
 def _moments_fn(module):
+    # Cached per module (modules compare by value): merges that yield the same
+    # merged architecture, e.g. several methods at one budget, compile once.
     @jax.jit
     def moments(variables, x):
         _, state = module.apply(variables, x, train=True, mutable=[FEATURES, "batch_stats"])
