@@ -18,6 +18,7 @@ from pleas_jax import models, partial
 # The package re-exports the function least_squares under the module's name.
 from pleas_jax.least_squares import (
     Layer,
+    batch_sums,
     feature_residuals,
     find_layers,
     gradient_descent,
@@ -109,6 +110,19 @@ def test_rank_deficient_gram_falls_back_to_pseudo_inverse():
     np.testing.assert_allclose(sol["kernel"], [[1.0, 1.0], [0.5, -1.0], [1.0, 1.0]], atol=1e-4)
 
 
+def test_dead_inputs_keep_the_centre():
+    # All-zero inputs (dead units) give a zero Gram: the solve returns the
+    # ridge's centre instead of failing.
+    layer = _layer("dense", (3, 1, 1), (2, 1, 1), False)
+    x = np.zeros((20, 5), np.float32)
+    w0 = jnp.asarray(np.random.default_rng(2).normal(size=matrix_mask(layer).shape) * matrix_mask(layer), jnp.float32)
+    s = _stats_from_arrays(layer, x, np.zeros((20, 4), np.float32), w0)
+    for centre, want in (("init", w0), ("zero", jnp.zeros_like(w0))):
+        sol = solve({"planted": s}, ridge_centre=centre)["planted"]
+        assert not sol["fallback"]
+        np.testing.assert_allclose(weights_to_matrix(layer, sol["kernel"]), want, atol=1e-6)
+
+
 # ------------------------------------------------------------------ conv path
 @pytest.mark.parametrize(
     "k,stride,pad,dil",
@@ -132,6 +146,34 @@ def test_patches_times_matrix_is_the_conv(k, stride, pad, dil):
     np.testing.assert_allclose(layer_apply(layer, x, {"kernel": kernel}), ref, atol=tol)
     back = matrix_to_weights(layer, weights_to_matrix(layer, kernel))["kernel"]
     np.testing.assert_array_equal(back, kernel)
+
+
+@pytest.mark.parametrize(
+    "k,pad,hw,bias",
+    [((3, 3), ((1, 1), (1, 1)), (9, 7), False), ((3, 3), ((0, 0), (0, 0)), (6, 6), True),
+     ((5, 3), ((2, 2), (1, 1)), (8, 7), False), ((3, 3), ((1, 1), (1, 1)), (2, 2), False),
+     ((3, 3), ((0, 2), (1, 0)), (5, 4), True), ((1, 3), ((0, 0), (1, 1)), (4, 6), False)],
+)
+def test_shift_gram_equals_patch_gram(k, pad, hw, bias):
+    layer = Layer("c", "conv", k, (1, 1), pad, (1, 1), bias, None, None, (4, 0, 0), (3, 0, 0))
+    rng = np.random.default_rng(sum(hw))
+    x = jnp.asarray(rng.normal(size=(5, *hw, 4)) + 0.5, jnp.float32)  # non-zero mean, like ReLU
+    kernel = jnp.asarray(rng.normal(size=layer.kernel_shape), jnp.float32)
+    w0 = {"kernel": kernel, "bias": jnp.ones((3,))} if bias else {"kernel": kernel}
+    y = layer_apply(layer, x, w0) + jnp.asarray(rng.normal(size=(3,)), jnp.float32)
+    mask = jnp.asarray([1.0, 1.0, 0.0, 1.0, 0.0])
+    w0 = {"kernel": 0.5 * kernel, **({"bias": jnp.zeros((3,))} if bias else {})}
+    sums = jax.jit(batch_sums, static_argnums=0, static_argnames="gram")
+    a = sums(layer, x, y, mask, w0, gram="shifts")
+    b = sums(layer, x, y, mask, w0, gram="patches")
+    assert set(a) == set(b)
+    for name in a:
+        scale = float(jnp.max(jnp.abs(b[name])))
+        np.testing.assert_allclose(a[name], b[name], atol=2e-6 * scale, err_msg=name)
+    # Padding examples count for nothing.
+    c = sums(layer, x[jnp.array([0, 1, 3])], y[jnp.array([0, 1, 3])], jnp.ones(3), w0, gram="shifts")
+    for name in a:
+        np.testing.assert_allclose(a[name], c[name], atol=2e-6 * float(jnp.max(jnp.abs(c[name]))))
 
 
 class _OneConv(nn.Module):
