@@ -13,9 +13,8 @@ that ``pleas-jax --help`` is instant and torch stays optional.
 from __future__ import annotations
 
 import argparse
-import shutil
+import shlex
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,8 +30,10 @@ class CommandError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [CommandError, OSError]
     from pleas_jax.checkpoint import CheckpointError
+    from pleas_jax.data import DataError
+    from pleas_jax.workflow import RunError
 
-    errors.append(CheckpointError)
+    errors += [CheckpointError, DataError, RunError]
     if "converters" in sys.modules:  # only once a command has needed torch
         errors.append(sys.modules["converters"].ConversionError)
     return tuple(errors)
@@ -140,61 +141,214 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------- train
+def _register_train(sub: argparse._SubParsersAction) -> None:
+    from pleas_jax.models import ARCHITECTURES
+
+    p = sub.add_parser(
+        "train",
+        help="train a source model on a data spec and save it as a checkpoint",
+        description=(
+            "Train a ResNet from a seeded initialisation (SGD with Nesterov momentum, cosine "
+            "schedule, weight decay) on the training split of a data spec, print the test "
+            "accuracy as JSON and save a checkpoint whose metadata records the data, image size, "
+            "normalisation, recipe, test accuracy and this command. Data specs: digits, "
+            "mnist5k, npz:PATH, folder:PATH, tfds:NAME[/CONFIG][:SPLIT], each optionally with a "
+            "label subset such as mnist5k[0-4]."
+        ),
+    )
+    p.add_argument("--arch", default="resnet20", choices=ARCHITECTURES, help="(default resnet20)")
+    p.add_argument("--width", type=int, default=None,
+                   help="base width (default: 16 for resnet20, 64 for the ImageNet ResNets)")
+    p.add_argument("--data", required=True, help="data spec, e.g. 'mnist5k[0-4]'")
+    p.add_argument("--image-size", type=int, default=32, help="images are resized to this (default 32)")
+    p.add_argument("--epochs", type=int, default=8, help="(default 8)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=128, help="(default 128)")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default 0.05)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="(default 5e-4)")
+    p.add_argument("--augment", action="store_true", help="random crops (and flips for RGB)")
+    p.add_argument("--out", required=True, help="checkpoint directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a checkpoint")
+    p.set_defaults(func=_train)
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pleas_jax import workflow
+
+    _positive(args, "width", "image_size", "epochs", "batch_size")
+    info = workflow.train_checkpoint(
+        args.out, data=args.data, arch=args.arch, width=args.width, epochs=args.epochs,
+        seed=args.seed, batch_size=args.batch_size, learning_rate=args.lr,
+        weight_decay=args.weight_decay, augment=args.augment, image_size=args.image_size,
+        overwrite=args.overwrite, progress=True, command=args.command_line,
+    )
+    _print_json({
+        "checkpoint": args.out, "data": args.data, "test_accuracy": round(info["test_accuracy"], 6),
+        "test_examples": info["test_examples"],
+    })
+    return 0
+
+
+def _print_json(value) -> None:
+    import json
+
+    print(json.dumps(value))
+
+
+# ------------------------------------------------------------------- merge
+def _register_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge two checkpoints (PLeaS) into one of a given compute budget",
+        description=(
+            "Merge checkpoints A and B of the same architecture: permutation matching, partial "
+            "merging under the budget, least squares and BatchNorm statistics, all on the first "
+            "--images images of a seeded shuffle of the data's training split (read at A's image "
+            "size and normalisation). Writes the merged checkpoint (a backbone with heads 'a' and "
+            "'b' for different label spaces) whole or not at all, and the merge report."
+        ),
+    )
+    p.add_argument("--a", required=True, metavar="DIR", help="checkpoint of model A")
+    p.add_argument("--b", required=True, metavar="DIR", help="checkpoint of model B")
+    p.add_argument("--data", required=True, help="data spec whose training images the merge sees")
+    p.add_argument("--budget", type=float, required=True,
+                   help="compute relative to one model, in [1, 2] (1: fully merged, 2: ensemble)")
+    p.add_argument("--matching", default="activation", choices=("activation", "weight", "identity"),
+                   help="activation statistics, Git Re-Basin weight matching, or none (default activation)")
+    p.add_argument("--ratios", default="uniform", choices=("uniform", "zip", "optimized"),
+                   help="how the budget is spread over groups (default uniform)")
+    p.add_argument("--least-squares", default="closed_form", choices=("closed_form", "gd", "none"),
+                   help="refit layers in closed form, by gradient descent, or not (default closed_form)")
+    p.add_argument("--heads", default="auto", choices=("auto", "shared", "separate"),
+                   help="auto: separate heads when A and B were trained on different classes")
+    p.add_argument("--images", type=int, default=1000, help="training images used (default 1000)")
+    p.add_argument("--batch-size", type=int, default=250, help="(default 250)")
+    p.add_argument("--gd-steps", type=int, default=400, help="steps of --least-squares gd (default 400)")
+    p.add_argument("--out", required=True, help="merged checkpoint directory to create")
+    p.add_argument("--report", default=None, help="also write the merge report to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a checkpoint")
+    p.set_defaults(func=_merge)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from pleas_jax import workflow
+
+    _positive(args, "images", "batch_size", "gd_steps")
+    report = workflow.merge_checkpoints(
+        args.a, args.b, args.out, data=args.data, budget=args.budget, matching=args.matching,
+        ratios=args.ratios,
+        least_squares=None if args.least_squares == "none" else args.least_squares,
+        heads=args.heads, images=args.images, batch_size=args.batch_size,
+        gd_steps=args.gd_steps, report=args.report, overwrite=args.overwrite, progress=True,
+        command=args.command_line,
+    )
+    _print_json({
+        "checkpoint": args.out, "heads": report["heads"], "budget": report["budget"],
+        "achieved_budget": round(report["achieved_budget"], 4), "macs": report["macs"],
+        "macs_source": report["macs_source"], "params": report["params"],
+        "seconds": round(sum(report["seconds"].values()), 2),
+        **({"report": args.report} if args.report else {}),
+    })
+    return 0
+
+
+# -------------------------------------------------------------------- eval
+def _register_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="print a checkpoint's test accuracy on a data spec as JSON",
+        description=(
+            "Evaluate a checkpoint on the test split of a data spec, read at the checkpoint's "
+            "image size with its training normalisation; prints JSON with the accuracy. A merge "
+            "with separate label spaces needs --head a or --head b (and that head's task)."
+        ),
+    )
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory")
+    p.add_argument("--data", required=True, help="data spec, e.g. 'mnist5k[5-9]'")
+    p.add_argument("--head", choices=("a", "b"), default=None,
+                   help="which source model's head reads a merged backbone")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="override the checkpoint's image size")
+    p.add_argument("--batch-size", type=int, default=250, help="(default 250)")
+    p.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pleas_jax import workflow
+
+    _positive(args, "image_size", "batch_size")
+    model = workflow.load_model(args.checkpoint)
+    dataset = workflow.dataset_for(model, args.data, image_size=args.image_size)
+    acc = workflow.evaluate(model, dataset, head=args.head, batch_size=args.batch_size)
+    _print_json({
+        "checkpoint": args.checkpoint, "data": args.data, "head": args.head,
+        "accuracy": round(acc, 6), "examples": len(dataset.y_test),
+    })
+    return 0
+
+
 # -------------------------------------------------------------------- demo
 def _register_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="convert a random torchvision resnet18, save it and verify it",
+        help="PLeaS against its baselines on two pairs of MNIST ResNet-20s (what `make demo` runs)",
         description=(
-            "Build a randomly initialised torchvision resnet18 with non-trivial BatchNorm "
-            "statistics, save it as a .pth, convert it to a pleas-jax checkpoint in a "
-            "temporary directory, reload it and print the torch vs Flax logit differences."
+            "Merge two pairs of ResNet-20 (width 16) on the bundled MNIST images: one task with "
+            "two seeds, and digits 0-4 against 5-9 (separate heads). Methods: weight averaging, "
+            "Git Re-Basin, activation matching (all with BatchNorm recompute), ZipIt!-style "
+            "partial merging, PLeaS and PLeaS-GD, at budgets 1, 1.25, 1.5 and 2, against the "
+            "source models and their ensemble. Source checkpoints come from the repository's "
+            "demo/checkpoints, else the cache, else are trained. Prints a table; writes "
+            "results.json and accuracy_vs_budget.png to --out."
         ),
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of weights and batch (default 0)")
-    p.add_argument(
-        "--tolerance", type=float, default=1e-4, help="relative tolerance (default 1e-4)"
-    )
+    p.add_argument("--retrain", action="store_true",
+                   help="train the four source models from scratch (into --cache)")
+    p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    p.add_argument("--cache", default=None,
+                   help="cache directory (default $PLEAS_JAX_CACHE or ~/.cache/pleas-jax)")
+    p.add_argument("--checkpoints", default=None,
+                   help="directory of shipped source checkpoints (default the repository's "
+                   "demo/checkpoints)")
     p.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    converters = _import_converters()
-    import torch
-    import torchvision
+    import time
 
-    from pleas_jax import checkpoint
+    from pleas_jax import demo
 
-    torch.manual_seed(args.seed)
-    net = converters.randomize_batch_norm(
-        torchvision.models.resnet18(weights=None), args.seed
-    ).eval()
-    tmp = Path(tempfile.mkdtemp(prefix="pleas-jax-demo-"))
-    try:
-        src = tmp / "resnet18.pth"
-        torch.save(net.state_dict(), src)
-        print(f"demo: random torchvision resnet18 saved to {src}")
-        conv = converters.convert_file(src, "auto")
-        checkpoint.save(
-            tmp / "resnet18", conv.module, conv.variables, source_sha256=conv.source_sha256
-        )
-        module, variables = checkpoint.load(tmp / "resnet18")
-        print(f"demo: converted to {tmp / 'resnet18'} and reloaded ({module.num_classes} classes)")
-        report = converters.verify(module, variables, conv.state_dict, seed=args.seed)
-        _print_verification(report)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not report.max_rel <= args.tolerance:  # NaN fails too
-        print(
-            f"{PROG}: error: demo parity {report.max_rel:.3e} > {args.tolerance:g}", file=sys.stderr
-        )
-        return EXIT_MISMATCH
-    print(f"demo: OK (relative difference {report.max_rel:.3e} <= {args.tolerance:g})")
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"{out}: exists and is not a directory")
+    results = demo.run(
+        demo.DemoConfig(), out=out,
+        shipped=args.checkpoints or demo.REPO_CHECKPOINTS,
+        cache=args.cache, retrain=args.retrain, progress=True,
+        log=lambda s: print(f"demo: {s}", flush=True),
+    )
+    print()
+    print(demo.format_table(results), end="")
+    print()
+    print(f"demo: wrote {results['files']['results']} and {results['files']['plot']} "
+          f"({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
 # ------------------------------------------------------------------ parser
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _register_train,
+    _register_merge,
+    _register_eval,
     _register_convert,
     _register_demo,
 ]
@@ -217,7 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``pleas-jax`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    # Recorded in the checkpoints a command writes, so they say how they were made.
+    args.command_line = shlex.join([PROG, *argv])
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -1,4 +1,7 @@
-"""The ``pleas-jax`` command: convert, demo, help, and one-line errors that leave nothing behind."""
+"""The ``pleas-jax`` command: convert, help, and one-line errors that leave nothing behind.
+
+(train, merge, eval: tests/test_cli_train_merge.py; demo: tests/test_demo.py.)
+"""
 
 import hashlib
 import re
@@ -203,7 +206,7 @@ def test_bad_input_one_line_error_and_no_output(files, outs, tmp_path, capsys, k
     assert list(outs.iterdir()) == []
 
 
-# --------------------------------------------------------------- help, demo
+# ---------------------------------------------------------------------- help
 @pytest.mark.parametrize("argv", [["--help"], ["convert", "--help"], ["demo", "--help"]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -220,13 +223,6 @@ def test_usage_error_exits_2(capsys):
         main(["convert"])
     assert e.value.code == 2
     assert "the following arguments are required: IN, OUT" in capsys.readouterr().err
-
-
-def test_demo(capsys):
-    rc, out, err = run(["demo"], capsys)
-    assert rc == 0, err
-    assert "torchvision.models.resnet18 vs Flax" in out
-    assert rel_diff(out) <= TOLERANCE and "demo: OK" in out
 
 
 # -------------------------------------------------------- the console script

@@ -1,0 +1,437 @@
+"""Checkpoint-level workflows: what the ``pleas-jax`` commands and the demo do.
+
+- :func:`train_checkpoint`: train a source model on a data spec and save it
+  with its recipe (data, image size, normalisation, seed, test accuracy).
+- :func:`load_model`: a checkpoint as a :class:`Model` (module, variables,
+  separate heads if any, metadata).
+- :func:`dataset_for`: a data spec read the way a model was trained (same
+  image size and input normalisation).
+- :func:`merge_batches`: the training images a merge sees.
+- :func:`predict`, :func:`evaluate`: logits and test accuracy of a model or of
+  one of its heads.
+- :func:`merge_checkpoints`: merge two checkpoints into a new one (written
+  whole or not at all) and report what the merge did.
+
+Errors a user can fix raise :class:`RunError` (or
+:class:`pleas_jax.data.DataError`, :class:`pleas_jax.checkpoint.CheckpointError`)
+with a message that names the offending path or spec.
+
+Example::
+
+    train_checkpoint("ckpt/a", data="mnist5k[0-4]", width=16, epochs=8, seed=0)
+    train_checkpoint("ckpt/b", data="mnist5k[5-9]", width=16, epochs=8, seed=1)
+    merge_checkpoints("ckpt/a", "ckpt/b", "ckpt/ab", data="mnist5k", budget=1.5)
+    model = load_model("ckpt/ab")
+    evaluate(model, dataset_for(model, "mnist5k[0-4]"), head="a")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from pleas_jax import checkpoint, models
+from pleas_jax import data as data_lib
+from pleas_jax import heads as heads_lib
+from pleas_jax import train as train_lib
+from pleas_jax.merge import merge
+
+HEADS_CHOICES = ("auto", "shared", "separate")
+
+
+class RunError(ValueError):
+    """A workflow that cannot run as asked; the message says which input is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A model read from a checkpoint (or held in memory).
+
+    Attributes:
+      module, variables: the Flax module and its ``{"params", "batch_stats"}``.
+      heads: ``{"a": head, "b": head}`` for a merged backbone with separate
+        label spaces (``module`` then returns pooled features), else ``None``.
+      metadata: the checkpoint's metadata (``data``, ``classes``,
+        ``image_size``, ``normalization``, ...); may be empty.
+      name: where it came from, for messages.
+    """
+
+    module: Any
+    variables: Mapping[str, Any]
+    heads: Mapping[str, Any] | None = None
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    name: str = "model"
+
+    @property
+    def image_size(self) -> int:
+        """Image side the model was trained on (32 when the checkpoint does not say)."""
+        return int(self.metadata.get("image_size", data_lib.DEFAULT_SIZE))
+
+    @property
+    def normalization(self) -> tuple[list[float], list[float]] | None:
+        """``(mean, std)`` per channel of its training inputs, if recorded."""
+        norm = self.metadata.get("normalization")
+        return None if norm is None else (norm["mean"], norm["std"])
+
+    @property
+    def channels(self) -> int:
+        """Image channels the stem conv reads."""
+        return int(self.variables["params"]["conv1"]["kernel"].shape[-2])
+
+
+# ------------------------------------------------------------------ helpers
+def _check_out(out: Path, overwrite: bool) -> None:
+    # Checked before any slow work, so a typo costs nothing.
+    if out.exists() and not overwrite:
+        raise RunError(f"{out}: already exists (pass --overwrite to replace it)")
+    if not out.parent.is_dir():
+        raise RunError(f"{out}: parent directory {out.parent} does not exist")
+
+
+def jsonable(x):
+    """``x`` with numpy/jax scalars and arrays as plain Python (for JSON)."""
+    if isinstance(x, Mapping):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray | jax.Array):
+        return np.asarray(x).tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def write_json(path: str | os.PathLike, value: Any) -> Path:
+    """Write ``value`` as indented JSON to ``path`` atomically (temp file, then rename)."""
+    path = Path(path)
+    text = json.dumps(jsonable(value), indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _classes(model: Model) -> tuple[int, ...] | None:
+    classes = model.metadata.get("classes")
+    return None if classes is None else tuple(classes)
+
+
+# ------------------------------------------------------------------ training
+def train_checkpoint(
+    out: str | os.PathLike,
+    *,
+    data: str,
+    arch: str = "resnet20",
+    width: int | None = None,
+    epochs: int = 8,
+    seed: int = 0,
+    batch_size: int = 128,
+    learning_rate: float = 0.05,
+    weight_decay: float = 5e-4,
+    augment: bool = False,
+    image_size: int = data_lib.DEFAULT_SIZE,
+    overwrite: bool = False,
+    progress: bool = False,
+    **metadata: Any,
+) -> dict[str, Any]:
+    """Train ``arch`` on ``data``'s training split and save it to ``out``.
+
+    The checkpoint's metadata records the data spec, its classes, the image
+    size and input normalisation, the training recipe and the test accuracy,
+    plus any extra ``metadata`` (e.g. the command that ran it).
+
+    Returns:
+      the metadata written (``test_accuracy`` included).
+
+    Raises:
+      RunError: ``out`` exists (without ``overwrite``) or its parent does not.
+      DataError: a bad data spec.
+      ValueError: an unknown architecture.
+    """
+    out = Path(out)
+    _check_out(out, overwrite)
+    dataset = data_lib.load(data, image_size=image_size)
+    module = models.resnet(arch, num_classes=dataset.num_classes, width=width)
+    recipe = {
+        "arch": arch,
+        "width": module.stem_width,
+        "epochs": epochs,
+        "seed": seed,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "weight_decay": weight_decay,
+        "augment": augment,
+    }
+    variables = train_lib.train(
+        module, dataset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+        weight_decay=weight_decay, augment=augment, seed=seed, progress=progress,
+    )
+    model = Model(module, variables, name=str(out))
+    info = {
+        "data": data,
+        "classes": list(dataset.classes),
+        "image_size": image_size,
+        "normalization": {"mean": dataset.mean.tolist(), "std": dataset.std.tolist()},
+        "training": recipe,
+        "test_accuracy": evaluate(model, dataset),
+        "test_examples": len(dataset.y_test),
+        **metadata,
+    }
+    checkpoint.save(out, module, variables, overwrite=overwrite, **info)
+    return info
+
+
+# --------------------------------------------------------------- evaluation
+def load_model(path: str | os.PathLike) -> Model:
+    """The checkpoint at ``path`` as a :class:`Model`."""
+    module, variables = checkpoint.load(path)
+    heads = checkpoint.load_heads(path)
+    return Model(module, variables, heads, checkpoint.load_metadata(path), str(path))
+
+
+def dataset_for(model: Model, spec: str, *, image_size: int | None = None) -> data_lib.Dataset:
+    """``spec`` read at the model's image size with its training normalisation.
+
+    Raises:
+      DataError: a bad spec.
+      RunError: images whose channels the model cannot read.
+    """
+    dataset = data_lib.load(
+        spec, image_size=image_size or model.image_size, normalization=model.normalization
+    )
+    channels = dataset.x_train.shape[-1]
+    if channels != model.channels:
+        raise RunError(
+            f"{model.name} reads {model.channels}-channel images but {spec!r} has "
+            f"{channels}-channel images"
+        )
+    return dataset
+
+
+@functools.lru_cache(maxsize=64)
+def _apply_fn(module):
+    # One compiled function per module: models of equal widths (e.g. every
+    # method at one budget) share it.
+    return jax.jit(module.apply)
+
+
+def _dense(module):
+    # A merged layer's kernel is full-size with exact zeros in its forbidden
+    # blocks, so the dense module computes the same function; on a CPU at
+    # these widths one dense conv compiles and runs faster than the blocks.
+    return module.clone(splits=()) if getattr(module, "splits", ()) else module
+
+
+def predict(
+    model: Model, x: np.ndarray, *, head: str | None = None, batch_size: int = 250
+) -> np.ndarray:
+    """Logits ``[N, K]`` of images ``x [N, H, W, C]``.
+
+    Args:
+      head: for a merged backbone with separate heads, which head (``"a"`` or
+        ``"b"``) reads its features; must be ``None`` for a model with its own
+        classifier.
+
+    Raises:
+      RunError: a missing or unexpected ``head``.
+    """
+    if model.heads is None and head is not None:
+        raise RunError(f"{model.name} has a single classifier; --head applies only to a merge "
+                       "with separate heads")
+    if model.heads is not None and head not in model.heads:
+        raise RunError(f"{model.name} is a merged backbone with separate heads "
+                       f"{sorted(model.heads)}; choose one with --head")
+    fn = _apply_fn(_dense(model.module))
+    n = len(x)
+    outs = []
+    for start in range(0, n, batch_size):
+        xb = x[start : start + batch_size]
+        # A short last batch is padded, so every batch reuses one compilation.
+        pad = batch_size - len(xb) if n > batch_size else 0
+        if pad:
+            xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
+        out = np.asarray(fn(model.variables, xb))
+        outs.append(out[: len(out) - pad])
+    out = np.concatenate(outs)
+    if head is not None:
+        out = np.asarray(heads_lib.apply_head(model.heads[head], out))
+    return out
+
+
+def evaluate(
+    model: Model, dataset: data_lib.Dataset, *, head: str | None = None, batch_size: int = 250
+) -> float:
+    """Top-1 accuracy on ``dataset``'s test split (see :func:`predict` for ``head``).
+
+    Raises:
+      RunError: the model (or head) predicts a different number of classes
+        than the dataset has.
+    """
+    logits = predict(model, dataset.x_test, head=head, batch_size=batch_size)
+    if logits.shape[-1] != dataset.num_classes:
+        which = model.name if head is None else f"{model.name} head {head!r}"
+        raise RunError(
+            f"{which} predicts {logits.shape[-1]} classes but {dataset.name!r} has "
+            f"{dataset.num_classes}"
+        )
+    return train_lib.accuracy(logits, dataset.y_test)
+
+
+# ------------------------------------------------------------------- merging
+def merge_batches(
+    dataset: data_lib.Dataset, images: int | None, batch_size: int, *, seed: int = 0
+) -> list[np.ndarray]:
+    """The first ``images`` of a seeded shuffle of the training split, as batches
+    ``[batch_size, H, W, C]`` (the last may be smaller). Shuffled because bundled
+    sets are often sorted by class."""
+    if images is not None and images < 1:
+        raise RunError(f"--images must be positive, got {images}")
+    return list(
+        data_lib.batches(dataset.x_train, None, batch_size, shuffle=True, seed=seed, limit=images)
+    )
+
+
+def check_pair(a: Model, b: Model) -> None:
+    """Raise :class:`RunError` unless ``a`` and ``b`` can be merged: the same
+    architecture and widths, the same input channels and image size."""
+    ca, cb = dict(a.module.config()), dict(b.module.config())
+    for c in (ca, cb):
+        c.pop("num_classes")
+    for key in ca:
+        if ca[key] != cb.get(key):
+            raise RunError(
+                f"cannot merge {a.name} and {b.name}: different architectures or widths "
+                f"({key} is {ca[key]} in A but {cb.get(key)} in B)"
+            )
+    if a.channels != b.channels:
+        raise RunError(
+            f"cannot merge {a.name} and {b.name}: {a.channels}- and {b.channels}-channel inputs"
+        )
+    if a.image_size != b.image_size:
+        raise RunError(
+            f"cannot merge {a.name} and {b.name}: trained on {a.image_size}px and "
+            f"{b.image_size}px images"
+        )
+    for m in (a, b):
+        if m.heads is not None:
+            raise RunError(f"{m.name} is already a merge with separate heads; merge source models")
+
+
+def heads_mode(a: Model, b: Model, heads: str = "auto") -> str:
+    """``"shared"`` or ``"separate"``; ``"auto"`` picks separate heads when the
+    checkpoints were trained on different classes (or class counts)."""
+    if heads not in HEADS_CHOICES:
+        raise RunError(f"heads must be one of {HEADS_CHOICES}, got {heads!r}")
+    if heads != "auto":
+        return heads
+    same = a.module.num_classes == b.module.num_classes and _classes(a) == _classes(b)
+    return "shared" if same else "separate"
+
+
+def merge_checkpoints(
+    a: str | os.PathLike,
+    b: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    data: str,
+    budget: float,
+    matching: str = "activation",
+    ratios: str = "uniform",
+    least_squares: str | None = "closed_form",
+    heads: str = "auto",
+    images: int | None = 1000,
+    batch_size: int = 250,
+    gd_steps: int = 400,
+    report: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    **metadata: Any,
+) -> dict[str, Any]:
+    """Merge checkpoints ``a`` and ``b`` with :func:`pleas_jax.merge` into ``out``.
+
+    The merge sees ``images`` training images of ``data`` (a seeded shuffle),
+    read at A's image size with A's input normalisation. ``out`` holds the
+    merged model (a backbone plus heads ``"a"``/``"b"`` for separate label
+    spaces) and metadata: the sources, data, settings and the merge report.
+    Nothing is written unless the merge completes; ``report`` (a JSON file)
+    is written after the checkpoint.
+
+    Returns:
+      the merge report (JSON-able).
+
+    Raises:
+      RunError, DataError, CheckpointError: bad paths, data, or a pair that
+        cannot be merged; all before any slow work.
+    """
+    out = Path(out)
+    _check_out(out, overwrite)
+    if report is not None and not Path(report).parent.is_dir():
+        raise RunError(f"{report}: parent directory {Path(report).parent} does not exist")
+    if not 1.0 <= budget <= 2.0 or math.isnan(budget):
+        raise RunError(f"budget must lie in [1, 2] (compute relative to one model), got {budget}")
+    model_a, model_b = load_model(a), load_model(b)
+    check_pair(model_a, model_b)
+    mode = heads_mode(model_a, model_b, heads)
+    if mode == "shared" and heads_mode(model_a, model_b) != "shared":
+        ka, kb = (_classes(m) or m.module.num_classes for m in (model_a, model_b))
+        raise RunError(
+            f"a shared head needs the same classes, but {a} was trained on {ka} and {b} on "
+            f"{kb}; use --heads separate"
+        )
+    dataset = dataset_for(model_a, data)
+    batches = merge_batches(dataset, images, batch_size)
+    result = merge(
+        (model_a.module, model_a.variables), (model_b.module, model_b.variables), batches,
+        float(budget), matching=matching, ratios=ratios, least_squares=least_squares,
+        heads=mode, gd_steps=gd_steps, progress=progress,
+    )
+    rep = jsonable(result.report)
+    source = lambda m: {  # noqa: E731
+        "path": m.name,
+        **{k: m.metadata[k] for k in ("data", "classes", "test_accuracy") if k in m.metadata},
+    }
+    info = {
+        "merged_from": {"a": source(model_a), "b": source(model_b)},
+        "data": data,
+        "images": sum(len(x) for x in batches),
+        "image_size": model_a.image_size,
+        "merge": {
+            "budget": float(budget), "matching": matching, "ratios": ratios,
+            "least_squares": least_squares, "heads": mode, "gd_steps": gd_steps,
+        },
+        "report": rep,
+        **metadata,
+    }
+    if model_a.normalization is not None:
+        info["normalization"] = model_a.metadata["normalization"]
+    if mode == "shared" and _classes(model_a) is not None:
+        info["classes"] = list(_classes(model_a))
+    if mode == "separate":
+        info["head_classes"] = {"a": _classes(model_a), "b": _classes(model_b)}
+    checkpoint.save(
+        out, result.module, result.variables, heads=result.heads, overwrite=overwrite, **info
+    )
+    if report is not None:
+        write_json(report, rep)
+    return rep
+
+
+def ensemble_logits(models_: Sequence[Model], x: np.ndarray) -> np.ndarray:
+    """The ensemble's logits: the mean of the models' logits (what a merge at
+    budget 2 reproduces)."""
+    return np.mean([predict(m, x) for m in models_], axis=0)
