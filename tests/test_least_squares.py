@@ -319,6 +319,23 @@ def test_oversized_grams_fall_back_to_gradient_descent(pair):
     assert out.shape == (32, 10) and np.all(np.isfinite(out))
 
 
+def test_gradient_mode_end_to_end():
+    m = models.resnet20(num_classes=3, width=4)
+    va, vb = randomize_norms(init(m, 8), 1), randomize_norms(init(m, 8, seed=2), 3)
+    spec = derive_spec(m, va, np.zeros((1, 8, 8, 3), np.float32))
+    blocks = partial.full_blocks(spec, identity(spec), 0.5)
+    mm, vm = partial.partial_merge(m, spec, blocks, va, vb)
+    batches = (images(6, 8, seed=s) for s in range(2))  # a one-shot iterator is fine
+    new, report = least_squares(m, va, m, vb, spec, blocks, mm, vm, batches, mode="gd", steps=5,
+                                learning_rate=1e-3)
+    assert {r["method"] for r in report["layers"].values()} == {"gd"}
+    assert set(report["seconds"]) == {"gradient"}
+    mean = lambda k: np.mean([r[k] for r in report["layers"].values()])  # noqa: E731
+    assert mean("after") < mean("before")
+    layers = find_layers(m, va, spec, blocks, np.zeros((1, 8, 8, 3), np.float32))
+    _assert_mask(layers, weights_of(new, layers))
+
+
 # ------------------------------------------------------------------ bad input
 def test_bad_input_is_a_clear_error(pair):
     m, va, vb, spec, batches = pair
