@@ -387,7 +387,7 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     pairs = list(results["pairs"].values())
-    fig, axes = plt.subplots(1, len(pairs), figsize=(6.2 * len(pairs), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6.2 * len(pairs), 5.0), squeeze=False)
     markers = "osD^vP*X"
     for ax, pair in zip(axes[0], pairs, strict=True):
         for i, (name, per_budget) in enumerate(pair["methods"].items()):
@@ -399,11 +399,14 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> Path:
         ax.axhline(100 * s["a"], color="grey", ls=":", lw=1, label="model A")
         ax.axhline(100 * s["b"], color="grey", ls="-.", lw=1, label="model B")
         ax.set_title(pair["title"], fontsize=10)
+        ax.set_xticks(budgets)
         ax.set_xlabel("budget (compute relative to one model)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    # One legend below the panels: inside, it would hide the low-budget curves.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -198,7 +198,7 @@ def test_interrupted_merge_leaves_no_output(ckpts, outs, capsys, monkeypatch):
     calls = []
 
     def interrupt(*args, **kwargs):
-        # Past matching and least squares: the merge is well under way.
+        # Past the spec, matching and the partial merge: the merge is well under way.
         calls.append(1)
         raise KeyboardInterrupt
 
@@ -206,7 +206,8 @@ def test_interrupted_merge_leaves_no_output(ckpts, outs, capsys, monkeypatch):
     merge_module = importlib.import_module("pleas_jax.merge")
     monkeypatch.setattr(merge_module, "recompute_batch_norm", interrupt)
     argv = ["merge", "--a", ckpts["a"], "--b", ckpts["a2"], "--data", "digits[0-4]",
-            "--budget", 1.5, *MERGE, "--out", outs / "m", "--report", outs / "r.json"]
+            "--budget", 1.5, "--least-squares", "none", *MERGE, "--out", outs / "m",
+            "--report", outs / "r.json"]
     rc, _, err = run(argv, capsys)
     assert calls and rc == 130
     assert "pleas-jax: interrupted\n" in err

@@ -32,11 +32,14 @@ SMALL = demo.DemoConfig(
     methods=METHODS, budgets=(1.0, 1.5, 2.0), images=400, merge_batch_size=200,
 )
 
-# Measured on this configuration (see the note in test_method_ordering): the test
-# splits hold 360 (shared) and 180 + 179 (separate) images, so one image is
-# 0.28 / 0.56 points of accuracy.
-ENSEMBLE_TOLERANCE = 0.02
-MONOTONE_NOISE = 0.02
+# The test splits hold 360 images (shared) and 180 + 179 (separate, averaged), so
+# one image moves accuracy by 0.28 points. Measured on CPU with this configuration:
+# budget 2 differs from the ensemble by 0 (shared) and 0.27 points (separate: BN
+# statistics recomputed on all ten digits); no accuracy fell as the budget rose
+# (smallest step +1.1 points); PLeaS beat activation matching at budget 1 by 30.6
+# and 18.4 points. The tolerances allow about three test images of noise.
+ENSEMBLE_TOLERANCE = 0.01
+MONOTONE_NOISE = 0.01
 
 
 @pytest.fixture(scope="module")
