@@ -6,8 +6,10 @@ write its register function and append it there. ``func(args) -> int`` returns
 the exit status; library errors (:data:`USER_ERRORS`) become one line
 ``pleas-jax: error: ...`` on stderr with exit status 2, never a traceback.
 
+Commands: ``train``, ``merge``, ``eval`` (over :mod:`pleas_jax.workflow`),
+``convert`` (over :mod:`converters`) and ``demo`` (over :mod:`pleas_jax.demo`).
 Heavy imports (torch, orbax, the converters) happen inside the commands so
-that ``pleas-jax --help`` is instant and torch stays optional.
+that torch stays optional.
 """
 
 from __future__ import annotations
