@@ -213,96 +213,99 @@ def merge(
         seconds[name] = time.perf_counter() - t0
         stages.update(1)
 
-    t0 = stage("spec")
-    spec = derive_spec(module_a, va, example)
-    head_group = None
-    if heads == "separate":
-        (head_group,) = [
-            g for g in spec if any(tuple(p)[1:2] == ("fc",) and a == 0 for p, a in spec[g].axes)
-        ]
-        spec = _backbone_spec(spec)
-        heads_ab = (va["params"]["fc"], vb["params"]["fc"])
-        module_a, module_b = module_a.clone(num_classes=None), module_b.clone(num_classes=None)
-        va, vb = _without_head(va), _without_head(vb)
-    done("spec", t0)
+    try:
+        t0 = stage("spec")
+        spec = derive_spec(module_a, va, example)
+        head_group = None
+        if heads == "separate":
+            (head_group,) = [
+                g for g in spec if any(tuple(p)[1:2] == ("fc",) and a == 0 for p, a in spec[g].axes)
+            ]
+            spec = _backbone_spec(spec)
+            heads_ab = (va["params"]["fc"], vb["params"]["fc"])
+            module_a, module_b = module_a.clone(num_classes=None), module_b.clone(num_classes=None)
+            va, vb = _without_head(va), _without_head(vb)
+        done("spec", t0)
 
-    t0 = stage("matching")
-    if precomputed_matching is not None:
-        perm, costs = precomputed_matching
-        missing = set(spec) - set(perm)
-        if missing:
-            raise ValueError(f"precomputed matching lacks group(s) {sorted(missing)}")
-    elif matching == "activation":
-        perm, costs = activation_matching(
-            module_a, va, module_b, vb, spec, data_fn(), similarity, mesh=mesh, progress=progress
-        )
-    elif matching == "weight":
-        perm, costs = weight_matching(spec, va, vb, max_iter=max_iter, seed=seed)
-    else:
-        perm = {g: np.asarray(p) for g, p in identity(spec).items()}
-        costs = {g: np.zeros((grp.size, grp.size)) for g, grp in spec.items()}
-    done("matching", t0)
+        t0 = stage("matching")
+        if precomputed_matching is not None:
+            perm, costs = precomputed_matching
+            missing = set(spec) - set(perm)
+            if missing:
+                raise ValueError(f"precomputed matching lacks group(s) {sorted(missing)}")
+        elif matching == "activation":
+            perm, costs = activation_matching(
+                module_a, va, module_b, vb, spec, data_fn(), similarity, mesh=mesh, progress=progress
+            )
+        elif matching == "weight":
+            perm, costs = weight_matching(spec, va, vb, max_iter=max_iter, seed=seed)
+        else:
+            perm = {g: np.asarray(p) for g, p in identity(spec).items()}
+            costs = {g: np.zeros((grp.size, grp.size)) for g, grp in spec.items()}
+        done("matching", t0)
 
-    t0 = stage("ratios")
-    table = budget_lib.layer_table(module_a, va, spec, example.shape[1:])
-    if isinstance(ratios, str):
-        weights = (
-            budget_lib.sensitivity_from_costs(spec, perm, costs) if ratios == "optimized" else None
-        )
-        group_ratios = budget_lib.ratios_for_budget(ratios, table, spec, float(budget), weights=weights)
-    else:
-        group_ratios = {g: float(ratios[g]) for g in spec}
-        for g, r in group_ratios.items():
-            if not 0.0 <= r <= 1.0:
-                raise ValueError(f"ratio of group {g} must lie in [0, 1], got {r}")
-    blocks = partial.make_blocks(spec, perm, costs, group_ratios)
-    merged_module, merged = partial.partial_merge(module_a, spec, blocks, va, vb)
-    done("ratios", t0)
+        t0 = stage("ratios")
+        table = budget_lib.layer_table(module_a, va, spec, example.shape[1:])
+        if isinstance(ratios, str):
+            weights = (
+                budget_lib.sensitivity_from_costs(spec, perm, costs) if ratios == "optimized" else None
+            )
+            group_ratios = budget_lib.ratios_for_budget(ratios, table, spec, float(budget), weights=weights)
+        else:
+            group_ratios = {g: float(ratios[g]) for g in spec}
+            for g, r in group_ratios.items():
+                if not 0.0 <= r <= 1.0:
+                    raise ValueError(f"ratio of group {g} must lie in [0, 1], got {r}")
+        blocks = partial.make_blocks(spec, perm, costs, group_ratios)
+        merged_module, merged = partial.partial_merge(module_a, spec, blocks, va, vb)
+        done("ratios", t0)
 
-    t0 = stage("least squares")
-    ls_report = None
-    if least_squares is not None:
-        merged, ls_report = fit_least_squares(
-            module_a, va, module_b, vb, spec, blocks, merged_module, merged, data_fn(),
-            mode=least_squares, ridge=ridge, steps=gd_steps, learning_rate=gd_learning_rate,
-            mesh=mesh, progress=progress,
-        )
-    done("least squares", t0)
+        t0 = stage("least squares")
+        ls_report = None
+        if least_squares is not None:
+            merged, ls_report = fit_least_squares(
+                module_a, va, module_b, vb, spec, blocks, merged_module, merged, data_fn(),
+                mode=least_squares, ridge=ridge, steps=gd_steps, learning_rate=gd_learning_rate,
+                mesh=mesh, progress=progress,
+            )
+        done("least squares", t0)
 
-    t0 = stage("batch norm")
-    if batch_norm:
-        merged = recompute_batch_norm(merged_module, merged, data_fn(), mesh=mesh, progress=progress)
-    done("batch norm", t0)
+        t0 = stage("batch norm")
+        if batch_norm:
+            merged = recompute_batch_norm(merged_module, merged, data_fn(), mesh=mesh, progress=progress)
+        done("batch norm", t0)
 
-    t0 = stage("heads")
-    routed = None
-    if heads == "separate":
-        ha, hb = heads_lib.route_heads(blocks[head_group], *heads_ab)
-        routed = {"a": ha, "b": hb}
-    done("heads", t0)
+        t0 = stage("heads")
+        routed = None
+        if heads == "separate":
+            ha, hb = heads_lib.route_heads(blocks[head_group], *heads_ab)
+            routed = {"a": ha, "b": hb}
+        done("heads", t0)
 
-    t0 = stage("report")
-    report = {
-        "budget": float(budget),
-        "achieved_budget": budget_lib.relative_compute(table, spec, group_ratios),
-        "matching": matching if precomputed_matching is None else "precomputed",
-        "least_squares": least_squares,
-        "heads": heads,
-        "macs": budget_lib.macs(table, spec, group_ratios),
-        "macs_source": budget_lib.macs(table, spec, 0.0),
-        "params": budget_lib.params(table, spec, group_ratios)._asdict(),
-        "ratios": {g: float(r) for g, r in group_ratios.items()},
-        "widths": {g: int(b.width) for g, b in blocks.items()},
-        "least_squares_report": ls_report,
-    }
-    if count_xla_flops:
-        # Like for like: XLA counts 2 FLOPs per multiply-add on real input taps.
-        report["analytic_conv_flops"] = 2 * budget_lib.macs(
-            table, spec, group_ratios, count_padding=False
-        )
-        report["xla_flops"] = budget_lib.xla_flops(merged_module, merged, example.shape[1:])
-    done("report", t0)
-    stages.close()
+        t0 = stage("report")
+        report = {
+            "budget": float(budget),
+            "achieved_budget": budget_lib.relative_compute(table, spec, group_ratios),
+            "matching": matching if precomputed_matching is None else "precomputed",
+            "least_squares": least_squares,
+            "heads": heads,
+            "macs": budget_lib.macs(table, spec, group_ratios),
+            "macs_source": budget_lib.macs(table, spec, 0.0),
+            "params": budget_lib.params(table, spec, group_ratios)._asdict(),
+            "ratios": {g: float(r) for g, r in group_ratios.items()},
+            "widths": {g: int(b.width) for g, b in blocks.items()},
+            "least_squares_report": ls_report,
+        }
+        if count_xla_flops:
+            # Like for like: XLA counts 2 FLOPs per multiply-add on real input taps.
+            report["analytic_conv_flops"] = 2 * budget_lib.macs(
+                table, spec, group_ratios, count_padding=False
+            )
+            report["xla_flops"] = budget_lib.xla_flops(merged_module, merged, example.shape[1:])
+        done("report", t0)
+    finally:
+        # A failed or interrupted merge must not leave a stale bar behind.
+        stages.close()
     report["seconds"] = seconds
     return MergeResult(
         merged_module, merged, routed, spec, perm, costs, group_ratios, blocks, report
