@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,3 +62,34 @@ def randomize_norms(variables, seed=0):
 
 def images(n, size=32, seed=0, channels=3):
     return np.asarray(jax.random.normal(jax.random.key(seed), (n, size, size, channels)), np.float32)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_on_cpu_devices(script: str, n: int = 8, timeout: int = 600) -> dict:
+    """Run ``script`` (Python source; ``{root}`` is the repository root) in a
+    fresh interpreter with ``n`` simulated CPU devices, and return the JSON
+    object printed on its last line. The device count is fixed when JAX
+    starts, hence the subprocess."""
+    env = dict(
+        os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", script.format(root=ROOT)],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def max_relative_difference(one, other, skip=()) -> float:
+    """Largest ``|a - b| / max|a|`` over matching leaves of two ``{key: {name: array}}``."""
+    worst = 0.0
+    for k in one:
+        for name, a in one[k].items():
+            if name in skip:
+                continue
+            a, b = np.asarray(a, np.float64), np.asarray(other[k][name], np.float64)
+            worst = max(worst, float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-12)))
+    return worst

@@ -1,10 +1,6 @@
 """Least squares: exact on planted problems, block mask respected, no worse than
 gradient descent, keeps the ensemble at budget 2, sharding changes nothing."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import flax.linen as nn
@@ -36,9 +32,8 @@ from pleas_jax.least_squares import (
 from pleas_jax.matching.activations import activation_matching
 from pleas_jax.permutation import identity
 from pleas_jax.spec import derive_spec
-from tests.helpers import images, init, randomize_norms
+from tests.helpers import images, init, randomize_norms, run_on_cpu_devices
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16
 
 
@@ -364,7 +359,7 @@ _SHARDED = textwrap.dedent(
     from pleas_jax.least_squares import find_layers, layer_statistics, weights_of
     from pleas_jax.permutation import identity
     from pleas_jax.spec import derive_spec
-    from tests.helpers import images, init, randomize_norms
+    from tests.helpers import images, init, max_relative_difference, randomize_norms
 
     assert len(jax.devices()) == 8, jax.devices()
     m = models.resnet20(num_classes=4, width=4)
@@ -386,29 +381,16 @@ _SHARDED = textwrap.dedent(
                                mesh=distributed.data_mesh(jax.devices()[:1]))
         eight = layer_statistics(m, va, m, vb, spec, blocks, batches, init=w0, layers=names,
                                  mesh=distributed.data_mesh())
-        worst = 0.0
         assert list(one) == names
-        for k in one:
-            assert float(one[k]["count"]) > 0
-            for name, a in one[k].items():
-                if name == "layer":
-                    continue
-                a, b = np.asarray(a, np.float64), np.asarray(eight[k][name], np.float64)
-                worst = max(worst, float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-12)))
-        out[bs] = worst
+        assert all(float(s["count"]) > 0 for s in one.values())
+        out[bs] = max_relative_difference(one, eight, skip=("layer",))
     print(json.dumps(out))
     """
 )
 
 
 def test_eight_devices_equal_one():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    res = subprocess.run(
-        [sys.executable, "-c", _SHARDED.format(root=ROOT)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    worst = json.loads(res.stdout.strip().splitlines()[-1])
+    worst = run_on_cpu_devices(_SHARDED)
     print("8 vs 1 device, max relative difference per batch size:", worst)
     assert set(worst) == {"7", "33"}
     assert all(v <= 1e-5 for v in worst.values()), worst

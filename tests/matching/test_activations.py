@@ -1,9 +1,5 @@
 """Activation matching recovers planted permutations; sharding changes nothing."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -22,9 +18,7 @@ from pleas_jax.permutation import apply_permutation, invert
 from pleas_jax.permutation import random as random_perm
 from pleas_jax.spec import derive_spec
 from pleas_jax.tree import flatten, unflatten
-from tests.helpers import images, init, randomize_norms
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import images, init, randomize_norms, run_on_cpu_devices
 
 
 def _pair(arch, noise, size=32, width=16):
@@ -107,7 +101,7 @@ _SHARDED = textwrap.dedent(
     from pleas_jax import distributed, models
     from pleas_jax.matching.activations import activation_statistics
     from pleas_jax.spec import derive_spec
-    from tests.helpers import images, init, randomize_norms
+    from tests.helpers import images, init, max_relative_difference, randomize_norms
 
     assert len(jax.devices()) == 8, jax.devices()
     m = models.resnet20(num_classes=4, width=4)
@@ -121,12 +115,7 @@ _SHARDED = textwrap.dedent(
                                     mesh=distributed.data_mesh(jax.devices()[:1]))
         eight = activation_statistics(m, va, m, vb, spec, batches, "distance",
                                       mesh=distributed.data_mesh())
-        worst = 0.0
-        for k in one:
-            for name in one[k]:
-                a, b = np.asarray(one[k][name], np.float64), np.asarray(eight[k][name], np.float64)
-                worst = max(worst, float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-12)))
-        out[bs] = worst
+        out[bs] = max_relative_difference(one, eight)
         assert one[next(iter(one))]["count"] > 0
     print(json.dumps(out))
     """
@@ -134,13 +123,7 @@ _SHARDED = textwrap.dedent(
 
 
 def test_eight_devices_equal_one():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    res = subprocess.run(
-        [sys.executable, "-c", _SHARDED.format(root=ROOT)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    worst = json.loads(res.stdout.strip().splitlines()[-1])
+    worst = run_on_cpu_devices(_SHARDED)
     print("8 vs 1 device, max relative difference per batch size:", worst)
     assert set(worst) == {"7", "8", "33"}
     assert all(v <= 1e-5 for v in worst.values()), worst
