@@ -7,7 +7,8 @@ the exit status; library errors (:data:`USER_ERRORS`) become one line
 ``pleas-jax: error: ...`` on stderr with exit status 2, never a traceback.
 
 Commands: ``train``, ``merge``, ``eval`` (over :mod:`pleas_jax.workflow`),
-``convert`` (over :mod:`converters`) and ``demo`` (over :mod:`pleas_jax.demo`).
+``convert`` and ``convert-tree`` (over :mod:`converters`) and ``demo`` (over
+:mod:`pleas_jax.demo`).
 Heavy imports (torch, orbax, the converters) happen inside the commands so
 that torch stays optional.
 """
@@ -141,6 +142,63 @@ def _convert(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out}")
     return 0
+
+
+# ------------------------------------------------------------ convert-tree
+def _register_convert_tree(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert-tree",
+        help="convert the PLeaS release's tree of PyTorch checkpoints into orbax checkpoints",
+        description=(
+            "Convert every model.pth under SRC (the release layout: "
+            "{rn18,rn50,rn101}/{dataset}/{v1a,v1b,v2a,v2b}/model.pth saved as {'model': "
+            "state_dict}, and {model_type}/domainnet/{domain}/{variant}/model.pth as plain "
+            "state_dicts) into the orbax checkpoint directory of the same relative path under "
+            "DST: SRC/rn18/cub/v1a/model.pth -> DST/rn18/cub/v1a/. Files already converted (a "
+            "checkpoint recording the same source sha256) are skipped, so a rerun resumes. Each "
+            "conversion is verified by running torch and Flax on one random batch; a file that "
+            "cannot be converted is reported on one line and skipped. Prints a summary table; "
+            "the exit status is 1 if any file failed."
+        ),
+    )
+    p.add_argument("src", metavar="SRC", help="root of the tree of PyTorch checkpoints")
+    p.add_argument("dst", metavar="DST", help="root of the tree of orbax checkpoints to write")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the torch-vs-Flax logit check")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest allowed |torch - flax| relative to the largest |logit| "
+                   "(default 1e-4)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="side of the random verification images (default 224; 32 for CIFAR stems)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="convert again even where DST already holds a checkpoint")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the summary rows to this JSON file")
+    p.set_defaults(func=_convert_tree)
+
+
+def _convert_tree(args: argparse.Namespace) -> int:
+    import json
+
+    _positive(args, "image_size")
+    _import_converters()
+    from tqdm.auto import tqdm
+
+    from converters import tree
+
+    rows = []
+    for row in tree.iter_convert_tree(
+        args.src, args.dst, verify=args.verify, overwrite=args.overwrite,
+        tolerance=args.tolerance, image_size=args.image_size, progress=True,
+    ):
+        if row["status"] == "failed":
+            # One line per bad file as it happens (above the progress bar); the run goes on.
+            tqdm.write(f"{PROG}: failed: {row['reason']}", file=sys.stderr)
+        rows.append(row)
+    print(tree.format_summary(rows), end="")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return EXIT_MISMATCH if any(r["status"] == "failed" for r in rows) else 0
 
 
 # ------------------------------------------------------------------- train
@@ -352,6 +410,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_merge,
     _register_eval,
     _register_convert,
+    _register_convert_tree,
     _register_demo,
 ]
 
