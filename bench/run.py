@@ -1,0 +1,461 @@
+"""End-to-end and per-stage PLeaS benchmark against the bare forward pass.
+
+Builds two randomly initialised ResNets of the same architecture (two seeds, or
+one model and a random perturbation of it), then times every stage of the
+pipeline as :func:`pleas_jax.merge.merge` chains it: spec derivation, the
+accounting layer table, weight matching, activation statistics, assignment
+(scores + linear assignment), and per budget: ratios + partial merge, least
+squares (statistics + solve), BatchNorm recompute and the whole ``merge(...)``
+call. Every stage runs twice after clearing JAX's compilation caches: the first
+call includes tracing and compilation, the second is the steady state. The
+lower bound is the bare jitted forward pass of both source models over the same
+batches (timed after a warm-up); every steady-state time is also reported as a
+ratio to it. Prints one JSON object (also written to ``--out``).
+
+Timings do not depend on the weights' values, but degenerate features would
+time a degenerate problem, so BatchNorm layers get trained-like affine
+parameters and running statistics measured on the data.
+
+    python bench/run.py                                       # resnet18, 64 px, CPU
+    python bench/run.py --arch resnet20 --width 4 --size 8 --images 32 --budgets 1 2
+    python bench/run.py --devices 4                           # 4 simulated CPU devices
+    PYTHONPATH=$PWD python3 bench/run.py --arch resnet50 --size 224 --images 3200 \\
+        --batch-size 128 --budgets 1.0 1.5                    # GPU (see bench/gpu.sh)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCHS = ("resnet18", "resnet50", "resnet101", "resnet20")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; parsed before JAX is imported (``--devices`` must be
+    in the environment when JAX starts)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="resnet18", choices=ARCHS)
+    p.add_argument("--width", type=int, default=None,
+                   help="base width (default: 64 for ImageNet ResNets, 16 for resnet20)")
+    p.add_argument("--classes", type=int, default=None,
+                   help="classifier outputs (default: 1000, resnet20: 10)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--budgets", type=float, nargs="+", default=[1.0, 1.5])
+    p.add_argument("--models", default="random", choices=["random", "perturbed"],
+                   help="two seeds, or model A and A plus relative noise --perturbation")
+    p.add_argument("--perturbation", type=float, default=0.1,
+                   help="noise std relative to each parameter leaf's std (--models perturbed)")
+    p.add_argument("--matching", default="activation", choices=["activation", "weight"],
+                   help="the matching the per-stage pipeline and the whole merge use")
+    p.add_argument("--ratios", default="uniform", choices=["uniform", "zip", "optimized"])
+    p.add_argument("--similarity", default="distance",
+                   choices=["distance", "correlation", "inner"])
+    p.add_argument("--max-iter", type=int, default=100, help="weight matching sweeps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype of the models in the activation statistics stage "
+                        "(accumulation stays fp32); bfloat16 also reports the deviation "
+                        "from fp32 statistics")
+    p.add_argument("--xla-flops", action="store_true",
+                   help="let merge() cross-check FLOPs with XLA (off: not part of merging)")
+    p.add_argument("--warm", action="store_true",
+                   help="do not clear JAX's compilation caches before each stage: a first "
+                        "call then compiles only what no earlier stage compiled (quicker, "
+                        "for smoke tests; first-call figures understate compilation)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="run on this many simulated CPU devices")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    if args.images < 1 or args.batch_size < 1 or args.size < 1:
+        p.error("--images, --batch-size and --size must be positive")
+    for b in args.budgets:
+        if not 1.0 <= b <= 2.0:
+            p.error(f"budgets lie in [1, 2], got {b}")
+    if args.devices is not None and args.devices < 1:
+        p.error("--devices must be positive")
+    return args
+
+
+def configure_devices(n: int | None) -> None:
+    """Ask for ``n`` simulated CPU devices; JAX reads this once, when it starts,
+    so a process that already imported JAX is started again."""
+    if n is None:
+        return
+    flag = f"--xla_force_host_platform_device_count={n}"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join([*flags, flag])
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+# --------------------------------------------------------------------- models
+def random_variables(module, size: int, seed: int) -> dict:
+    """Variables of ``module`` drawn with numpy from the shapes of ``eval_shape``
+    (running ``init`` op by op costs seconds per model on a CPU). Kernels are
+    ~N(0, 1/fan_in); BatchNorm scales U(0.5, 1.5) and shifts U(0, 0.3), as in a
+    trained net, so units stay alive; running statistics are placeholders for
+    :func:`measured_norms`."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(module.init, jax.random.key(seed), jnp.zeros((1, size, size, 3)))
+
+    def fill(path, s):
+        keys = [getattr(k, "key", str(k)) for k in path]
+        name, collection = keys[-1], keys[0]
+        if name == "kernel":
+            v = rng.standard_normal(s.shape, np.float32) / np.sqrt(np.prod(s.shape[:-1]))
+        elif collection == "params" and name == "scale":
+            v = rng.uniform(0.5, 1.5, s.shape)
+        elif collection == "params" and name == "bias":
+            v = rng.normal(0.0, 0.1, s.shape) if "fc" in keys else rng.uniform(0.0, 0.3, s.shape)
+        elif name == "var":
+            v = np.ones(s.shape)
+        else:
+            v = np.zeros(s.shape)
+        return jnp.asarray(v, s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def perturbed(variables: dict, scale: float, seed: int) -> dict:
+    """``variables['params']`` plus Gaussian noise of ``scale`` times each leaf's std:
+    a second model close to the first (a fine-tuned-like pair)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def noisy(leaf):
+        a = np.asarray(leaf)
+        std = float(a.std()) or 1.0
+        return jnp.asarray(a + scale * std * rng.standard_normal(a.shape), leaf.dtype)
+
+    return {**variables, "params": jax.tree.map(noisy, variables["params"])}
+
+
+def measured_norms(module, variables: dict, batches) -> dict:
+    """Running statistics measured on ``batches``: with placeholder statistics,
+    deep features of a random net vanish or explode and the Grams would be
+    degenerate."""
+    from pleas_jax.batch_norm import recompute_batch_norm
+
+    return recompute_batch_norm(module, variables, batches)
+
+
+def build_models(args):
+    """``(module, variables_a, variables_b, batches)`` for the configuration."""
+    import numpy as np
+
+    from pleas_jax import models
+
+    classes = args.classes
+    if classes is None:
+        classes = 10 if args.arch == "resnet20" else 1000
+    module = models.resnet(args.arch, num_classes=classes, width=args.width)
+    rng = np.random.default_rng(args.seed + 2)
+    x = rng.standard_normal((args.images, args.size, args.size, 3), np.float32)
+    batches = [x[i : i + args.batch_size] for i in range(0, args.images, args.batch_size)]
+    va = random_variables(module, args.size, args.seed)
+    if args.models == "random":
+        vb = random_variables(module, args.size, args.seed + 1)
+    else:
+        vb = perturbed(va, args.perturbation, args.seed + 1)
+    va = measured_norms(module, va, batches[:2])
+    vb = measured_norms(module, vb, batches[:2])
+    return module, va, vb, batches
+
+
+# --------------------------------------------------------------------- timing
+COLD = True  # clear compilation caches before each stage (--warm turns it off)
+
+
+def timed_twice(fn, sync=None, cold: bool | None = None):
+    """Run ``fn`` twice; ``(result, {"first_call_s", "steady_s"})``.
+
+    With ``cold``, JAX's compilation caches are cleared first, so the first
+    call pays tracing and compilation as in a fresh process even when an
+    earlier stage compiled the same kernels. ``sync(result)`` returns what to
+    wait for (default: the result itself).
+    """
+    import jax
+
+    sync = sync or (lambda r: r)
+    if COLD if cold is None else cold:
+        jax.clear_caches()
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        out = fn()
+        jax.block_until_ready(sync(out))
+        times.append(time.perf_counter() - t0)
+    return out, {"first_call_s": times[0], "steady_s": times[1]}
+
+
+def memory() -> dict:
+    """Peak device memory where the backend reports it, and the process's peak
+    resident set (on CPU the device memory is the process's)."""
+    import jax
+
+    peak = None
+    try:
+        stats = jax.devices()[0].memory_stats()
+        if stats:
+            peak = stats.get("peak_bytes_in_use")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    rss = rss if sys.platform == "darwin" else rss * 1024
+    return {"peak_device_bytes": None if peak is None else int(peak), "max_rss_bytes": int(rss)}
+
+
+def forward_times(module, va, vb, batches, mesh) -> dict:
+    """The lower bound: a jitted forward of A and B over every batch.
+
+    Batches come from host memory and are placed on the mesh once per batch
+    for both models, as the statistics passes do; ``device_resident_s`` is the
+    same with every batch already on the devices.
+    """
+    import jax
+
+    from pleas_jax import distributed
+
+    f = jax.jit(lambda v, x: module.apply(v, x))
+
+    def from_host():
+        out = []
+        for xb in batches:
+            x, _ = distributed.shard_batch(xb, mesh)
+            out.append((f(va, x), f(vb, x)))
+        return out
+
+    _, t = timed_twice(from_host)
+    resident = [distributed.shard_batch(xb, mesh)[0] for xb in batches]
+    jax.block_until_ready(resident)
+    _, t_res = timed_twice(lambda: [(f(va, x), f(vb, x)) for x in resident], cold=False)
+    return {**t, "device_resident_s": t_res["steady_s"]}
+
+
+def least_squares_stage(module, va, vb, spec, blocks, merged_module, merged, batches, mesh):
+    """Least squares exactly as :func:`pleas_jax.merge.merge` calls it (closed
+    form, default ridge); the one place to adapt when its internals change.
+
+    Returns ``(merged variables, {sub-stage: seconds})`` with the split the
+    function reports itself (``statistics``, ``solve``, ...).
+    """
+    from pleas_jax.least_squares import least_squares
+
+    variables, report = least_squares(
+        module, va, module, vb, spec, blocks, merged_module, merged, batches,
+        mode="closed_form", mesh=mesh, progress=False,
+    )
+    return variables, {k: float(v) for k, v in report.get("seconds", {}).items()}
+
+
+def gram_bytes(table, spec, ratios) -> dict:
+    """Closed-form least-squares Gram memory of the merged model, analytic.
+
+    Each conv/dense layer's Gram is ``[dim, dim]`` fp32 with ``dim = C_in * taps
+    (+1 for a bias)``, ``C_in`` the merged input width (``n + s`` for a group of
+    ``n`` units with ``s`` kept separate per model), ``taps`` the kernel's
+    spatial size. Returns the sum over layers and the largest one (the bound
+    when layers are streamed one at a time).
+    """
+    import math
+
+    from pleas_jax import budget
+
+    sep = budget.separate_units(spec, ratios)
+    sizes = []
+    for la in table.layers:
+        c_in = la.c_in + (sep[la.in_group] if la.in_group is not None else 0)
+        dim = c_in * math.prod(la.kernel_size) + int(la.bias)
+        sizes.append(4 * dim * dim)
+    return {"gram_bytes": int(sum(sizes)), "largest_gram_bytes": int(max(sizes)),
+            "layers": len(sizes)}
+
+
+# ---------------------------------------------------------------------- main
+def run(args) -> dict:
+    """Every measurement for one configuration, as a JSON-able dict."""
+    import flax
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pleas_jax import budget, distributed, partial
+    from pleas_jax.batch_norm import recompute_batch_norm
+    from pleas_jax.matching import lap
+    from pleas_jax.matching.activations import activation_statistics, statistics_to_scores
+    from pleas_jax.matching.weights import weight_matching
+    from pleas_jax.merge import merge
+    from pleas_jax.spec import derive_spec
+
+    global COLD
+    COLD = not args.warm
+    t_setup = time.perf_counter()
+    module, va, vb, batches = build_models(args)
+    mesh = distributed.data_mesh()
+    example = batches[0][:1]
+    setup_s = time.perf_counter() - t_setup
+
+    forward = forward_times(module, va, vb, batches, mesh)
+    fw = forward["steady_s"]
+    stages: dict[str, dict] = {}
+
+    def record(name, t, **extra):
+        stages[name] = {**t, "over_forward": t["steady_s"] / fw, **extra}
+        return stages[name]
+
+    spec, t = timed_twice(lambda: derive_spec(module, va, example), sync=lambda s: 0)
+    record("spec", t, groups=len(spec))
+    table, t = timed_twice(
+        lambda: budget.layer_table(module, va, spec, example.shape[1:]), sync=lambda s: 0
+    )
+    record("layer_table", t)
+    wm, t = timed_twice(lambda: weight_matching(spec, va, vb, max_iter=args.max_iter))
+    record("weight_matching", t)
+
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    m_stats = module.clone(dtype=dtype)
+    stats, t = timed_twice(
+        lambda: activation_statistics(m_stats, va, m_stats, vb, spec, batches, args.similarity,
+                                      mesh=mesh)
+    )
+    record("activation_statistics", t, dtype=args.dtype,
+           steady_s_per_1000_images=t["steady_s"] * 1000.0 / args.images)
+
+    def assign(st):
+        scores = statistics_to_scores(st, args.similarity)
+        return {g: lap.solve(scores[g], name=g) for g in spec}, scores
+
+    (perm_act, scores), t = timed_twice(lambda: assign(stats), sync=lambda r: 0)
+    record("assignment", t)
+
+    bf16_check = None
+    if args.dtype == "bfloat16":
+        # bf16 compute must leave the matching within tolerance of fp32's.
+        stats32, t = timed_twice(
+            lambda: activation_statistics(module, va, module, vb, spec, batches, args.similarity,
+                                          mesh=mesh)
+        )
+        record("activation_statistics_fp32", t, dtype="float32")
+        perm32, scores32 = assign(stats32)
+        rel = max(float(np.max(np.abs(scores[g] - scores32[g])) / max(np.max(np.abs(scores32[g])),
+                                                                       1e-12)) for g in spec)
+        agree = sum(int(np.sum(perm_act[g] == perm32[g])) for g in spec)
+        bf16_check = {"max_relative_score_difference": rel,
+                      "permutation_agreement": agree / sum(spec[g].size for g in spec)}
+        m_fw = module.clone(dtype=jnp.bfloat16)
+        forward["bfloat16_steady_s"] = forward_times(m_fw, va, vb, batches, mesh)["steady_s"]
+
+    if args.matching == "activation":
+        perm, costs = perm_act, scores
+    else:
+        perm, costs = wm
+
+    rows = []
+    for b in args.budgets:
+        row: dict = {"budget": b}
+        sens = None
+        if args.ratios == "optimized":
+            sens = budget.sensitivity_from_costs(spec, perm, costs)
+
+        def merge_partial(b=b, sens=sens):
+            ratios = budget.ratios_for_budget(args.ratios, table, spec, b, weights=sens)
+            blocks = partial.make_blocks(spec, perm, costs, ratios)
+            return ratios, blocks, *partial.partial_merge(module, spec, blocks, va, vb)
+
+        (ratios, blocks, merged_module, merged), t = timed_twice(
+            merge_partial, sync=lambda r: r[3]
+        )
+        row["partial_merge"] = {**t, "over_forward": t["steady_s"] / fw}
+        row["achieved_budget_stages"] = budget.relative_compute(table, spec, ratios)
+        row.update(gram_bytes(table, spec, ratios))
+
+        split: list[dict] = []  # what least squares reports, first and second call
+
+        def ls(merged_module=merged_module, merged=merged, blocks=blocks, split=split):
+            out, seconds = least_squares_stage(
+                module, va, vb, spec, blocks, merged_module, merged, batches, mesh
+            )
+            split.append(seconds)
+            return out
+
+        fitted, t = timed_twice(ls)
+        # Time least squares spends outside its own statistics and solve
+        # (layer discovery, geometry checks, residuals, writing the solution).
+        other = t["steady_s"] - sum(split[1].values())
+        row["least_squares"] = {**t, "over_forward": t["steady_s"] / fw,
+                                "reported_first_call": split[0], "reported_steady": split[1],
+                                "steady_outside_reported_s": other}
+        _, t = timed_twice(lambda: recompute_batch_norm(merged_module, fitted, batches, mesh=mesh))
+        row["batch_norm"] = {**t, "over_forward": t["steady_s"] / fw}
+
+        result, t = timed_twice(
+            lambda b=b: merge(
+                (module, va), (module, vb), batches, b, matching=args.matching,
+                ratios=args.ratios, similarity=args.similarity, max_iter=args.max_iter,
+                count_xla_flops=args.xla_flops, mesh=mesh, progress=False,
+            ),
+            sync=lambda r: r.variables,
+        )
+        row["merge"] = {**t, "over_forward": t["steady_s"] / fw,
+                        "first_call_over_forward": t["first_call_s"] / fw,
+                        "stage_seconds_steady": result.report["seconds"]}
+        row["achieved_budget"] = float(result.report["achieved_budget"])
+        row["macs"] = int(result.report["macs"])
+        row["macs_source"] = int(result.report["macs_source"])
+        row["memory"] = memory()
+        rows.append(row)
+        del result, fitted, merged
+
+    return {
+        "device_kind": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "n_devices": len(jax.devices()),
+        "jax_version": jax.__version__,
+        "flax_version": flax.__version__,
+        "python": platform.python_version(),
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "model_setup_s": setup_s,
+        "forward": forward,
+        "stages": stages,
+        "budgets": rows,
+        "bfloat16_check": bf16_check,
+        "memory": memory(),
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    configure_devices(args.devices)
+    sys.path.insert(0, ROOT)
+    out = run(args)
+    text = json.dumps(out, indent=1)
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, args.out)
+    print(text)
+    return out
+
+
+if __name__ == "__main__":
+    main()

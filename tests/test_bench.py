@@ -1,0 +1,68 @@
+"""Smoke test of the benchmark harness: a tiny configuration of ``bench/run.py``.
+
+It runs as a subprocess, as a user runs it, and must print one JSON object whose
+figures are all present and sane. ``--warm`` keeps caches between stages so the
+test compiles each kernel once (the first-call figures then understate
+compilation, which this test does not judge).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+ARGS = [
+    "--arch", "resnet20", "--width", "4", "--size", "8", "--images", "32", "--batch-size", "16",
+    "--budgets", "1.0", "2.0", "--max-iter", "3", "--warm",
+]
+
+
+def _timing(entry, where):
+    for key in ("first_call_s", "steady_s"):
+        assert entry[key] > 0, f"{where}: {key} = {entry[key]}"
+    if "over_forward" in entry:
+        assert math.isfinite(entry["over_forward"]) and entry["over_forward"] > 0, where
+
+
+def test_run_tiny(tmp_path):
+    out_file = tmp_path / "bench.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "run.py"), *ARGS, "--out", str(out_file)],
+        env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    printed = json.loads(res.stdout)
+    assert json.loads(out_file.read_text()) == printed
+    d = printed
+
+    for key in ("device_kind", "backend", "jax_version", "config", "memory"):
+        assert d[key], key
+    assert d["n_devices"] == 1 and d["config"]["arch"] == "resnet20"
+    assert d["memory"]["max_rss_bytes"] > 0
+    _timing(d["forward"], "forward")
+    assert d["forward"]["device_resident_s"] > 0
+    for name in ("spec", "layer_table", "weight_matching", "activation_statistics", "assignment"):
+        _timing(d["stages"][name], name)
+    assert d["stages"]["spec"]["groups"] > 0
+
+    rows = {r["budget"]: r for r in d["budgets"]}
+    assert sorted(rows) == [1.0, 2.0]
+    for b, r in rows.items():
+        for name in ("partial_merge", "least_squares", "batch_norm", "merge"):
+            _timing(r[name], f"budget {b} {name}")
+        assert math.isfinite(r["merge"]["first_call_over_forward"])
+        assert r["least_squares"]["reported_steady"], "least squares reported no seconds"
+        assert r["gram_bytes"] >= r["largest_gram_bytes"] > 0
+        assert abs(r["achieved_budget"] - r["achieved_budget_stages"]) < 1e-9
+        assert r["macs"] > 0 and r["memory"]["max_rss_bytes"] > 0
+    assert abs(rows[1.0]["achieved_budget"] - 1.0) < 1e-6
+    assert abs(rows[2.0]["achieved_budget"] - 2.0) < 1e-6
+    assert rows[2.0]["macs"] == 2 * rows[1.0]["macs_source"]
+    # Every merged layer reads twice the inputs at budget 2: ~4x the Gram memory.
+    assert rows[2.0]["gram_bytes"] > 3 * rows[1.0]["gram_bytes"]
