@@ -1,0 +1,71 @@
+"""DomainNet experiment end to end on mock data."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import common, shared_label_space
+from tests.experiments.conftest import BATCH, IMAGES, MOCK, SIZE
+
+
+def _run(tree, out, cache, methods, budgets):
+    return shared_label_space.main([
+        "--checkpoints", str(tree), "--model-type", "rn18",
+        "--domains", "clipart,painting", "--variants", "v1a,v1b",
+        "--methods", methods, "--ratios", "optimized",
+        "--budgets", budgets, "--images", str(IMAGES), "--batch-size", str(BATCH),
+        "--image-size", str(SIZE), "--mock-data", str(MOCK), "--output-dir", str(out),
+        "--matching-cache", str(cache),
+    ])
+
+
+def test_shared_label_space_end_to_end(domainnet_tree, tmp_path, capsys):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    assert _run(domainnet_tree, out, cache, "pleas_activation", "2.0") == 0, capsys.readouterr().err
+    res = json.loads((out / common.RESULT_FILE).read_text())
+    assert res["status"] == "done" and res["experiment"] == "shared_label_space"
+    assert res["pair"] == ["clipart", "painting"] and res["variants"] == ["v1a", "v1b"]
+    assert res["checkpoints"]["b"].endswith("painting/v1b/pleas_jax")
+    assert res["eval_sets"] == list(common.DOMAINS)
+    assert res["merge_images"] == IMAGES
+    assert "--domains clipart,painting" in res["command"]
+    (row,) = res["results"]
+    assert (row["method"], row["ratios"], row["budget"]) == ("pleas_activation", "optimized", 2.0)
+    assert row["least_squares"] == "closed_form" and row["matching"] == "activation"
+    assert row["achieved_budget"] == pytest.approx(2.0, abs=1e-6)
+    assert set(row["accuracies"]) == set(common.DOMAINS)
+    assert row["accuracy"] == pytest.approx(np.mean(list(row["accuracies"].values())))
+    # Budget 2 keeps both models whole: PLeaS is the ensemble (same BN statistics).
+    ens = res["sources"]["ensemble"]["accuracies"]
+    for d in common.DOMAINS:
+        assert row["accuracies"][d] == pytest.approx(ens[d], rel=1e-6)
+    assert list(res["matching_seconds"]) == ["activation"]
+    assert len(list(cache.glob("matching-*.npz"))) == 1
+
+    # Another run of the pair (other budgets, methods without least squares)
+    # reads the activation matching from the cache instead of recomputing it.
+    out2 = tmp_path / "run2"
+    assert _run(domainnet_tree, out2, cache, "zipit,perm_activation", "1.0,1.5") == 0
+    res2 = json.loads((out2 / common.RESULT_FILE).read_text())
+    rows = {(r["method"], r["ratios"], r["budget"]): r for r in res2["results"]}
+    assert set(rows) == {("zipit", "zip", 1.0), ("zipit", "zip", 1.5),
+                         ("perm_activation", "optimized", 1.0),
+                         ("perm_activation", "optimized", 1.5)}
+    assert res2["matching_seconds"] == {}
+    for r in rows.values():
+        assert r["least_squares"] is None and 0.0 <= r["accuracy"] <= 1.0
+        assert r["achieved_budget"] <= r["budget"] + 1e-6
+    # The same sources, read the same way, score the same.
+    assert res2["sources"] == res["sources"]
+
+
+def test_missing_checkpoint_says_how_to_get_it(tmp_path, capsys):
+    rc = shared_label_space.main([
+        "--checkpoints", str(tmp_path), "--domains", "clipart,real", "--output-dir",
+        str(tmp_path / "o"),
+    ])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "download_checkpoints.sh" in err and "rn18/domainnet/clipart/v1a" in err
+    assert not (tmp_path / "o").exists()
