@@ -35,29 +35,26 @@ def tiny(num_classes: int) -> models.ResNet:
                          "imagenet", (1, 2))
 
 
-def write_pair(root, model_type, dirs, num_classes, specs, folder_spec=None):
-    """Save two tiny models into ``root`` at the release paths ``dirs`` (a, b),
-    with BN statistics of the merge images the experiment draws from ``specs``."""
+def write_pair(root, dirs, num_classes, specs):
+    """Save two tiny models (``num_classes`` each) into ``root`` at the release
+    paths ``dirs``, with BN statistics of the merge images the experiment draws
+    from ``specs`` (read as model A reads them)."""
     import tensorflow_datasets as tfds
 
-    module = tiny(num_classes)
-    wrapped = [
-        {"module": module, "vars": randomize_norms(init(module, SIZE, seed), seed)}
-        for seed in (0, 1)
-    ]
     meta = {"image_size": SIZE, "normalization": NORM}
-
-    model = wf.Model(module, wrapped[0]["vars"], metadata=meta, name="a")
+    sources = []
+    for seed, k in enumerate(num_classes):
+        module = tiny(k)
+        sources.append((module, randomize_norms(init(module, SIZE, seed), seed)))
+    model_a = wf.Model(*sources[0], metadata=meta, name="a")
     with tfds.testing.mock_data(num_examples=MOCK):
-        sets = [common.load_data(model, s, None, num_classes if s.startswith("tfds:domainnet")
-                                 else None) for s in specs]
+        sets = [common.load_data(model_a, s, None) for s in specs]
     batches = common.merge_images(sets, IMAGES, BATCH, 0)
     paths = []
-    for w, rel in zip(wrapped, dirs, strict=True):
-        v = recompute_batch_norm(w["module"], w["vars"], batches)
+    for (module, variables), rel in zip(sources, dirs, strict=True):
         out = root / rel
         out.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.save(out, w["module"], v, **meta)
+        checkpoint.save(out, module, recompute_batch_norm(module, variables, batches), **meta)
         paths.append(out)
     return paths
 
@@ -68,8 +65,36 @@ def domainnet_tree(tmp_path_factory):
     checkpoint, painting/v1b holds one in ``pleas_jax/`` (converted beside model.pth)."""
     root = tmp_path_factory.mktemp("ckpts")
     write_pair(
-        root, "rn18",
-        ["rn18/domainnet/clipart/v1a", "rn18/domainnet/painting/v1b/pleas_jax"],
-        common.DOMAINNET_CLASSES, ["tfds:domainnet/clipart", "tfds:domainnet/painting"],
+        root, ["rn18/domainnet/clipart/v1a", "rn18/domainnet/painting/v1b/pleas_jax"],
+        [common.DOMAINNET_CLASSES] * 2, ["tfds:domainnet/clipart", "tfds:domainnet/painting"],
     )
     return root
+
+
+NABIRD_CLASSES = 3
+
+
+def image_folder(root, classes=NABIRD_CLASSES, per_class=10, seed=0):
+    """An image-folder dataset (one sub-folder of PNGs per class), NABirds' layout."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"{c:04d}").mkdir(parents=True)
+        for i in range(per_class):
+            img = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(img).save(root / f"{c:04d}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fine_grained_tree(tmp_path_factory):
+    """``(checkpoint root, nabirds folder)``: rn18 models of cub (v1a, 200
+    classes) and nabird (v1b, a 3-class image folder)."""
+    root = tmp_path_factory.mktemp("ckpts_fg")
+    nabirds = image_folder(tmp_path_factory.mktemp("data") / "nabirds" / "images")
+    write_pair(
+        root, ["rn18/cub/v1a", "rn18/nabird/v1b"], [200, NABIRD_CLASSES],
+        ["tfds:caltech_birds2011", f"folder:{nabirds}"],
+    )
+    return root, nabirds

@@ -1,0 +1,215 @@
+"""The paper's different-label-spaces experiment: fine-grained classification.
+
+Two ResNets fine-tuned on two fine-grained datasets (CUB-200, Oxford-IIIT Pets,
+Stanford Dogs, NABirds; different classes) are merged with every method at every
+budget. The merged backbone is scored on each task two ways:
+
+- **own heads**: each source model's classifier, routed to the merged channel
+  order, reads the merged features (``accuracies``; their mean is ``accuracy``);
+- **linear probes**: a linear classifier per task trained on frozen merged
+  features of the task's training split, as the paper does (Adam, lr 1e-3,
+  ``--probe-epochs`` epochs, cosine to lr/10) (``probe_accuracies``,
+  ``probe_accuracy``).
+
+The sources are scored on their own tasks; the ensemble's own-head score is
+their mean, and its probe reads both models' features side by side (what a
+merge at budget 2 keeps). The merge sees ``--images`` training images, half
+from each task, or, for PLeaS-free, from ``--matching-data SPEC`` (probes and
+evaluation still use the tasks' data).
+
+Datasets: ``cub`` (tfds ``caltech_birds2011``), ``oxford_pets``
+(``oxford_iiit_pet``), ``stanford_dogs`` (``stanford_dogs``) and ``nabird``
+(an image folder: ``--spec nabird=folder:PATH``, ``$NABIRDS_DIR`` or
+``--data-dir``/nabirds/images).
+
+Example::
+
+    python -m experiments.different_label_space --checkpoints pretrained_models \\
+        --model-type rn50 --datasets cub,oxford_pets --variants v1a,v1b \\
+        --output-dir runs/fg/rn50/cub-oxford_pets/v1a-v1b
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from experiments import common
+from experiments.common import ExperimentError
+from pleas_jax import heads as heads_lib
+from pleas_jax import train as train_lib
+from pleas_jax import workflow as wf
+
+EXPERIMENT = "different_label_space"
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line options (``--help`` lists them)."""
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.different_label_space",
+        description="Merge two fine-grained models (different label spaces) with every method at "
+                    "every budget; score the merged backbone with each model's own head and with "
+                    "linear probes.",
+    )
+    p.add_argument("--datasets", type=common.csv_list, required=True, metavar="DA,DB",
+                   help=f"datasets of models A and B, among {', '.join(common.FINE_GRAINED)}")
+    p.add_argument("--probe-epochs", type=int, default=50,
+                   help="linear-probe epochs (the paper: 50; 0 skips the probes)")
+    p.add_argument("--probe-lr", type=float, default=1e-3, help="linear-probe learning rate")
+    p.add_argument("--probe-batch-size", type=int, default=256, help="linear-probe batch size")
+    common.add_common_arguments(p)
+    return p
+
+
+@dataclasses.dataclass
+class _Task:
+    """One task's data, read as model A reads inputs (the merged model reads them
+    so too) and as model B does (the same object when they read alike)."""
+
+    name: str
+    spec: str
+    num_classes: int
+    as_a: Any  # pleas_jax.data.Dataset
+    as_b: Any
+
+
+def _probe(train_x, train_y, test_x, test_y, k, args) -> float:
+    head = heads_lib.train_linear_probe(
+        train_x, train_y, k, epochs=args.probe_epochs, learning_rate=args.probe_lr,
+        batch_size=args.probe_batch_size, seed=args.seed,
+    )
+    return train_lib.accuracy(np.asarray(heads_lib.apply_head(head, test_x)), test_y)
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Run the experiment for one pair and model order; write and return its JSON.
+
+    Raises:
+      ExperimentError, RunError, DataError, CheckpointError: bad options,
+        missing checkpoints or data (messages say how to get them).
+    """
+    common.check_common(args)
+    timer = common.Timer()
+    if (len(args.datasets) != 2 or any(d not in common.FINE_GRAINED for d in args.datasets)
+            or args.datasets[0] == args.datasets[1]):
+        raise ExperimentError(f"--datasets needs two different of "
+                              f"{', '.join(common.FINE_GRAINED)}, got {','.join(args.datasets)}")
+    if args.probe_epochs < 0:
+        raise ExperimentError("--probe-epochs must be 0 (no probes) or more")
+    ta, tb = args.datasets
+    pa, pb = common.source_paths(args, ta, tb, log)
+    a, b = common.load_source(pa, args.image_size), common.load_source(pb, args.image_size)
+    wf.check_pair(a, b)
+    specs = {t: common.dataset_spec(t, dict(args.spec), args.data_dir) for t in (ta, tb)}
+
+    with common.maybe_mock_data(args.mock_data):
+        tasks = {}
+        same_input = a.normalization == b.normalization and a.image_size == b.image_size
+        for t, model in ((ta, a), (tb, b)):
+            k = model.module.num_classes
+            log(f"reading {specs[t]}")
+            as_a = common.load_data(a, specs[t], args.data_dir, k)
+            # B's reading of A's task feeds only the ensemble's probe.
+            need_b = not same_input and (t == tb or args.probe_epochs)
+            as_b = common.load_data(b, specs[t], args.data_dir, k) if need_b else as_a
+            tasks[t] = _Task(t, specs[t], k, as_a, as_b)
+        if args.matching_data is not None:
+            sets = [common.load_data(a, args.matching_data, args.data_dir)]
+        else:
+            sets = [tasks[ta].as_a, tasks[tb].as_a]
+        batches = common.merge_images(sets, args.images, args.batch_size, args.seed)
+    del sets
+
+    bs = args.batch_size
+    acc = {ta: wf.evaluate(a, tasks[ta].as_a, batch_size=bs),
+           tb: wf.evaluate(b, tasks[tb].as_b, batch_size=bs)}
+    ensemble: dict[str, Any] = {"accuracy": float(np.mean(list(acc.values()))),
+                                "accuracies": acc}
+    if args.probe_epochs:
+        fa, fb = common.features_model(a), common.features_model(b)
+        probes = {}
+        for t, task in tasks.items():
+            both = lambda split: np.concatenate(  # noqa: E731
+                [wf.predict(fa, getattr(task.as_a, split), batch_size=bs),
+                 wf.predict(fb, getattr(task.as_b, split), batch_size=bs)], axis=1)
+            probes[t] = _probe(both("x_train"), task.as_a.y_train, both("x_test"),
+                               task.as_a.y_test, task.num_classes, args)
+        ensemble.update(probe_accuracy=float(np.mean(list(probes.values()))),
+                        probe_accuracies=probes)
+    sources = {"a": {"accuracy": acc[ta], "accuracies": {ta: acc[ta]}},
+               "b": {"accuracy": acc[tb], "accuracies": {tb: acc[tb]}},
+               "ensemble": ensemble}
+    log(f"sources: A on {ta} {acc[ta]:.4f}, B on {tb} {acc[tb]:.4f}")
+
+    def score(merged: wf.Model) -> dict[str, Any]:
+        own = {ta: wf.evaluate(merged, tasks[ta].as_a, head="a", batch_size=bs),
+               tb: wf.evaluate(merged, tasks[tb].as_a, head="b", batch_size=bs)}
+        out = {"accuracy": float(np.mean(list(own.values()))), "accuracies": own}
+        if args.probe_epochs:
+            backbone = dataclasses.replace(merged, heads=None)
+            probes = {}
+            for t, task in tasks.items():
+                ds = task.as_a
+                probes[t] = _probe(
+                    wf.predict(backbone, ds.x_train, batch_size=bs), ds.y_train,
+                    wf.predict(backbone, ds.x_test, batch_size=bs), ds.y_test,
+                    task.num_classes, args,
+                )
+            out.update(probe_accuracy=float(np.mean(list(probes.values()))),
+                       probe_accuracies=probes)
+        return out
+
+    cache_key = {"data": args.matching_data or [specs[ta], specs[tb]], "images": args.images,
+                 "batch_size": args.batch_size, "seed": args.seed, "image_size": a.image_size,
+                 "mock_data": args.mock_data, "data_dir": args.data_dir}
+    rows, matching_seconds = common.merge_grid(
+        args, a, b, batches, heads="separate", cache_key=cache_key, score=score, log=log
+    )
+    result = {
+        "experiment": EXPERIMENT,
+        "status": "done",
+        "model_type": args.model_type,
+        "pair": [ta, tb],
+        "variants": list(args.variants),
+        "checkpoints": {"a": str(pa), "b": str(pb)},
+        "eval_sets": [ta, tb],
+        "specs": specs,
+        "metric": "top-1 accuracy of each source model's own head on its task, mean over the "
+                  "two tasks (probe_accuracy: linear probes on the merged features)",
+        "settings": common.settings(
+            args, image_size=a.image_size, datasets=[ta, tb], probe_epochs=args.probe_epochs,
+            probe_lr=args.probe_lr, probe_batch_size=args.probe_batch_size,
+        ),
+        "command": getattr(args, "command", None),
+        "sources": sources,
+        "results": rows,
+        "matching_seconds": matching_seconds,
+        "merge_images": int(sum(len(x) for x in batches)),
+        "seconds": timer(),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    common.write_result(args.output_dir, result)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; prints progress and the result file's path."""
+    p = parser()
+
+    def go(args):
+        args.command = common.command_line(argv, "experiments.different_label_space")
+        result = run(args, log=lambda s: print(s, flush=True))
+        print(f"wrote {args.output_dir}/{common.RESULT_FILE} ({len(result['results'])} merges, "
+              f"{result['seconds']:.0f} s)", flush=True)
+
+    return common.run_main(go, p, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

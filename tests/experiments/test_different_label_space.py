@@ -1,0 +1,55 @@
+"""Fine-grained (different label spaces) experiment end to end on mock data and a folder."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import common, different_label_space
+from tests.experiments.conftest import BATCH, IMAGES, MOCK, SIZE
+
+
+def test_different_label_space_end_to_end(fine_grained_tree, tmp_path, capsys):
+    root, nabirds = fine_grained_tree
+    out = tmp_path / "run"
+    rc = different_label_space.main([
+        "--checkpoints", str(root), "--model_type", "rn18",
+        "--datasets", "cub,nabird", "--data_dir", str(nabirds.parent.parent),
+        "--merging", "perm_activation", "--ratios", "uniform", "--budgets", "1.0,2.0",
+        "--images", str(IMAGES), "--batch-size", str(BATCH), "--image-size", str(SIZE),
+        "--probe-epochs", "3", "--mock-data", str(MOCK), "--output_dir", str(out),
+    ])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / common.RESULT_FILE).read_text())
+    assert res["status"] == "done" and res["experiment"] == "different_label_space"
+    assert res["pair"] == ["cub", "nabird"] and res["eval_sets"] == ["cub", "nabird"]
+    # NABirds is found under --data-dir as nabirds/images.
+    assert res["specs"] == {"cub": "tfds:caltech_birds2011", "nabird": f"folder:{nabirds}"}
+    assert res["settings"]["probe_epochs"] == 3
+    rows = {r["budget"]: r for r in res["results"]}
+    assert sorted(rows) == [1.0, 2.0]
+    for r in rows.values():
+        assert r["method"] == "perm_activation" and r["least_squares"] is None
+        assert set(r["accuracies"]) == set(r["probe_accuracies"]) == {"cub", "nabird"}
+        assert r["accuracy"] == pytest.approx(np.mean(list(r["accuracies"].values())))
+        assert 0.0 <= r["probe_accuracy"] <= 1.0
+    assert rows[1.0]["macs"] < rows[2.0]["macs"] == pytest.approx(2 * rows[2.0]["macs_source"])
+    # At budget 2 the merged backbone keeps both models whole: each source's own head
+    # scores what the source scores on its task, and a probe on the merged features
+    # what a probe on both models' features scores.
+    src, ens = res["sources"], res["sources"]["ensemble"]
+    assert rows[2.0]["accuracies"]["cub"] == pytest.approx(src["a"]["accuracy"], rel=1e-6)
+    assert rows[2.0]["accuracies"]["nabird"] == pytest.approx(src["b"]["accuracy"], rel=1e-6)
+    assert rows[2.0]["accuracy"] == pytest.approx(ens["accuracy"], rel=1e-6)
+    for t in ("cub", "nabird"):
+        assert rows[2.0]["probe_accuracies"][t] == pytest.approx(ens["probe_accuracies"][t],
+                                                                 rel=1e-6)
+
+
+def test_unknown_dataset_and_missing_nabirds(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("NABIRDS_DIR", raising=False)
+    rc = different_label_space.main(["--datasets", "cub,imagenet", "--a", "x", "--b", "y",
+                                     "--output-dir", str(tmp_path / "o")])
+    assert rc == 2 and "--datasets needs two different of cub" in capsys.readouterr().err
+    with pytest.raises(common.ExperimentError, match="NABirds is not in tfds.*--spec nabird="):
+        common.dataset_spec("nabird", {}, str(tmp_path))
