@@ -299,6 +299,12 @@ def iter_convert_tree(
 
     src, dst = Path(src), Path(dst)
     files = find_checkpoints(src)
+    if dst.resolve() == src.resolve():
+        # DST/<rel>/ would be the directory holding SRC/<rel>/model.pth.
+        raise ConversionError(
+            f"{dst}: DST must differ from SRC (SRC/<rel>/model.pth is converted into the "
+            "checkpoint directory DST/<rel>/)"
+        )
     if not files:
         raise ConversionError(f"{src}: no {SOURCE_NAME} anywhere below it")
     dst.mkdir(parents=True, exist_ok=True)
@@ -359,7 +365,7 @@ def convert_tree(
       where the path does not say).
 
     Raises:
-      ConversionError: ``src`` is not a directory or holds no ``model.pth``.
+      ConversionError: ``src`` is not a directory, holds no ``model.pth``, or is ``dst``.
     """
     return list(iter_convert_tree(
         src, dst, verify=verify, overwrite=overwrite, tolerance=tolerance,

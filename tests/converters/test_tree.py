@@ -185,7 +185,8 @@ def test_failed_verification_writes_nothing(tree):
     assert not dst.exists()
 
 
-def test_cli_errors_and_help(tmp_path, capsys):
+def test_cli_errors_and_help(tree, tmp_path, capsys):
+    src, _ = tree
     assert main(["convert-tree", str(tmp_path / "missing"), str(tmp_path / "dst")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pleas-jax: error: ") and "missing" in err and "\n" not in err
@@ -193,6 +194,8 @@ def test_cli_errors_and_help(tmp_path, capsys):
     empty.mkdir()
     assert main(["convert-tree", str(empty), str(tmp_path / "dst")]) == 2
     assert "no model.pth" in capsys.readouterr().err
+    assert main(["convert-tree", str(src), str(src)]) == 2
+    assert "DST must differ from SRC" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["convert-tree", "--help"])
     assert e.value.code == 0
