@@ -33,11 +33,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from pleas_jax import checkpoint
-from pleas_jax import data as data_lib
-from pleas_jax import workflow as wf
+if TYPE_CHECKING:
+    from pleas_jax import data as data_lib
+    from pleas_jax import workflow as wf
 
 MODEL_TYPES = {"rn18": "resnet18", "rn50": "resnet50", "rn101": "resnet101"}
 VARIANTS = ("v1a", "v1b", "v2a", "v2b")
@@ -87,6 +89,15 @@ ENV_NABIRDS = "NABIRDS_DIR"
 
 class ExperimentError(ValueError):
     """An experiment that cannot run as asked; the message says what to do."""
+
+
+def _pleas():
+    # pleas_jax (JAX, orbax) is imported when a run needs it, not by the launcher
+    # and the report, which only read this module's tables.
+    from pleas_jax import checkpoint, workflow
+    from pleas_jax import data as data_lib
+
+    return checkpoint, data_lib, workflow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +281,7 @@ def release_dir(root: Path, model_type: str, dataset: str, variant: str) -> Path
 
 
 def _is_checkpoint(path: Path) -> bool:
+    checkpoint = _pleas()[0]
     return (path / checkpoint.METADATA_FILE).is_file() and (path / checkpoint.ARRAYS_DIR).is_dir()
 
 
@@ -321,6 +333,7 @@ def load_source(path: str | os.PathLike, image_size: int | None = None) -> wf.Mo
     Raises:
       ExperimentError: not a checkpoint (with how to get one).
     """
+    checkpoint, _, wf = _pleas()
     try:
         model = wf.load_model(path)
     except checkpoint.CheckpointError as e:
@@ -402,6 +415,7 @@ def load_data(
       ExperimentError: unreadable data (with how to prepare it), the wrong
         number of channels, or labels outside the model's label space.
     """
+    data_lib = _pleas()[1]
     try:
         ds = data_lib.load(spec, image_size=model.image_size, data_dir=data_dir,
                            normalization=model.normalization)
@@ -448,6 +462,7 @@ def _digest(key: Mapping[str, Any]) -> str:
 def checkpoint_key(path: Path) -> dict[str, Any]:
     """What identifies a checkpoint's content for caches: its resolved path and
     the metadata file's modification time."""
+    checkpoint = _pleas()[0]
     meta = Path(path) / checkpoint.METADATA_FILE
     return {"path": str(Path(path).resolve()), "mtime": meta.stat().st_mtime_ns}
 
@@ -507,6 +522,7 @@ def features_model(model: wf.Model) -> wf.Model:
 
 def write_result(out_dir: str | os.PathLike, result: Mapping[str, Any]) -> Path:
     """Write a run's JSON into ``out_dir`` (created) atomically."""
+    wf = _pleas()[2]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return wf.write_json(out / RESULT_FILE, result)
@@ -536,6 +552,7 @@ def run_main(fn: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentP
              argv: Sequence[str] | None) -> int:
     """Parse ``argv``, run ``fn(args)``; user errors become one line on stderr
     (exit status 2), as the ``pleas-jax`` command does."""
+    checkpoint, data_lib, wf = _pleas()
     import sys
 
     args = parser.parse_args(argv)
@@ -576,6 +593,7 @@ def merge_grid(
       ``method``, ``ratios``, ``budget``, ``achieved_budget``, ``macs``,
       ``params``, ``seconds`` and the metrics; seconds spent per matching kind.
     """
+    wf = _pleas()[2]
     from pleas_jax.merge import merge
 
     cache = MatchingCache(args.matching_cache)

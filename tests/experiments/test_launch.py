@@ -1,0 +1,166 @@
+"""Launch grids: dry runs, resume, logs; the shell launchers; one tiny real run on mock data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import common, launch, report
+from tests.experiments.conftest import BATCH, IMAGES, MOCK, SIZE
+
+ROOT = Path(__file__).resolve().parents[2]
+SHELL = {e: ROOT / "experiments" / f"launch_{e}.sh" for e in launch.EXPERIMENTS}
+
+
+def _commands(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("experiment", launch.EXPERIMENTS)
+def test_dry_run_lists_the_papers_grid(experiment, tmp_path, capsys):
+    assert launch.main([experiment, "--dry-run", "--output_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    cmds = _commands(out)
+    # 6 pairs x 2 model orders x 5 rn18 budgets.
+    assert len(cmds) == 60 and out.rstrip().endswith("# 60 runs (0 finished, would be skipped)")
+    assert all(f"-m experiments.{experiment}" in c for c in cmds)
+    dirs = {c.split("--output-dir ")[1].split()[0] for c in cmds}
+    assert len(dirs) == 60 and not any(Path(d).exists() for d in dirs)
+    assert sum("--variants v1b,v1a" in c for c in cmds) == 30
+    assert {c.split("--budgets ")[1].split()[0] for c in cmds} == {"1", "1.24", "1.46", "1.71", "2"}
+    flag = "--domains" if experiment == "shared_label_space" else "--datasets"
+    pairs = {c.split(f"{flag} ")[1].split()[0] for c in cmds}
+    expected = common.DOMAINNET_PAIRS if experiment == "shared_label_space" else \
+        common.FINE_GRAINED_PAIRS
+    assert pairs == {f"{a},{b}" for a, b in expected}
+    # Two methods, rn101's budgets: twice the runs, rn101's grid.
+    assert launch.main([experiment, "--dry-run", "--model_type", "rn101", "--merging",
+                        "pleas_weight,zipit", "--use_zip_ratios", "--output_dir", str(tmp_path)]) == 0
+    cmds = _commands(capsys.readouterr().out)
+    assert len(cmds) == 120 and all("--ratios zip" in c for c in cmds)
+    assert {c.split("--budgets ")[1].split()[0] for c in cmds} == {"1", "1.1", "1.7", "1.8", "2"}
+
+
+FAKE_PYTHON = """#!/bin/sh
+# Stands in for python: writes a finished result.json into --output-dir, except
+# for the budget named by FAIL_BUDGET, where it fails.
+out=""; budget=""
+while [ $# -gt 0 ]; do
+  case "$1" in --output-dir) out="$2"; shift;; --budgets) budget="$2"; shift;; esac; shift
+done
+echo "fake run at budget $budget"
+if [ "$budget" = "${FAIL_BUDGET:-none}" ]; then echo "boom" >&2; exit 3; fi
+mkdir -p "$out" && echo '{"status": "done"}' > "$out/result.json"
+"""
+
+
+def test_resume_skips_finished_runs_and_logs_everything(tmp_path, monkeypatch, capsys):
+    fake = tmp_path / "fakepython"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    out = tmp_path / "runs"
+    args = ["different_label_space", "--python", str(fake), "--pairs", "cub:nabird",
+            "--budgets", "1,1.5,2", "--output_dir", str(out), "--wandb"]
+    monkeypatch.setenv("FAIL_BUDGET", "1.5")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    assert launch.main(args) == 1
+    first = capsys.readouterr().out
+    assert "wandb is not installed" in first
+    assert "run 1 of 6: rn18 cub-nabird v1a-v1b pleas_activation budget 1: done" in first
+    assert "run 2 of 6: rn18 cub-nabird v1a-v1b pleas_activation budget 1.5: FAILED" in first
+    assert "6 runs: 4 done, 0 skipped (finished), 2 failed" in first
+    (log,) = (out / "logs").glob("launch-different_label_space-*.log")
+    text = log.read_text()
+    assert text.count("$ ") == 6 and "fake run at budget 1.5" in text and "boom" in text
+    assert "exit status 3" in text
+    assert len(list(out.rglob(common.RESULT_FILE))) == 4
+
+    # The dry run knows what is finished; the rerun runs only the failed ones.
+    monkeypatch.delenv("FAIL_BUDGET")
+    assert launch.main([*args, "--dry-run"]) == 0
+    assert "# 6 runs (4 finished, would be skipped)" in capsys.readouterr().out
+    assert launch.main(args) == 0
+    second = capsys.readouterr().out
+    assert "6 runs: 2 done, 4 skipped (finished), 0 failed" in second
+    assert "run 1 of 6: rn18 cub-nabird v1a-v1b pleas_activation budget 1: skipped" in second
+    assert len(list(out.rglob(common.RESULT_FILE))) == 6
+    # Each run has its own directory; other settings get other directories.
+    assert launch.main([*args, "--seed", "1", "--dry-run"]) == 0
+    assert "# 6 runs (0 finished" in capsys.readouterr().out
+
+
+def test_bad_options_are_one_line(tmp_path, capsys):
+    assert launch.main(["shared_label_space", "--pairs", "clipart:cub", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown dataset 'cub' in --pairs" in err
+
+
+@pytest.mark.parametrize("experiment", launch.EXPERIMENTS)
+def test_shell_launchers_help_and_dry_run(experiment, tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable)
+    res = subprocess.run([str(SHELL[experiment]), "--help"], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"usage: launch_{experiment}.sh")
+    for opt in ("--data_dir", "--model_type", "--merging", "--max_steps", "--seed",
+                "--output_dir", "--use_zip_ratios", "--least-squares", "--ratios", "--dry-run",
+                "--wandb"):
+        assert opt in res.stdout
+    res = subprocess.run(
+        [str(SHELL[experiment]), "--model_type", "rn50", "--merging", "pleas_activation",
+         "--max_steps", "50", "--seed", "2", "--output_dir", "out", "--data_dir", "data",
+         "--least-squares", "gd", "--dry-run"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    cmds = _commands(res.stdout)
+    assert len(cmds) == 60
+    assert all("--least-squares gd --gd-steps 50" in c and "--seed 2" in c
+               and "--data-dir data" in c and "--output-dir out/" in c for c in cmds)
+    assert {c.split("--budgets ")[1].split()[0] for c in cmds} == {"1", "1.2", "1.55", "1.8", "2"}
+
+
+def test_tiny_real_run_through_the_shell_launcher_and_report(domainnet_tree, tmp_path):
+    out = tmp_path / "runs"
+    cmd = [str(SHELL["shared_label_space"]), "--checkpoints", str(domainnet_tree),
+           "--pairs", "clipart:painting", "--orders", "v1a:v1b", "--budgets", "1",
+           "--merging", "zipit", "--images", str(IMAGES), "--batch-size", str(BATCH),
+           "--image-size", str(SIZE), "--mock-data", str(MOCK), "--output_dir", str(out)]
+    env = dict(os.environ, PYTHON=sys.executable)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "run 1 of 1: rn18 clipart-painting v1a-v1b zipit budget 1: done" in res.stdout
+    (file,) = out.rglob(common.RESULT_FILE)
+    result = json.loads(file.read_text())
+    assert result["status"] == "done" and result["pair"] == ["clipart", "painting"]
+    (row,) = result["results"]
+    assert (row["method"], row["ratios"], row["budget"]) == ("zipit", "zip", 1.0)
+    assert row["achieved_budget"] == pytest.approx(1.0, abs=1e-6)
+    assert len(list((out / "matching_cache").glob("*.npz"))) == 1
+    # Resumed: nothing left to run.
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "1 runs: 0 done, 1 skipped (finished), 0 failed" in res.stdout
+
+    # The report reads the run (plus a synthetic second order) into tables and a plot.
+    other = json.loads(file.read_text())
+    other["variants"] = ["v1b", "v1a"]
+    other["results"][0]["accuracy"] = 0.5
+    other["sources"]["ensemble"]["accuracy"] = 0.75
+    (out / "extra").mkdir()
+    (out / "extra" / common.RESULT_FILE).write_text(json.dumps(other))
+    rep = report.report([out], tmp_path / "report")
+    assert rep["runs"] == 2
+    mean = 100 * (row["accuracy"] + 0.5) / 2
+    ens = 100 * (result["sources"]["ensemble"]["accuracy"] + 0.75) / 2
+    assert "### shared_label_space, rn18, clipart + painting: accuracy (%)" in rep["markdown"]
+    assert f"| ZipIt!-style partial merging | {mean:.2f} |" in rep["markdown"]
+    assert f"ensemble {ens:.2f}" in rep["markdown"]
+    png = tmp_path / "report" / "accuracy_vs_budget_shared_label_space_rn18.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv_text = (tmp_path / "report" / "results.csv").read_text().splitlines()
+    assert csv_text[0].startswith("file,experiment,model_type,pair,variants")
+    assert len(csv_text) == 1 + 2 * 4  # per run: model A, model B, ensemble, one merge
+    assert "accuracy:infograph" in csv_text[0]
