@@ -140,7 +140,8 @@ def float_list(text: str) -> list[float]:
     try:
         return [float(t) for t in csv_list(text)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}") from None
 
 
 def spec_override(text: str) -> tuple[str, str]:
@@ -160,8 +161,10 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                    help="architecture directory of the tree (default rn18)")
     g.add_argument("--variants", type=csv_list, default=["v1a", "v1b"], metavar="VA,VB",
                    help="variants of models A and B (default v1a,v1b)")
-    g.add_argument("--a", default=None, metavar="PATH", help="checkpoint of model A (overrides the tree)")
-    g.add_argument("--b", default=None, metavar="PATH", help="checkpoint of model B (overrides the tree)")
+    g.add_argument("--a", default=None, metavar="PATH",
+                   help="checkpoint of model A (instead of the tree)")
+    g.add_argument("--b", default=None, metavar="PATH",
+                   help="checkpoint of model B (instead of the tree)")
     g = p.add_argument_group("merging")
     g.add_argument("--methods", "--merging", type=csv_list, default=list(METHODS),
                    metavar="M[,M...]", help=f"methods among {', '.join(METHODS)} (default all)")

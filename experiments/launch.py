@@ -86,7 +86,8 @@ def parser(
     else:
         p.set_defaults(experiment=experiment)
     g = p.add_argument_group("grid")
-    g.add_argument("--model-type", "--model_type", default="rn18", choices=sorted(common.MODEL_TYPES),
+    g.add_argument("--model-type", "--model_type", default="rn18",
+                   choices=sorted(common.MODEL_TYPES),
                    help="rn18, rn50 or rn101 (default rn18); sets the paper's budgets")
     g.add_argument("--merging", "--methods", type=common.csv_list, default=["pleas_activation"],
                    metavar="M[,M...]",

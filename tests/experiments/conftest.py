@@ -9,18 +9,13 @@ ensemble: the tests can then compare accuracies exactly.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 import pytest
 
 from experiments import common
 from pleas_jax import checkpoint, models, recompute_batch_norm
 from pleas_jax import workflow as wf
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers import init, randomize_norms  # noqa: E402
+from tests.helpers import init, randomize_norms
 
 SIZE = 16
 MOCK = 24  # examples per split of each mocked tfds source

@@ -38,7 +38,8 @@ def test_dry_run_lists_the_papers_grid(experiment, tmp_path, capsys):
     assert pairs == {f"{a},{b}" for a, b in expected}
     # Two methods, rn101's budgets: twice the runs, rn101's grid.
     assert launch.main([experiment, "--dry-run", "--model_type", "rn101", "--merging",
-                        "pleas_weight,zipit", "--use_zip_ratios", "--output_dir", str(tmp_path)]) == 0
+                        "pleas_weight,zipit", "--use_zip_ratios",
+                        "--output_dir", str(tmp_path)]) == 0
     cmds = _commands(capsys.readouterr().out)
     assert len(cmds) == 120 and all("--ratios zip" in c for c in cmds)
     assert {c.split("--budgets ")[1].split()[0] for c in cmds} == {"1", "1.1", "1.7", "1.8", "2"}
