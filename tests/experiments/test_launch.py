@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -54,8 +55,28 @@ while [ $# -gt 0 ]; do
 done
 echo "fake run at budget $budget"
 if [ "$budget" = "${FAIL_BUDGET:-none}" ]; then echo "boom" >&2; exit 3; fi
-mkdir -p "$out" && echo '{"status": "done"}' > "$out/result.json"
+mkdir -p "$out" && cat > "$out/result.json" <<EOF
+{"status": "done", "experiment": "different_label_space", "model_type": "rn18",
+ "pair": ["cub", "nabird"], "variants": ["v1a", "v1b"], "settings": {"seed": 0},
+ "sources": {"a": {"accuracy": 0.5}, "b": {"accuracy": 0.25}, "ensemble": {"accuracy": 0.75}},
+ "results": [{"method": "pleas_activation", "budget": $budget, "accuracy": 0.5}]}
+EOF
 """
+
+
+class FakeWandb:
+    """Records what the launcher logs to Weights & Biases."""
+
+    def __init__(self):
+        self.runs = []
+
+    def init(self, project, name, config, reinit):
+        run = types.SimpleNamespace(project=project, name=name, config=config, logged=[],
+                                    summary={}, finished=False)
+        run.log = run.logged.append
+        run.finish = lambda: setattr(run, "finished", True)
+        self.runs.append(run)
+        return run
 
 
 def test_resume_skips_finished_runs_and_logs_everything(tmp_path, monkeypatch, capsys):
@@ -88,6 +109,17 @@ def test_resume_skips_finished_runs_and_logs_everything(tmp_path, monkeypatch, c
     assert "6 runs: 2 done, 4 skipped (finished), 0 failed" in second
     assert "run 1 of 6: rn18 cub-nabird v1a-v1b pleas_activation budget 1: skipped" in second
     assert len(list(out.rglob(common.RESULT_FILE))) == 6
+    assert json.loads(next(out.rglob(common.RESULT_FILE)).read_text())["status"] == "done"
+    # With wandb installed, each finished run is logged (local JSON all the same).
+    wandb = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    assert launch.main([*args, "--budgets", "1,1.25", "--orders", "v1a:v1b",
+                        "--wandb-project", "p"]) == 0
+    assert "1 done, 1 skipped" in capsys.readouterr().out
+    (run,) = wandb.runs
+    assert run.project == "p" and run.name.endswith("budget 1.25") and run.finished
+    assert run.logged == [{"method": "pleas_activation", "budget": 1.25, "accuracy": 0.5}]
+    assert run.summary == {"a_accuracy": 0.5, "b_accuracy": 0.25, "ensemble_accuracy": 0.75}
     # Each run has its own directory; other settings get other directories.
     assert launch.main([*args, "--seed", "1", "--dry-run"]) == 0
     assert "# 6 runs (0 finished" in capsys.readouterr().out
