@@ -7,7 +7,8 @@ ResNet-20s (width 16) trained on the bundled MNIST images at 16x16 with differen
 (the checkpoints shipped in ``demo/checkpoints``), merged into one model of 1.5x the
 compute of either source. ``pleas_jax.merge(...)`` runs the same steps in one call.
 
-Run from the repository root (about half a minute on a 2-core CPU)::
+Run from the repository root (about 50 s of CPU time, most of it compiling and
+accumulating the least-squares statistics)::
 
     python examples/basic_usage.py
     python examples/basic_usage.py --budget 1.25 --images 1000
@@ -36,8 +37,8 @@ def main() -> None:
     parser.add_argument("--b", default=str(CHECKPOINTS / "mnist5k_seed1"), help="model B")
     parser.add_argument("--budget", type=float, default=1.5,
                         help="merged compute relative to one model, in [1, 2] (default 1.5)")
-    parser.add_argument("--images", type=int, default=600,
-                        help="training images the merge sees (default 600)")
+    parser.add_argument("--images", type=int, default=400,
+                        help="training images the merge sees (default 400)")
     args = parser.parse_args()
 
     # 1. Load two models of the same architecture: (module, variables) pairs plus the
@@ -53,6 +54,7 @@ def main() -> None:
 
     # Unlabelled training images for matching, least squares and BatchNorm statistics:
     # a list of batches [200, 16, 16, 1] (re-iterable: every step reads them again).
+    # 400 images keep the least-squares statistics cheap; more help little here.
     batches = workflow.merge_batches(dataset, args.images, 200)
 
     # 2. The permutation spec, traced from A's apply function on one image: group ->
