@@ -376,7 +376,7 @@ def convert_tree(
 def format_summary(rows: Sequence[Mapping[str, Any]]) -> str:
     """The rows of :func:`convert_tree` as a fixed-width table, one line per file,
     then a totals line; failures' reasons are not included (one line each elsewhere)."""
-    header = ("path", "arch", "classes", "status", "max |dlogit|", "rel")
+    header = ("path", "arch", "classes", "status", "max abs diff", "max rel diff")
     lines = [
         (
             str(r.get("path") or r["checkpoint"]),
