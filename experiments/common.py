@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -239,17 +240,39 @@ def method_runs(methods: Sequence[str], ratios: Sequence[str]) -> list[tuple[str
     return out
 
 
+MOCK_IMAGE_SIZE = 16
+
+
+def _mock_source(examples: int):
+    """A stand-in for ``DatasetBuilder.as_data_source``: ``examples`` random RGB
+    images ``[16, 16, 3]`` with random labels of the dataset's label space, seeded
+    by dataset, config and split. Fixed-size images, unlike tfds' own random
+    sizes, let the reader resize them all in one compiled call."""
+
+    def as_data_source(builder, split=None, *args, **kwargs):
+        config = builder.builder_config.name if builder.builder_config else ""
+        seed = zlib.crc32(f"{builder.name}/{config}/{split}".encode())
+        rng = np.random.default_rng(seed)
+        k = builder.info.features["label"].num_classes
+        size = (MOCK_IMAGE_SIZE, MOCK_IMAGE_SIZE, 3)
+        return [{"image": rng.integers(0, 256, size, dtype=np.uint8),
+                 "label": int(rng.integers(k))} for _ in range(examples)]
+
+    return as_data_source
+
+
 @contextlib.contextmanager
 def maybe_mock_data(examples: int | None) -> Iterator[None]:
     """Run inside ``tfds.testing.mock_data`` when ``examples`` is given (tests),
-    else do nothing. Mocked sources hold random images and labels and never
-    touch the network."""
+    else do nothing. Every tfds source then holds ``examples`` random images per
+    split (:func:`_mock_source`) and nothing touches the network or the disk."""
     if examples is None:
         yield
         return
     import tensorflow_datasets as tfds
 
-    with tfds.testing.mock_data(num_examples=examples):
+    with tfds.testing.mock_data(num_examples=examples,
+                                as_data_source_fn=_mock_source(examples)):
         yield
 
 

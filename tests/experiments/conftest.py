@@ -1,6 +1,6 @@
 """Tiny source checkpoints in the release's layout, and mock data, for the experiment tests.
 
-The source models are two-stage ResNets of width 4 on 16 px images with random
+The source models are one-block ResNets of width 4 on 16 px images with random
 weights. Their BatchNorm statistics are recomputed on exactly the images the
 experiment's merge sees, so that a merge at budget 2 (which recomputes the
 merged model's statistics on those images) computes the same function as the
@@ -25,24 +25,21 @@ NORM = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
 
 def tiny(num_classes: int) -> models.ResNet:
-    """A two-stage basic-block ResNet with an ImageNet stem: cheap to compile."""
-    return models.ResNet("basic", (1, 1), 4, (4, 8), ((4,), (8,)), (False, True), num_classes,
-                         "imagenet", (1, 2))
+    """A one-block basic ResNet with an ImageNet stem: cheap to compile."""
+    return models.ResNet("basic", (1,), 4, (8,), ((4,),), (True,), num_classes, "imagenet", (1,))
 
 
 def write_pair(root, dirs, num_classes, specs):
     """Save two tiny models (``num_classes`` each) into ``root`` at the release
     paths ``dirs``, with BN statistics of the merge images the experiment draws
     from ``specs`` (read as model A reads them)."""
-    import tensorflow_datasets as tfds
-
     meta = {"image_size": SIZE, "normalization": NORM}
     sources = []
     for seed, k in enumerate(num_classes):
         module = tiny(k)
         sources.append((module, randomize_norms(init(module, SIZE, seed), seed)))
     model_a = wf.Model(*sources[0], metadata=meta, name="a")
-    with tfds.testing.mock_data(num_examples=MOCK):
+    with common.maybe_mock_data(MOCK):
         sets = [common.load_data(model_a, s, None) for s in specs]
     batches = common.merge_images(sets, IMAGES, BATCH, 0)
     paths = []
