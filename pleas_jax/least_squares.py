@@ -552,7 +552,7 @@ def _shift_gram(layer: Layer, xp, xpw, precision):
 
 def batch_sums(
     layer: Layer, x, y, mask, init: Mapping[str, Any] | None = None, *,
-    gram: str = "patches", precision: Any = _HI,
+    gram: str = "patches", precision: Any = _HI, target_gram: bool = False,
 ) -> dict[str, Any]:
     """One batch's contribution to :func:`layer_statistics` for one layer.
 
@@ -570,6 +570,7 @@ def batch_sums(
         on small maps, where padding dominates); patches are the default
         until an accelerator shows otherwise.
       precision: matmul precision.
+      target_gram: also return ``"target_gram" [C_out, C_out]`` (Σ ỸᵀỸ).
 
     Returns:
       ``{"gram", "cross", "target_sq", "count"}`` (+ ``"init_grad"``,
@@ -593,6 +594,8 @@ def batch_sums(
     y2 = y.reshape(-1, layer.c_out)
     w = jnp.repeat(mask, n_out)
     out = {"target_sq": jnp.sum(w[:, None] * y2 * y2, axis=0), "count": jnp.sum(w)}
+    if target_gram:
+        out["target_gram"] = jnp.matmul((y2 * w[:, None]).T, y2, precision=precision)
     if use_shifts:
         xp = _pad_input(layer, x)
         per_example = mask.reshape((-1,) + (1,) * (xp.ndim - 1))
@@ -618,7 +621,7 @@ def batch_sums(
     return out
 
 
-def _statistics_fn(module_a, module_b, layers, blocks, precision, gram):
+def _statistics_fn(module_a, module_b, layers, blocks, precision, gram, target_gram=False):
     def fn(replicated, x, mask):
         va, vb, init = replicated
         fa, fb = _features(module_a, va, x), _features(module_b, vb, x)
@@ -626,7 +629,8 @@ def _statistics_fn(module_a, module_b, layers, blocks, precision, gram):
         for name, layer in layers.items():
             xin, y = _layer_data(layer, blocks, fa, fb)
             w0 = None if init is None else matrix_to_weights(layer, init[name])
-            out[name] = batch_sums(layer, xin, y, mask, w0, gram=gram, precision=precision)
+            out[name] = batch_sums(layer, xin, y, mask, w0, gram=gram, precision=precision,
+                                   target_gram=target_gram)
         return out
 
     return fn
@@ -651,6 +655,7 @@ def layer_statistics(
     layers: Iterable[str] | None = None,
     precision: Any = _HI,
     gram: str = "patches",
+    target_gram: bool = False,
     progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Sums for the closed-form solve of every merged layer, in one pass over data.
@@ -671,6 +676,7 @@ def layer_statistics(
       precision: matmul precision of the sums (fp32 ``HIGHEST`` by default).
       gram: how conv Grams are formed, ``"patches"`` or ``"shifts"``
         (:func:`batch_sums`).
+      target_gram: also accumulate ``"target_gram" [C_out, C_out]`` (Σ ỸᵀỸ).
       progress: show a progress bar.
 
     Returns:
@@ -696,9 +702,9 @@ def layer_statistics(
                   * jnp.asarray(matrix_mask(lay), jnp.float32) for n, lay in chosen.items()}
     mesh = mesh or distributed.data_mesh()
     key = ("statistics", module_a, module_b, tuple(chosen.values()), _blocks_key(blocks, chosen),
-           precision, gram, mesh, init_m is None)
+           precision, gram, mesh, init_m is None, target_gram)
     step = _cached(key, lambda: distributed.batch_sum(
-        _statistics_fn(module_a, module_b, chosen, blocks, precision, gram), mesh))
+        _statistics_fn(module_a, module_b, chosen, blocks, precision, gram, target_gram), mesh))
     replicated = (variables_a, variables_b, init_m)
     acc = None
     for batch in tqdm(batches, desc="least-squares statistics", disable=not progress, leave=False):
