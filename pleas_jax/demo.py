@@ -11,8 +11,8 @@ mlxtend:
 
 Each pair is merged with every method of :data:`METHODS` at every budget (the
 merged model's compute relative to one source model: 1 is fully merged, 2 is
-the ensemble). A pair's matchings (weights, activations) are computed once and
-shared across budgets and methods. Source models come from a directory of
+the ensemble). A pair's matchings (weights, activations) and its least-squares
+sums are computed once and shared across budgets and methods. Source models come from a directory of
 shipped checkpoints, else a cache, else are trained (and cached).
 
 The configuration is data (:class:`DemoConfig`); :func:`run` executes it and
@@ -266,6 +266,9 @@ def run_pair(
 
     matchings: dict[str, tuple] = {}
     matching_seconds: dict[str, float] = {}
+    # Least-squares sums of the pair, taken once and projected for every
+    # budget and matching: the solves then compile once for the whole grid.
+    statistics: Any = "pair"
     results: dict[str, dict[str, Any]] = {m.name: {} for m in config.methods}
     bar = tqdm(
         total=len(config.methods) * len(config.budgets), desc=f"merge {pair.name}",
@@ -281,8 +284,10 @@ def run_pair(
                 least_squares=method.least_squares, heads=pair.heads,
                 gd_steps=config.gd_steps, gd_learning_rate=config.gd_learning_rate,
                 precomputed_matching=matchings.get(method.matching),
-                count_xla_flops=False, progress=False,
+                statistics=statistics, count_xla_flops=False, progress=False,
             )
+            if result.pair_statistics is not None:
+                statistics = result.pair_statistics
             if method.matching not in matchings:
                 matchings[method.matching] = (result.perm, result.costs)
                 matching_seconds[method.matching] = result.report["seconds"]["matching"]

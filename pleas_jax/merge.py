@@ -6,6 +6,11 @@ for the compute budget, the partial merge, least squares (closed form or
 gradient descent), BatchNorm statistics, and the heads; it returns the merged
 model with a report of what each stage did and cost.
 
+A sweep over budgets, ratio allocations or matchings of one pair passes the
+first merge's matching (``precomputed_matching``) and least-squares sums
+(``statistics="pair"``, then ``statistics=result.pair_statistics``) to the
+next ones: only ratios, the partial merge, the solve and BatchNorm are redone.
+
 Example::
 
     a, b = pleas_jax.load("ckpt/a"), pleas_jax.load("ckpt/b")
@@ -32,12 +37,14 @@ from pleas_jax.batch_norm import recompute_batch_norm
 from pleas_jax.least_squares import least_squares as fit_least_squares
 from pleas_jax.matching.activations import SIMILARITIES, activation_matching
 from pleas_jax.matching.weights import weight_matching
+from pleas_jax.pair_least_squares import PairStatistics, fit, pair_statistics
 from pleas_jax.permutation import identity
 from pleas_jax.spec import Group, derive_spec
 
 MATCHINGS = ("activation", "weight", "identity")
 RATIOS = ("uniform", "zip", "optimized")
 LEAST_SQUARES = ("closed_form", "gd", None)
+STATISTICS = ("per_merge", "pair")
 HEADS = ("shared", "separate")
 
 
@@ -54,6 +61,9 @@ class MergeResult:
         is B's unit matched with A's unit i).
       ratios, blocks: per-group ratios and merge blocks.
       report: seconds per stage, FLOPs, parameters, least-squares residuals.
+      pair_statistics: the pair's least-squares sums when the merge used
+        ``statistics="pair"`` or was given them (reusable by later merges of
+        the same pair, heads mode and data), else ``None``.
     """
 
     module: Any
@@ -65,6 +75,7 @@ class MergeResult:
     ratios: dict
     blocks: dict
     report: dict
+    pair_statistics: PairStatistics | None = None
 
     def logits(self, x, head: str | None = None):
         """Outputs for images ``x [N, H, W, C]``: the shared head's logits, or
@@ -151,6 +162,7 @@ def merge(
     max_iter: int = 100,
     seed: int = 0,
     precomputed_matching: tuple[Mapping, Mapping] | None = None,
+    statistics: str | PairStatistics = "per_merge",
     count_xla_flops: bool = True,
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
@@ -178,6 +190,13 @@ def merge(
       max_iter, seed: weight matching's sweeps and group order.
       precomputed_matching: ``(perm, costs)`` from an earlier merge of the same
         pair (matching does not depend on the budget).
+      statistics: the least-squares sums. ``"per_merge"``: taken for this
+        merge's blocks (:func:`pleas_jax.least_squares.least_squares`; the
+        cheapest for one merge). ``"pair"``: budget- and matching-independent
+        sums (:mod:`pleas_jax.pair_least_squares`), returned in
+        ``result.pair_statistics``; or those sums from an earlier merge of
+        the same pair, heads mode and data, so that this merge skips the pass
+        over data and reuses compiled solves.
       count_xla_flops: cross-check the analytic FLOPs with XLA's cost analysis.
       mesh: device mesh for the statistics passes.
       progress: progress bars per stage.
@@ -195,6 +214,10 @@ def merge(
     ):
         if value not in choices:
             raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    if not isinstance(statistics, PairStatistics) and statistics not in STATISTICS:
+        raise ValueError(
+            f"statistics must be one of {STATISTICS} or a PairStatistics, got {statistics!r}"
+        )
     if isinstance(ratios, str) and ratios not in RATIOS:
         raise ValueError(f"ratios must be one of {RATIOS} or a dict of group ratios, got {ratios!r}")
     (module_a, va), (module_b, vb) = model_a, model_b
@@ -262,12 +285,27 @@ def merge(
 
         t0 = stage("least squares")
         ls_report = None
-        if least_squares is not None:
+        pair_stats = statistics if isinstance(statistics, PairStatistics) else None
+        if least_squares is not None and statistics == "per_merge":
             merged, ls_report = fit_least_squares(
                 module_a, va, module_b, vb, spec, blocks, merged_module, merged, data_fn(),
                 mode=least_squares, ridge=ridge, steps=gd_steps, learning_rate=gd_learning_rate,
                 mesh=mesh, progress=progress,
             )
+        elif least_squares is not None:
+            if pair_stats is None:
+                t_stats = time.perf_counter()
+                pair_stats = pair_statistics(
+                    module_a, va, module_b, vb, spec, data_fn(), mesh=mesh, progress=progress
+                )
+                jax.block_until_ready(pair_stats.sums)
+                t_stats = time.perf_counter() - t_stats
+            merged, ls_report = fit(
+                pair_stats, blocks, merged, mode=least_squares, ridge=ridge, steps=gd_steps,
+                learning_rate=gd_learning_rate,
+            )
+            if not isinstance(statistics, PairStatistics):
+                ls_report["seconds"]["statistics"] = t_stats
         done("least squares", t0)
 
         t0 = stage("batch norm")
@@ -308,5 +346,5 @@ def merge(
         stages.close()
     report["seconds"] = seconds
     return MergeResult(
-        merged_module, merged, routed, spec, perm, costs, group_ratios, blocks, report
+        merged_module, merged, routed, spec, perm, costs, group_ratios, blocks, report, pair_stats
     )
