@@ -428,58 +428,6 @@ def dataset_spec(name: str, overrides: Mapping[str, str], data_dir: str | None) 
     )
 
 
-def load_data(
-    model: wf.Model, spec: str, data_dir: str | None, num_classes: int | None = None
-) -> data_lib.Dataset:
-    """``spec`` read as ``model`` reads its inputs (image size, normalisation).
-
-    With ``num_classes``, labels are mapped back to the full label space
-    ``0..num_classes-1`` when the data holds only some of its classes (a data
-    spec keeps and relabels the classes present; a model predicts all of them).
-
-    Raises:
-      ExperimentError: unreadable data (with how to prepare it), the wrong
-        number of channels, or labels outside the model's label space.
-    """
-    data_lib = _pleas()[1]
-    try:
-        ds = data_lib.load(spec, image_size=model.image_size, data_dir=data_dir,
-                           normalization=model.normalization)
-    except data_lib.DataError as e:
-        raise ExperimentError(str(e)) from None
-    if ds.x_train.shape[-1] != model.channels:
-        raise ExperimentError(f"{model.name} reads {model.channels}-channel images but "
-                              f"{spec!r} has {ds.x_train.shape[-1]}")
-    if num_classes is None or ds.num_classes == num_classes:
-        return ds
-    classes = np.asarray(ds.classes)
-    if ds.num_classes > num_classes or classes.min() < 0 or classes.max() >= num_classes:
-        raise ExperimentError(
-            f"{spec!r} has {ds.num_classes} classes (labels {int(classes.min())}.."
-            f"{int(classes.max())}) but {model.name} predicts {num_classes}"
-        )
-    return dataclasses.replace(
-        ds, y_train=classes[ds.y_train].astype(np.int32),
-        y_test=classes[ds.y_test].astype(np.int32), classes=tuple(range(num_classes)),
-    )
-
-
-def merge_images(
-    sets: Sequence[data_lib.Dataset], images: int, batch_size: int, seed: int
-) -> list[np.ndarray]:
-    """Merge batches ``[batch_size, H, W, C]``: ``images`` training images drawn
-    evenly from ``sets`` (a seeded shuffle of each), interleaved by a seeded
-    shuffle so every batch mixes the tasks."""
-    share = [images // len(sets) + (i < images % len(sets)) for i in range(len(sets))]
-    rng = np.random.default_rng(seed)
-    parts = []
-    for ds, k in zip(sets, share, strict=True):
-        parts.append(ds.x_train[rng.permutation(len(ds.x_train))[:k]])
-    x = np.concatenate(parts)
-    x = x[rng.permutation(len(x))]
-    return [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
-
-
 # ---------------------------------------------------------------- caching
 def _digest(key: Mapping[str, Any]) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -5,7 +5,8 @@ Stanford Dogs, NABirds; different classes) are merged with every method at every
 budget. The merged backbone is scored on each task two ways:
 
 - **own heads**: each source model's classifier, routed to the merged channel
-  order, reads the merged features (``accuracies``; their mean is ``accuracy``);
+  order, reads the merged features (``accuracies``; their mean is ``accuracy``;
+  ``source_agreement``: how often a head predicts what its source model does);
 - **linear probes**: a linear classifier per task trained on frozen merged
   features of the task's training split, as the paper does (Adam, lr 1e-3,
   ``--probe-epochs`` epochs, cosine to lr/10) (``probe_accuracies``,
@@ -40,10 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from experiments import common
+from experiments import common, streams
 from experiments.common import ExperimentError
 from pleas_jax import heads as heads_lib
-from pleas_jax import train as train_lib
 from pleas_jax import workflow as wf
 
 EXPERIMENT = "different_label_space"
@@ -67,24 +67,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclasses.dataclass
-class _Task:
-    """One task's data, read as model A reads inputs (the merged model reads them
-    so too) and as model B does (the same object when they read alike)."""
-
-    name: str
-    spec: str
-    num_classes: int
-    as_a: Any  # pleas_jax.data.Dataset
-    as_b: Any
-
-
 def _probe(train_x, train_y, test_x, test_y, k, args) -> float:
     head = heads_lib.train_linear_probe(
         train_x, train_y, k, epochs=args.probe_epochs, learning_rate=args.probe_lr,
         batch_size=args.probe_batch_size, seed=args.seed,
     )
-    return train_lib.accuracy(np.asarray(heads_lib.apply_head(head, test_x)), test_y)
+    return streams.accuracy(np.asarray(heads_lib.apply_head(head, test_x)), test_y)
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
@@ -108,69 +96,80 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
     wf.check_pair(a, b)
     specs = {t: common.dataset_spec(t, dict(args.spec), args.data_dir) for t in (ta, tb)}
 
+    size, bs = a.image_size, args.batch_size
+    ks = {ta: a.module.num_classes, tb: b.module.num_classes}
+    sets = {t: streams.Images(specs[t], size, args.data_dir, ks[t]) for t in (ta, tb)}
+
     with common.maybe_mock_data(args.mock_data):
-        tasks = {}
-        same_input = a.normalization == b.normalization and a.image_size == b.image_size
-        for t, model in ((ta, a), (tb, b)):
-            k = model.module.num_classes
-            log(f"reading {specs[t]}")
-            as_a = common.load_data(a, specs[t], args.data_dir, k)
-            # B's reading of A's task feeds only the ensemble's probe.
-            need_b = not same_input and (t == tb or args.probe_epochs)
-            as_b = common.load_data(b, specs[t], args.data_dir, k) if need_b else as_a
-            tasks[t] = _Task(t, specs[t], k, as_a, as_b)
         if args.matching_data is not None:
-            sets = [common.load_data(a, args.matching_data, args.data_dir)]
+            raw = streams.Images(args.matching_data, size, args.data_dir).sample(
+                "train", args.images, args.seed)
         else:
-            sets = [tasks[ta].as_a, tasks[tb].as_a]
-        batches = common.merge_images(sets, args.images, args.batch_size, args.seed)
-    del sets
+            raw = streams.merge_sample([sets[ta], sets[tb]], args.images, args.seed)
+        a, b = streams.with_normalization(a, raw), streams.with_normalization(b, raw)
+        batches = streams.to_batches(streams.prepare(a, raw), bs)
+        del raw
+        run_a = lambda model, **kw: lambda x: wf.predict(  # noqa: E731
+            model, streams.prepare(a, x), batch_size=bs, **kw)
 
-    bs = args.batch_size
-    acc = {ta: wf.evaluate(a, tasks[ta].as_a, batch_size=bs),
-           tb: wf.evaluate(b, tasks[tb].as_b, batch_size=bs)}
-    ensemble: dict[str, Any] = {"accuracy": float(np.mean(list(acc.values()))),
-                                "accuracies": acc}
-    if args.probe_epochs:
-        fa, fb = common.features_model(a), common.features_model(b)
-        probes = {}
-        for t, task in tasks.items():
-            both = lambda split: np.concatenate(  # noqa: E731
-                [wf.predict(fa, getattr(task.as_a, split), batch_size=bs),
-                 wf.predict(fb, getattr(task.as_b, split), batch_size=bs)], axis=1)
-            probes[t] = _probe(both("x_train"), task.as_a.y_train, both("x_test"),
-                               task.as_a.y_test, task.num_classes, args)
-        ensemble.update(probe_accuracy=float(np.mean(list(probes.values()))),
-                        probe_accuracies=probes)
-    sources = {"a": {"accuracy": acc[ta], "accuracies": {ta: acc[ta]}},
-               "b": {"accuracy": acc[tb], "accuracies": {tb: acc[tb]}},
-               "ensemble": ensemble}
-    log(f"sources: A on {ta} {acc[ta]:.4f}, B on {tb} {acc[tb]:.4f}")
-
-    def score(merged: wf.Model) -> dict[str, Any]:
-        own = {ta: wf.evaluate(merged, tasks[ta].as_a, head="a", batch_size=bs),
-               tb: wf.evaluate(merged, tasks[tb].as_a, head="b", batch_size=bs)}
-        out = {"accuracy": float(np.mean(list(own.values()))), "accuracies": own}
+        log(f"scoring the sources on {specs[ta]} and {specs[tb]}")
+        out, y = streams.collect(sets[ta], "test", {"a": run_a(a)})
+        acc = {ta: streams.accuracy(out["a"], y)}
+        # How often a merged model's heads predict what the source models do.
+        source_pred = {ta: np.argmax(out["a"], axis=-1)}
+        out, y = streams.collect(sets[tb], "test", {
+            "b": lambda x: wf.predict(b, streams.prepare(b, x), batch_size=bs)})
+        acc[tb] = streams.accuracy(out["b"], y)
+        source_pred[tb] = np.argmax(out["b"], axis=-1)
+        ensemble: dict[str, Any] = {"accuracy": float(np.mean(list(acc.values()))),
+                                    "accuracies": acc}
         if args.probe_epochs:
-            backbone = dataclasses.replace(merged, heads=None)
+            # The ensemble's probe reads both models' features side by side, each
+            # model reading its inputs its own way.
+            fa, fb = common.features_model(a), common.features_model(b)
+            both = {"a": run_a(fa),
+                    "b": lambda x: wf.predict(fb, streams.prepare(b, x), batch_size=bs)}
             probes = {}
-            for t, task in tasks.items():
-                ds = task.as_a
-                probes[t] = _probe(
-                    wf.predict(backbone, ds.x_train, batch_size=bs), ds.y_train,
-                    wf.predict(backbone, ds.x_test, batch_size=bs), ds.y_test,
-                    task.num_classes, args,
-                )
-            out.update(probe_accuracy=float(np.mean(list(probes.values()))),
-                       probe_accuracies=probes)
-        return out
+            for t in (ta, tb):
+                feats = {}
+                for split in ("train", "test"):
+                    out, y = streams.collect(sets[t], split, both)
+                    feats[split] = (np.concatenate([out["a"], out["b"]], axis=1), y)
+                probes[t] = _probe(*feats["train"], *feats["test"], ks[t], args)
+            ensemble.update(probe_accuracy=float(np.mean(list(probes.values()))),
+                            probe_accuracies=probes)
+        sources = {"a": {"accuracy": acc[ta], "accuracies": {ta: acc[ta]}},
+                   "b": {"accuracy": acc[tb], "accuracies": {tb: acc[tb]}},
+                   "ensemble": ensemble}
+        log(f"sources: A on {ta} {acc[ta]:.4f}, B on {tb} {acc[tb]:.4f}")
 
-    cache_key = {"data": args.matching_data or [specs[ta], specs[tb]], "images": args.images,
-                 "batch_size": args.batch_size, "seed": args.seed, "image_size": a.image_size,
-                 "mock_data": args.mock_data, "data_dir": args.data_dir}
-    rows, matching_seconds = common.merge_grid(
-        args, a, b, batches, heads="separate", cache_key=cache_key, score=score, log=log
-    )
+        def score(merged: wf.Model) -> dict[str, Any]:
+            own, agree = {}, {}
+            for t, head in ((ta, "a"), (tb, "b")):
+                out, y = streams.collect(sets[t], "test", {"m": run_a(merged, head=head)})
+                own[t] = streams.accuracy(out["m"], y)
+                agree[t] = float(np.mean(np.argmax(out["m"], axis=-1) == source_pred[t]))
+            result = {"accuracy": float(np.mean(list(own.values()))), "accuracies": own,
+                      "source_agreement": float(np.mean(list(agree.values()))),
+                      "source_agreements": agree}
+            if args.probe_epochs:
+                backbone = run_a(dataclasses.replace(merged, heads=None))
+                probes = {}
+                for t in (ta, tb):
+                    tr, y_tr = streams.collect(sets[t], "train", {"f": backbone})
+                    te, y_te = streams.collect(sets[t], "test", {"f": backbone})
+                    probes[t] = _probe(tr["f"], y_tr, te["f"], y_te, ks[t], args)
+                result.update(probe_accuracy=float(np.mean(list(probes.values()))),
+                              probe_accuracies=probes)
+            return result
+
+        cache_key = {"data": args.matching_data or [specs[ta], specs[tb]],
+                     "images": args.images, "batch_size": args.batch_size, "seed": args.seed,
+                     "image_size": a.image_size, "mock_data": args.mock_data,
+                     "data_dir": args.data_dir}
+        rows, matching_seconds = common.merge_grid(
+            args, a, b, batches, heads="separate", cache_key=cache_key, score=score, log=log
+        )
     result = {
         "experiment": EXPERIMENT,
         "status": "done",

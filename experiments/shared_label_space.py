@@ -18,13 +18,13 @@ Example::
 
 writes ``result.json``: settings, source and ensemble accuracies per test domain,
 and one row per (budget, method, ratios) with the merged model's accuracy per
-domain and their mean (``accuracy``), achieved budget, MACs and seconds.
+domain and their mean (``accuracy``), how often it predicts what the ensemble
+predicts (``ensemble_agreement``), achieved budget, MACs and seconds.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -32,9 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from experiments import common
+from experiments import common, streams
 from experiments.common import ExperimentError
-from pleas_jax import train as train_lib
 from pleas_jax import workflow as wf
 
 EXPERIMENT = "shared_label_space"
@@ -53,11 +52,6 @@ def parser() -> argparse.ArgumentParser:
                    metavar="D[,D...]", help="test domains (default all four)")
     common.add_common_arguments(p)
     return p
-
-
-def _test_only(ds):
-    # The training split is needed only for merge images; drop it to save memory.
-    return dataclasses.replace(ds, x_train=ds.x_train[:0], y_train=ds.y_train[:0])
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
@@ -83,50 +77,57 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
     if b.module.num_classes != k:
         raise ExperimentError(f"{pa} predicts {k} classes but {pb} {b.module.num_classes}; "
                               "a shared label space needs the same classes")
-    same_input = a.normalization == b.normalization and a.image_size == b.image_size
     spec = lambda d: common.dataset_spec(d, dict(args.spec), args.data_dir)  # noqa: E731
+    evals = list(args.eval_domains)
+    size = a.image_size
+    sets = {d: streams.Images(spec(d), size, args.data_dir, k)
+            for d in dict.fromkeys([da, db, *evals])}
+    bs = args.batch_size
 
     with common.maybe_mock_data(args.mock_data):
-        tests_a, tests_b, train_sets = {}, {}, {}
-        for d in dict.fromkeys([da, db, *args.eval_domains]):
-            log(f"reading {spec(d)}")
-            ds = common.load_data(a, spec(d), args.data_dir, k)
-            if d in (da, db) and args.matching_data is None:
-                train_sets[d] = ds
-            tests_a[d] = _test_only(ds)
-            if not same_input:
-                tests_b[d] = _test_only(common.load_data(b, spec(d), args.data_dir, k))
-        tests_b = tests_b or tests_a
         if args.matching_data is not None:
-            sets = [common.load_data(a, args.matching_data, args.data_dir)]
+            raw = streams.Images(args.matching_data, size, args.data_dir).sample(
+                "train", args.images, args.seed)
         else:
-            sets = [train_sets[da], train_sets[db]]
-        batches = common.merge_images(sets, args.images, args.batch_size, args.seed)
-    del train_sets, sets
+            raw = streams.merge_sample([sets[da], sets[db]], args.images, args.seed)
+        a, b = streams.with_normalization(a, raw), streams.with_normalization(b, raw)
+        batches = streams.to_batches(streams.prepare(a, raw), bs)
+        del raw
 
-    evals = list(args.eval_domains)
-    sources: dict[str, Any] = {"a": {}, "b": {}, "ensemble": {}}
-    for d in evals:
-        la = wf.predict(a, tests_a[d].x_test, batch_size=args.batch_size)
-        lb = wf.predict(b, tests_b[d].x_test, batch_size=args.batch_size)
-        y = tests_a[d].y_test
-        for who, logits in (("a", la), ("b", lb), ("ensemble", (la + lb) / 2)):
-            sources[who][d] = train_lib.accuracy(logits, y)
-    sources = {who: {"accuracy": float(np.mean(list(acc.values()))), "accuracies": acc}
-               for who, acc in sources.items()}
-    log(f"sources: A {sources['a']['accuracy']:.4f}, B {sources['b']['accuracy']:.4f}, "
-        f"ensemble {sources['ensemble']['accuracy']:.4f}")
+        sources: dict[str, Any] = {"a": {}, "b": {}, "ensemble": {}}
+        ensemble_pred = {}  # how often a merged model predicts what the ensemble does
+        for d in evals:
+            log(f"scoring the sources on {spec(d)}")
+            out, y = streams.collect(sets[d], "test", {
+                "a": lambda x: wf.predict(a, streams.prepare(a, x), batch_size=bs),
+                "b": lambda x: wf.predict(b, streams.prepare(b, x), batch_size=bs),
+            })
+            for who, logits in (("a", out["a"]), ("b", out["b"]),
+                                ("ensemble", (out["a"] + out["b"]) / 2)):
+                sources[who][d] = streams.accuracy(logits, y)
+            ensemble_pred[d] = np.argmax(out["a"] + out["b"], axis=-1)
+        sources = {who: {"accuracy": float(np.mean(list(acc.values()))), "accuracies": acc}
+                   for who, acc in sources.items()}
+        log(f"sources: A {sources['a']['accuracy']:.4f}, B {sources['b']['accuracy']:.4f}, "
+            f"ensemble {sources['ensemble']['accuracy']:.4f}")
 
-    def score(merged: wf.Model) -> dict[str, Any]:
-        acc = {d: wf.evaluate(merged, tests_a[d], batch_size=args.batch_size) for d in evals}
-        return {"accuracy": float(np.mean(list(acc.values()))), "accuracies": acc}
+        def score(merged: wf.Model) -> dict[str, Any]:
+            acc, agree = {}, {}
+            for d in evals:
+                out, y = streams.collect(sets[d], "test", {
+                    "m": lambda x: wf.predict(merged, streams.prepare(a, x), batch_size=bs)})
+                acc[d] = streams.accuracy(out["m"], y)
+                agree[d] = float(np.mean(np.argmax(out["m"], axis=-1) == ensemble_pred[d]))
+            return {"accuracy": float(np.mean(list(acc.values()))), "accuracies": acc,
+                    "ensemble_agreement": float(np.mean(list(agree.values()))),
+                    "ensemble_agreements": agree}
 
-    cache_key = {"data": args.matching_data or [spec(da), spec(db)], "images": args.images,
-                 "batch_size": args.batch_size, "seed": args.seed, "image_size": a.image_size,
-                 "mock_data": args.mock_data, "data_dir": args.data_dir}
-    rows, matching_seconds = common.merge_grid(
-        args, a, b, batches, heads="shared", cache_key=cache_key, score=score, log=log
-    )
+        cache_key = {"data": args.matching_data or [spec(da), spec(db)], "images": args.images,
+                     "batch_size": args.batch_size, "seed": args.seed, "image_size": a.image_size,
+                     "mock_data": args.mock_data, "data_dir": args.data_dir}
+        rows, matching_seconds = common.merge_grid(
+            args, a, b, batches, heads="shared", cache_key=cache_key, score=score, log=log
+        )
     result = {
         "experiment": EXPERIMENT,
         "status": "done",

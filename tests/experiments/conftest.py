@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experiments import common
+from experiments import common, streams
 from pleas_jax import checkpoint, models, recompute_batch_norm
 from pleas_jax import workflow as wf
 from tests.helpers import init, randomize_norms
@@ -40,8 +40,8 @@ def write_pair(root, dirs, num_classes, specs):
         sources.append((module, randomize_norms(init(module, SIZE, seed), seed)))
     model_a = wf.Model(*sources[0], metadata=meta, name="a")
     with common.maybe_mock_data(MOCK):
-        sets = [common.load_data(model_a, s, None) for s in specs]
-    batches = common.merge_images(sets, IMAGES, BATCH, 0)
+        raw = streams.merge_sample([streams.Images(s, SIZE) for s in specs], IMAGES, 0)
+    batches = streams.to_batches(streams.prepare(model_a, raw), BATCH)
     paths = []
     for (module, variables), rel in zip(sources, dirs, strict=True):
         out = root / rel

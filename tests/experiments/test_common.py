@@ -7,8 +7,8 @@ import types
 import numpy as np
 import pytest
 
-from experiments import common
-from pleas_jax import checkpoint, data
+from experiments import common, streams
+from pleas_jax import checkpoint
 from tests.experiments.conftest import SIZE, tiny
 
 
@@ -96,19 +96,39 @@ def test_load_source_fills_in_the_releases_inputs(saved, tmp_path):
         common.load_source(tmp_path)
 
 
-def test_load_data_maps_back_to_the_full_label_space(saved, tmp_path):
+def test_images_map_back_to_the_full_label_space(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, (30, 8, 8, 3), dtype=np.uint8)
     y = np.repeat([2, 5, 7], 10)  # three of the model's ten classes
     np.savez(tmp_path / "d.npz", x=x, y=y)
-    model = common.load_source(saved)
-    ds = common.load_data(model, f"npz:{tmp_path / 'd.npz'}", None, 10)
-    assert ds.num_classes == 10 and set(ds.y_train) | set(ds.y_test) == {2, 5, 7}
-    assert ds.x_train.shape[1:] == (SIZE, SIZE, 3)
+    images = streams.Images(f"npz:{tmp_path / 'd.npz'}", SIZE, num_classes=10)
+    assert images.size("train") + images.size("test") == 30
+    xs, ys = zip(*images.chunks("train", chunk=7), strict=True)
+    assert [len(c) for c in ys] == [7, 7, 7, 3]
+    assert set(np.concatenate(ys)) == {2, 5, 7}
+    raw = np.concatenate(xs)
+    # Raw pixels in [0, 1] at the asked size, whatever the spec's own normalisation.
+    assert raw.shape[1:] == (SIZE, SIZE, 3) and -1e-4 < raw.min() and raw.max() < 1 + 1e-4
     with pytest.raises(common.ExperimentError, match="predicts 4"):
-        common.load_data(model, f"npz:{tmp_path / 'd.npz'}", None, 4)
+        streams.Images(f"npz:{tmp_path / 'd.npz'}", SIZE, num_classes=4).size("test")
     with pytest.raises(common.ExperimentError, match="no such file"):
-        common.load_data(model, f"npz:{tmp_path / 'x.npz'}", None)
+        streams.Images(f"npz:{tmp_path / 'x.npz'}", SIZE).size("test")
+
+
+def test_tfds_images_are_read_by_index_and_missing_ones_say_how_to_build(tmp_path):
+    with common.maybe_mock_data(12):
+        images = streams.Images("tfds:domainnet/real", 8, num_classes=345)
+        assert images.size("test") == 12
+        x = images.sample("train", 5, seed=0)
+        assert x.shape == (5, 8, 8, 3) and x.dtype == np.float32 and x.max() <= 1.0
+        np.testing.assert_array_equal(x, images.sample("train", 5, seed=0))
+        (_, y), = [images.read("test", [0, 3])]
+        assert y.dtype == np.int32 and ((0 <= y) & (y < 345)).all()
+        with pytest.raises(common.ExperimentError, match="has label .* predicts 3 classes"):
+            streams.Images("tfds:domainnet/real", 8, num_classes=3).read("test", range(12))
+    missing = streams.Images("tfds:caltech_birds2011", 8, data_dir=str(tmp_path))
+    with pytest.raises(common.ExperimentError, match="tfds build caltech_birds2011"):
+        missing.size("test")
 
 
 def test_dataset_specs(tmp_path, monkeypatch):
@@ -125,18 +145,21 @@ def test_dataset_specs(tmp_path, monkeypatch):
         common.dataset_spec("mnist", {}, None)
 
 
-def test_merge_images_are_balanced_and_seeded():
-    a = data.Dataset(np.zeros((50, 2, 2, 1), np.float32), np.zeros(50, np.int32), None, None,
-                     (0,), "a", None, None)
-    b = data.Dataset(np.ones((50, 2, 2, 1), np.float32), np.zeros(50, np.int32), None, None,
-                     (0,), "b", None, None)
-    batches = common.merge_images([a, b], 31, 10, seed=3)
-    assert [len(x) for x in batches] == [10, 10, 10, 1]
-    x = np.concatenate(batches)
+class _Fake:
+    def __init__(self, value):
+        self.value = value
+
+    def sample(self, split, n, seed):
+        return np.full((n, 2, 2, 1), self.value, np.float32)
+
+
+def test_merge_sample_is_balanced_mixed_and_seeded():
+    x = streams.merge_sample([_Fake(0), _Fake(1)], 31, seed=3)
+    batches = streams.to_batches(x, 10)
+    assert [len(b) for b in batches] == [10, 10, 10, 1]
     assert (x[:, 0, 0, 0] == 0).sum() == 16 and (x[:, 0, 0, 0] == 1).sum() == 15
-    again = np.concatenate(common.merge_images([a, b], 31, 10, seed=3))
-    np.testing.assert_array_equal(x, again)
-    assert 0 < (x[:10, 0, 0, 0] == 1).sum() < 10  # batches mix the tasks
+    np.testing.assert_array_equal(x, streams.merge_sample([_Fake(0), _Fake(1)], 31, seed=3))
+    assert 0 < (batches[0][:, 0, 0, 0] == 1).sum() < 10  # batches mix the tasks
 
 
 def test_method_runs_and_matching_cache(tmp_path):

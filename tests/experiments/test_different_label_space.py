@@ -41,6 +41,7 @@ def test_different_label_space_end_to_end(fine_grained_tree, tmp_path, capsys):
     assert rows[2.0]["accuracies"]["cub"] == pytest.approx(src["a"]["accuracy"], rel=1e-6)
     assert rows[2.0]["accuracies"]["nabird"] == pytest.approx(src["b"]["accuracy"], rel=1e-6)
     assert rows[2.0]["accuracy"] == pytest.approx(ens["accuracy"], rel=1e-6)
+    assert rows[2.0]["source_agreements"] == {"cub": 1.0, "nabird": 1.0}
     for t in ("cub", "nabird"):
         assert rows[2.0]["probe_accuracies"][t] == pytest.approx(ens["probe_accuracies"][t],
                                                                  rel=1e-6)

@@ -40,6 +40,9 @@ def test_shared_label_space_end_to_end(domainnet_tree, tmp_path, capsys):
     ens = res["sources"]["ensemble"]["accuracies"]
     for d in common.DOMAINS:
         assert row["accuracies"][d] == pytest.approx(ens[d], rel=1e-6)
+    # Not only the same accuracy: the same prediction on every test image.
+    assert row["ensemble_agreement"] == 1.0
+    assert set(row["ensemble_agreements"]) == set(common.DOMAINS)
     assert list(res["matching_seconds"]) == ["activation"]
     assert len(list(cache.glob("matching-*.npz"))) == 1
 
@@ -52,6 +55,7 @@ def test_shared_label_space_end_to_end(domainnet_tree, tmp_path, capsys):
     assert (r["method"], r["ratios"], r["budget"]) == ("zipit", "zip", 1.5)
     assert res2["matching_seconds"] == {}
     assert r["least_squares"] is None and 0.0 <= r["accuracy"] <= 1.0
+    assert 0.0 <= r["ensemble_agreement"] < 1.0  # a real merge at 1.5 changes predictions
     assert r["achieved_budget"] <= 1.5 + 1e-6 and r["macs"] < 1.5 * r["macs_source"] + 1
     # The same sources, read the same way, score the same.
     assert res2["sources"] == res["sources"]
