@@ -554,7 +554,8 @@ def merge_grid(
     ``args`` and score each merged model.
 
     A pair's matchings depend on neither the budget nor the ratios: each kind
-    (activation, weight) is computed once, or read from ``--matching-cache``.
+    (activation, weight) is computed once, or read from ``--matching-cache``;
+    so are its least-squares sums when several merges fit them.
 
     Args:
       batches: the merge images, ``[batch, H, W, C]`` each.
@@ -573,6 +574,11 @@ def merge_grid(
     cache = MatchingCache(args.matching_cache)
     rows, matching_seconds = [], {}
     runs = method_runs(args.methods, args.ratios)
+    # With several least-squares merges in this process, the pair's sums are taken
+    # once and projected for each budget and matching; for one, per-merge sums are
+    # cheaper (see pleas_jax.merge.merge's ``statistics``).
+    fits = len(args.budgets) * sum(METHODS[m].least_squares for m, _ in runs)
+    statistics: Any = "pair" if fits > 1 else "per_merge"
     for budget in args.budgets:
         for name, ratios in runs:
             method = METHODS[name]
@@ -586,7 +592,10 @@ def merge_grid(
                 least_squares=args.least_squares if method.least_squares else None,
                 heads=heads, gd_steps=args.gd_steps, seed=args.seed,
                 precomputed_matching=cached, count_xla_flops=False, progress=args.progress,
+                **({"statistics": statistics} if method.least_squares else {}),
             )
+            if getattr(result, "pair_statistics", None) is not None:
+                statistics = result.pair_statistics
             if cached is None:
                 cache.put(key, result.perm, result.costs)
                 matching_seconds[method.matching] = result.report["seconds"]["matching"]

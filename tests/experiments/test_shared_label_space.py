@@ -22,7 +22,9 @@ def _run(tree, out, cache, methods, budgets):
 
 def test_shared_label_space_end_to_end(domainnet_tree, tmp_path, capsys):
     out, cache = tmp_path / "run", tmp_path / "cache"
-    assert _run(domainnet_tree, out, cache, "pleas_activation", "2.0") == 0, capsys.readouterr().err
+    # Two least-squares merges: the pair's sums are taken once and shared.
+    assert _run(domainnet_tree, out, cache, "pleas_activation", "1.5,2.0") == 0, \
+        capsys.readouterr().err
     res = json.loads((out / common.RESULT_FILE).read_text())
     assert res["status"] == "done" and res["experiment"] == "shared_label_space"
     assert res["pair"] == ["clipart", "painting"] and res["variants"] == ["v1a", "v1b"]
@@ -30,7 +32,9 @@ def test_shared_label_space_end_to_end(domainnet_tree, tmp_path, capsys):
     assert res["eval_sets"] == list(common.DOMAINS)
     assert res["merge_images"] == IMAGES
     assert "--domains clipart,painting" in res["command"]
-    (row,) = res["results"]
+    low, row = res["results"]
+    assert (low["method"], low["ratios"], low["budget"]) == ("pleas_activation", "optimized", 1.5)
+    assert low["achieved_budget"] <= 1.5 + 1e-6 and 0.0 <= low["accuracy"] <= 1.0
     assert (row["method"], row["ratios"], row["budget"]) == ("pleas_activation", "optimized", 2.0)
     assert row["least_squares"] == "closed_form" and row["matching"] == "activation"
     assert row["achieved_budget"] == pytest.approx(2.0, abs=1e-6)
