@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import common, different_label_space
+from experiments import common, different_label_space, report
 from tests.experiments.conftest import BATCH, IMAGES, MOCK, SIZE
 
 
@@ -45,6 +45,17 @@ def test_different_label_space_end_to_end(fine_grained_tree, tmp_path, capsys):
     for t in ("cub", "nabird"):
         assert rows[2.0]["probe_accuracies"][t] == pytest.approx(ens["probe_accuracies"][t],
                                                                  rel=1e-6)
+
+    # The report tabulates both metrics and plots each.
+    rep = report.report([out], tmp_path / "report")
+    md = rep["markdown"]
+    assert "### different_label_space, rn18, cub + nabird: accuracy (%)" in md
+    assert "### different_label_space, rn18, cub + nabird: probe accuracy (%)" in md
+    assert f"| activation matching, uniform ratios | {100 * rows[2.0]['accuracy']:.2f} |" in md
+    assert f"ensemble {100 * ens['probe_accuracy']:.2f}" in md
+    for metric in ("accuracy", "probe_accuracy"):
+        png = tmp_path / "report" / f"{metric}_vs_budget_different_label_space_rn18.png"
+        assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_unknown_dataset_and_missing_nabirds(tmp_path, capsys, monkeypatch):
