@@ -121,9 +121,12 @@ class Images:
             x, y = self._loaded()[split]
             return x[indices], y[indices]
         source = self._tfds(split)
+        idx = [int(i) for i in indices]
+        # Array-record sources read a batch of records in one call.
+        examples = source.__getitems__(idx) if hasattr(source, "__getitems__") else [
+            source[i] for i in idx]
         xs, ys = [], []
-        for i in indices:
-            ex = source[int(i)]
+        for ex in examples:
             xs.append(_resize(np.asarray(ex["image"]), self.image_size))
             ys.append(int(ex["label"]))
         x = np.stack(xs) if xs else np.zeros((0, self.image_size, self.image_size, 3), np.float32)
@@ -155,6 +158,9 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:
     if img.shape[:2] != (size, size):
         from PIL import Image
 
+        if img.shape[-1] == 3:
+            img = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+            return img.astype(np.float32) / 255.0
         channels = [
             np.asarray(Image.fromarray(img[..., c]).resize((size, size), Image.BILINEAR))
             for c in range(img.shape[-1])
