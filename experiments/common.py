@@ -246,8 +246,8 @@ MOCK_IMAGE_SIZE = 16
 def _mock_source(examples: int):
     """A stand-in for ``DatasetBuilder.as_data_source``: ``examples`` random RGB
     images ``[16, 16, 3]`` with random labels of the dataset's label space, seeded
-    by dataset, config and split. Fixed-size images, unlike tfds' own random
-    sizes, let the reader resize them all in one compiled call."""
+    by dataset, config and split. tfds' own mock draws images of random sizes;
+    fixed small ones keep the tests' reading cheap."""
 
     def as_data_source(builder, split=None, *args, **kwargs):
         config = builder.builder_config.name if builder.builder_config else ""

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import common, different_label_space, report
+from experiments import common, different_label_space, report, streams
 from tests.experiments.conftest import BATCH, IMAGES, MOCK, SIZE
 
 
@@ -65,3 +65,42 @@ def test_unknown_dataset_and_missing_nabirds(tmp_path, capsys, monkeypatch):
     assert rc == 2 and "--datasets needs two different of cub" in capsys.readouterr().err
     with pytest.raises(common.ExperimentError, match="NABirds is not in tfds.*--spec nabird="):
         common.dataset_spec("nabird", {}, str(tmp_path))
+
+
+def test_pleas_free_merges_on_other_data_and_probes_on_the_tasks(fine_grained_tree, tmp_path,
+                                                                monkeypatch, capsys):
+    root, nabirds = fine_grained_tree
+    sampled, streamed = [], set()
+    sample, chunks = streams.Images.sample, streams.Images.chunks
+
+    def spy_sample(self, split, n, seed):
+        sampled.append((self.spec, split, n))
+        return sample(self, split, n, seed)
+
+    def spy_chunks(self, split, chunk=streams.CHUNK):
+        streamed.add((self.spec, split))
+        return chunks(self, split, chunk)
+
+    monkeypatch.setattr(streams.Images, "sample", spy_sample)
+    monkeypatch.setattr(streams.Images, "chunks", spy_chunks)
+    out = tmp_path / "free"
+    rc = different_label_space.main([
+        "--checkpoints", str(root), "--datasets", "cub,nabird",
+        "--spec", f"nabird=folder:{nabirds}", "--matching-data", "tfds:imagenet_v2",
+        "--methods", "perm_activation", "--ratios", "uniform", "--budgets", "1.0",
+        "--images", str(IMAGES), "--batch-size", str(BATCH), "--image-size", str(SIZE),
+        "--probe-epochs", "1", "--mock-data", str(MOCK), "--output-dir", str(out),
+    ])
+    assert rc == 0, capsys.readouterr().err
+    # The merge sees only the other data; sources, heads and probes only the tasks'.
+    assert sampled == [("tfds:imagenet_v2", "train", IMAGES)]
+    assert streamed == {(s, split) for s in ("tfds:caltech_birds2011", f"folder:{nabirds}")
+                        for split in ("train", "test")}
+    res = json.loads((out / common.RESULT_FILE).read_text())
+    assert res["settings"]["matching_data"] == "tfds:imagenet_v2"
+    # The mocked source holds fewer training images than asked for: all are used.
+    assert res["merge_images"] == min(IMAGES, MOCK)
+    assert list(res["matching_seconds"]) == ["activation"]
+    (row,) = res["results"]
+    assert row["achieved_budget"] == pytest.approx(1.0) and 0 <= row["source_agreement"] <= 1
+    assert set(row["probe_accuracies"]) == {"cub", "nabird"}
