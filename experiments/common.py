@@ -230,12 +230,16 @@ def check_common(args: argparse.Namespace) -> None:
 
 def method_runs(methods: Sequence[str], ratios: Sequence[str]) -> list[tuple[str, str]]:
     """``(method, ratios)`` pairs to run: each method with each allocation, once
-    for a method with its own allocation."""
+    for a method with its own allocation. A pair whose recipe (matching, least
+    squares, ratios) is that of a named method with its own allocation is left to
+    that method (``perm_activation`` with ``zip`` ratios is ``zipit``)."""
+    recipe = lambda m, r: (METHODS[m].matching, METHODS[m].least_squares, r)  # noqa: E731
+    named = {recipe(m, METHODS[m].ratios) for m in methods if METHODS[m].ratios}
     out = []
     for m in methods:
         own = METHODS[m].ratios
         for r in [own] if own else ratios:
-            if (m, r) not in out:
+            if (m, r) not in out and (own or recipe(m, r) not in named):
                 out.append((m, r))
     return out
 

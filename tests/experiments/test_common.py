@@ -165,6 +165,10 @@ def test_merge_sample_is_balanced_mixed_and_seeded():
 def test_method_runs_and_matching_cache(tmp_path):
     assert common.method_runs(["pleas_activation", "zipit"], ["zip", "optimized"]) == [
         ("pleas_activation", "zip"), ("pleas_activation", "optimized"), ("zipit", "zip")]
+    # Activation matching with zip ratios and no least squares is ZipIt!: run once.
+    assert common.method_runs(["perm_activation", "zipit"], ["zip", "optimized"]) == [
+        ("perm_activation", "optimized"), ("zipit", "zip")]
+    assert common.method_runs(["perm_activation"], ["zip"]) == [("perm_activation", "zip")]
     key = {"a": 1, "matching": "activation"}
     perm = {"layer1/conv1 kernel:3": np.array([1, 0, 2]), "fc:0": np.array([0, 1])}
     costs = {g: np.eye(len(p)) for g, p in perm.items()}
