@@ -88,3 +88,15 @@ def test_explicit_checkpoints_and_bad_options(tmp_path, capsys):
     assert shared_label_space.main([*base, "--a", "x", "--b", "y", "--methods", "avg"]) == 2
     assert "unknown method avg" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_missing_dataset_says_how_to_build_it(domainnet_tree, tmp_path, capsys):
+    rc = shared_label_space.main([
+        "--checkpoints", str(domainnet_tree), "--domains", "clipart,painting",
+        "--image-size", str(SIZE), "--data-dir", str(tmp_path), "--output-dir",
+        str(tmp_path / "o"),
+    ])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "tfds build domainnet/clipart" in err
+    assert not (tmp_path / "o").exists()
