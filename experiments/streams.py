@@ -5,13 +5,14 @@ fine-grained sets at small sizes, impossible for DomainNet at 224 px (its four
 domains hold 586k images, ~350 GB as float32). :class:`Images` reads a spec
 lazily instead:
 
-- ``tfds:NAME[/CONFIG]`` (no split, no label subset) is read with
-  ``tfds.data_source`` by index: a merge's sample reads only the sampled
-  images, an evaluation streams the split in chunks. Images are resized with
-  PIL (bilinear) and labels keep the dataset's own ids, so a model sees its
-  whole label space even where a chunk lacks some classes.
-- any other spec (``folder:``, ``npz:``, ``tfds:NAME:SPLIT``, label subsets) is
-  read once with :func:`pleas_jax.data.load` and then served the same way.
+- ``tfds:NAME[/CONFIG]`` (no label subset) is read with ``tfds.data_source``
+  by index: a merge's sample reads only the sampled images, an evaluation
+  streams the split in chunks. Images are resized with PIL (bilinear) and
+  labels keep the dataset's own ids, so a model sees its whole label space even
+  where a chunk lacks some classes. ``tfds:NAME:SPLIT`` serves that one split
+  (as merge data, e.g. ``--matching-data tfds:imagenet_v2:test``).
+- any other spec (``folder:``, ``npz:``, label subsets) is read once with
+  :func:`pleas_jax.data.load` and then served the same way.
 
 Images come out raw, ``[N, S, S, C]`` float32 in ``[0, 1]``; each model
 normalises them its own way with :func:`prepare`.
@@ -54,6 +55,10 @@ class Images:
         base, subset = data.parse_subset(spec)
         rest = base[5:] if base.startswith("tfds:") else None
         self._tfds_name = rest if rest and subset is None and ":" not in rest else None
+        # ``tfds:NAME:SPLIT`` streams SPLIT when sampled (see :func:`sample_spec`).
+        self._split = None
+        if rest and subset is None and rest.count(":") == 1:
+            self._tfds_name, self._split = rest.split(":")
         self._sources: dict[str, Any] = {}
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
@@ -105,10 +110,11 @@ class Images:
 
     # ------------------------------------------------------------- access
     def size(self, split: str) -> int:
-        """Number of examples in ``split`` (``"train"`` or ``"test"``)."""
+        """Number of examples in ``split`` (``"train"`` or ``"test"``; for a
+        ``tfds:NAME:SPLIT`` spec, SPLIT whatever is asked)."""
         if self._tfds_name is None:
             return len(self._loaded()[split][1])
-        return len(self._tfds(split))
+        return len(self._tfds(self._split or split))
 
     def read(self, split: str, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Images ``[n, S, S, C]`` in ``[0, 1]`` and labels ``[n]`` of ``split``.
@@ -120,7 +126,7 @@ class Images:
         if self._tfds_name is None:
             x, y = self._loaded()[split]
             return x[indices], y[indices]
-        source = self._tfds(split)
+        source = self._tfds(self._split or split)
         idx = [int(i) for i in indices]
         # Array-record sources read a batch of records in one call.
         examples = source.__getitems__(idx) if hasattr(source, "__getitems__") else [
@@ -145,7 +151,17 @@ class Images:
         return self.read(split, order)[0]
 
     def chunks(self, split: str, chunk: int = CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The whole split in order, as ``(images [<=chunk, S, S, C], labels)``."""
+        """The whole split in order, as ``(images [<=chunk, S, S, C], labels)``.
+
+        Raises:
+          ExperimentError: a ``tfds:NAME:SPLIT`` spec, which has one split only
+            (fit for ``--matching-data``, not for a task's training and test data).
+        """
+        if self._split is not None:
+            raise ExperimentError(
+                f"{self.spec!r} names one split; a task needs its train and test splits "
+                f"(use tfds:{self._tfds_name})"
+            )
         size = self.size(split)
         for start in range(0, size, chunk):
             yield self.read(split, range(start, min(start + chunk, size)))

@@ -126,6 +126,10 @@ def test_tfds_images_are_read_by_index_and_missing_ones_say_how_to_build(tmp_pat
         assert y.dtype == np.int32 and ((0 <= y) & (y < 345)).all()
         with pytest.raises(common.ExperimentError, match="has label .* predicts 3 classes"):
             streams.Images("tfds:domainnet/real", 8, num_classes=3).read("test", range(12))
+        one = streams.Images("tfds:imagenet_v2:test", 8)
+        assert one.size("train") == 12 and one.sample("train", 20, seed=1).shape == (12, 8, 8, 3)
+        with pytest.raises(common.ExperimentError, match="names one split.*tfds:imagenet_v2\\)"):
+            next(one.chunks("test"))
     missing = streams.Images("tfds:caltech_birds2011", 8, data_dir=str(tmp_path))
     with pytest.raises(common.ExperimentError, match="tfds build caltech_birds2011"):
         missing.size("test")

@@ -86,18 +86,18 @@ def test_pleas_free_merges_on_other_data_and_probes_on_the_tasks(fine_grained_tr
     out = tmp_path / "free"
     rc = different_label_space.main([
         "--checkpoints", str(root), "--datasets", "cub,nabird",
-        "--spec", f"nabird=folder:{nabirds}", "--matching-data", "tfds:imagenet_v2",
+        "--spec", f"nabird=folder:{nabirds}", "--matching-data", "tfds:imagenet_v2:test",
         "--methods", "perm_activation", "--ratios", "uniform", "--budgets", "1.0",
         "--images", str(IMAGES), "--batch-size", str(BATCH), "--image-size", str(SIZE),
         "--probe-epochs", "1", "--mock-data", str(MOCK), "--output-dir", str(out),
     ])
     assert rc == 0, capsys.readouterr().err
     # The merge sees only the other data; sources, heads and probes only the tasks'.
-    assert sampled == [("tfds:imagenet_v2", "train", IMAGES)]
+    assert sampled == [("tfds:imagenet_v2:test", "train", IMAGES)]
     assert streamed == {(s, split) for s in ("tfds:caltech_birds2011", f"folder:{nabirds}")
                         for split in ("train", "test")}
     res = json.loads((out / common.RESULT_FILE).read_text())
-    assert res["settings"]["matching_data"] == "tfds:imagenet_v2"
+    assert res["settings"]["matching_data"] == "tfds:imagenet_v2:test"
     # The mocked source holds fewer training images than asked for: all are used.
     assert res["merge_images"] == min(IMAGES, MOCK)
     assert list(res["matching_seconds"]) == ["activation"]
