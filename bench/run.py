@@ -12,6 +12,10 @@ lower bound is the bare jitted forward pass of both source models over the same
 batches (timed after a warm-up); every steady-state time is also reported as a
 ratio to it. Prints one JSON object (also written to ``--out``).
 
+With ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set,
+every process runs this script, ``jax.distributed`` starts first, the mesh
+spans all processes' devices and process 0 prints the report.
+
 Timings do not depend on the weights' values, but degenerate features would
 time a degenerate problem, so BatchNorm layers get trained-like affine
 parameters and running statistics measured on the data.
@@ -184,13 +188,14 @@ def build_models(args):
 COLD = True  # clear compilation caches before each stage (--warm turns it off)
 
 
-def timed_twice(fn, sync=None, cold: bool | None = None):
+def timed_twice(fn, sync=None, cold: bool | None = None, name: str | None = None):
     """Run ``fn`` twice; ``(result, {"first_call_s", "steady_s"})``.
 
     With ``cold``, JAX's compilation caches are cleared first, so the first
     call pays tracing and compilation as in a fresh process even when an
     earlier stage compiled the same kernels. ``sync(result)`` returns what to
-    wait for (default: the result itself).
+    wait for (default: the result itself). With ``name``, the two times go to
+    stderr as they are measured (long runs show where they are).
     """
     import jax
 
@@ -203,6 +208,9 @@ def timed_twice(fn, sync=None, cold: bool | None = None):
         out = fn()
         jax.block_until_ready(sync(out))
         times.append(time.perf_counter() - t0)
+    if name:
+        print(f"run.py: {name}: first call {times[0]:.3f} s, steady {times[1]:.3f} s",
+              file=sys.stderr, flush=True)
     return out, {"first_call_s": times[0], "steady_s": times[1]}
 
 
@@ -244,10 +252,11 @@ def forward_times(module, va, vb, batches, mesh) -> dict:
             out.append((f(va, x), f(vb, x)))
         return out
 
-    _, t = timed_twice(from_host)
+    _, t = timed_twice(from_host, name="forward")
     resident = [distributed.shard_batch(xb, mesh)[0] for xb in batches]
     jax.block_until_ready(resident)
-    _, t_res = timed_twice(lambda: [(f(va, x), f(vb, x)) for x in resident], cold=False)
+    _, t_res = timed_twice(lambda: [(f(va, x), f(vb, x)) for x in resident], cold=False,
+                          name="forward, device-resident")
     return {**t, "device_resident_s": t_res["steady_s"]}
 
 
@@ -308,6 +317,10 @@ def run(args) -> dict:
 
     global COLD
     COLD = not args.warm
+    # Several hosts: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID
+    # start jax.distributed here, before any other JAX work; the mesh then spans
+    # every process's devices (each process builds the same models and images).
+    multihost = distributed.initialize_multihost()
     t_setup = time.perf_counter()
     module, va, vb, batches = build_models(args)
     mesh = distributed.data_mesh()
@@ -322,20 +335,24 @@ def run(args) -> dict:
         stages[name] = {**t, "over_forward": t["steady_s"] / fw, **extra}
         return stages[name]
 
-    spec, t = timed_twice(lambda: derive_spec(module, va, example), sync=lambda s: 0)
+    spec, t = timed_twice(lambda: derive_spec(module, va, example), sync=lambda s: 0,
+                           name="spec")
     record("spec", t, groups=len(spec))
     table, t = timed_twice(
-        lambda: budget.layer_table(module, va, spec, example.shape[1:]), sync=lambda s: 0
+        lambda: budget.layer_table(module, va, spec, example.shape[1:]), sync=lambda s: 0,
+        name="layer table",
     )
     record("layer_table", t)
-    wm, t = timed_twice(lambda: weight_matching(spec, va, vb, max_iter=args.max_iter))
+    wm, t = timed_twice(lambda: weight_matching(spec, va, vb, max_iter=args.max_iter),
+                        name="weight matching")
     record("weight_matching", t)
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     m_stats = module.clone(dtype=dtype)
     stats, t = timed_twice(
         lambda: activation_statistics(m_stats, va, m_stats, vb, spec, batches, args.similarity,
-                                      mesh=mesh)
+                                      mesh=mesh),
+        name="activation statistics",
     )
     record("activation_statistics", t, dtype=args.dtype,
            steady_s_per_1000_images=t["steady_s"] * 1000.0 / args.images)
@@ -344,7 +361,8 @@ def run(args) -> dict:
         scores = statistics_to_scores(st, args.similarity)
         return {g: lap.solve(scores[g], name=g) for g in spec}, scores
 
-    (perm_act, scores), t = timed_twice(lambda: assign(stats), sync=lambda r: 0)
+    (perm_act, scores), t = timed_twice(lambda: assign(stats), sync=lambda r: 0,
+                                        name="assignment")
     record("assignment", t)
 
     bf16_check = None
@@ -352,7 +370,8 @@ def run(args) -> dict:
         # bf16 compute must leave the matching within tolerance of fp32's.
         stats32, t = timed_twice(
             lambda: activation_statistics(module, va, module, vb, spec, batches, args.similarity,
-                                          mesh=mesh)
+                                          mesh=mesh),
+            name="activation statistics fp32",
         )
         record("activation_statistics_fp32", t, dtype="float32")
         perm32, scores32 = assign(stats32)
@@ -382,7 +401,7 @@ def run(args) -> dict:
             return ratios, blocks, *partial.partial_merge(module, spec, blocks, va, vb)
 
         (ratios, blocks, merged_module, merged), t = timed_twice(
-            merge_partial, sync=lambda r: r[3]
+            merge_partial, sync=lambda r: r[3], name=f"budget {b}: partial merge"
         )
         row["partial_merge"] = {**t, "over_forward": t["steady_s"] / fw}
         row["achieved_budget_stages"] = budget.relative_compute(table, spec, ratios)
@@ -397,14 +416,17 @@ def run(args) -> dict:
             split.append(seconds)
             return out
 
-        fitted, t = timed_twice(ls)
+        fitted, t = timed_twice(ls, name=f"budget {b}: least squares")
         # Time least squares spends outside its own statistics and solve
         # (layer discovery, geometry checks, residuals, writing the solution).
         other = t["steady_s"] - sum(split[1].values())
         row["least_squares"] = {**t, "over_forward": t["steady_s"] / fw,
                                 "reported_first_call": split[0], "reported_steady": split[1],
                                 "steady_outside_reported_s": other}
-        _, t = timed_twice(lambda: recompute_batch_norm(merged_module, fitted, batches, mesh=mesh))
+        _, t = timed_twice(
+            lambda: recompute_batch_norm(merged_module, fitted, batches, mesh=mesh),
+            name=f"budget {b}: batch norm",
+        )
         row["batch_norm"] = {**t, "over_forward": t["steady_s"] / fw}
 
         result, t = timed_twice(
@@ -414,6 +436,7 @@ def run(args) -> dict:
                 count_xla_flops=args.xla_flops, mesh=mesh, progress=False,
             ),
             sync=lambda r: r.variables,
+            name=f"budget {b}: merge",
         )
         row["merge"] = {**t, "over_forward": t["steady_s"] / fw,
                         "first_call_over_forward": t["first_call_s"] / fw,
@@ -429,6 +452,8 @@ def run(args) -> dict:
         "device_kind": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),
         "n_devices": len(jax.devices()),
+        "n_processes": jax.process_count(),
+        "multihost": multihost,
         "jax_version": jax.__version__,
         "flax_version": flax.__version__,
         "python": platform.python_version(),
@@ -447,6 +472,10 @@ def main(argv=None) -> dict:
     configure_devices(args.devices)
     sys.path.insert(0, ROOT)
     out = run(args)
+    import jax
+
+    if jax.process_index() != 0:
+        return out  # one report per job, from process 0
     text = json.dumps(out, indent=1)
     if args.out:
         tmp = args.out + ".tmp"
