@@ -18,7 +18,8 @@ A-only outputs may not read B-only inputs and vice versa, so each layer splits
 into three independent ridge regressions: merged outputs on every input,
 A-only outputs on ``[merged, A-only]``, B-only outputs on ``[merged, B-only]``
 (the bias column is always allowed). Each is solved in closed form from sums
-accumulated in one sharded pass over the data (:func:`layer_statistics`):
+accumulated in sharded passes over the data (:func:`layer_statistics`; one
+pass unless the sums exceed a memory bound, then one per chunk of layers):
 
     G = Σ X̃ᵀX̃,  C = Σ X̃ᵀỸ,  W_S = (G_SS + λI)⁻¹ (C_S + λ W0_S),
     λ = ridge · trace(G_SS) / |S|.
@@ -147,6 +148,23 @@ class Layer:
     def gram_bytes(self) -> int:
         """Memory of the fp32 Gram ``[dim, dim]``."""
         return 4 * self.dim * self.dim
+
+
+def statistics_bytes(layer: Layer, *, init: bool = True, target_gram: bool = False) -> int:
+    """Device memory of one layer's accumulated sums (fp32), as
+    :func:`layer_statistics` returns them.
+
+    ``gram [dim, dim]``, ``cross [dim, C_out]``, ``target_sq [C_out]`` and
+    ``count []``; with ``init`` also ``init``, ``init_grad [dim, C_out]`` and
+    ``init_sq [C_out]``; with ``target_gram`` also ``[C_out, C_out]``.
+    """
+    d, k = layer.dim, layer.c_out
+    n = d * d + d * k + k + 1
+    if init:
+        n += 2 * d * k + k
+    if target_gram:
+        n += k * k
+    return 4 * n
 
 
 def _tup(v, n: int, default: int = 1) -> tuple[int, ...]:
@@ -427,6 +445,39 @@ def _peek(batches: Iterable[Any], what: str):
     return first, itertools.chain([first], it)
 
 
+def _data_passes(batches, what: str):
+    """The first batch, and a function that returns the data for one more pass.
+
+    ``batches``: a re-iterable collection (a list: every pass iterates it
+    again), a callable returning a fresh iterator (called once per pass after
+    the first), or a one-shot iterator (one pass only). The first pass reuses
+    the iterator the first batch was read from, so nothing is read twice.
+
+    Returns ``(first, next_pass, one_shot)``; ``next_pass()`` raises
+    ``ValueError`` when a one-shot iterator is asked for a second pass.
+    """
+    if callable(batches):
+        it = iter(batches())
+    else:
+        it = iter(batches)
+    one_shot = not callable(batches) and it is batches
+    first = next(it, None)
+    if first is None:
+        raise ValueError(f"{what} needs at least one batch of data")
+    pending = [itertools.chain([first], it)]
+
+    def next_pass():
+        if pending:
+            return pending.pop()
+        if callable(batches):
+            return batches()
+        if one_shot:
+            raise ValueError(f"{what}: a one-shot iterator of batches cannot feed a second pass")
+        return batches
+
+    return first, next_pass, one_shot
+
+
 def _images(batch) -> np.ndarray:
     x = batch[0] if isinstance(batch, tuple | list) else batch
     return np.asarray(x)
@@ -641,6 +692,95 @@ def _add(acc, new):
     return jax.tree.map(jnp.add, acc, new)
 
 
+# ------------------------------------------------------------- memory bound
+# The bound is on one chunk's running sums. While a batch is added, its own
+# sums for the chunk are live too, so a pass peaks at about twice the chunk,
+# plus the two models' activations and recorded features for one batch.
+# Per-merge statistics at 224 px take 2.95 GiB for a budget-2.0 ResNet-50 and
+# 5.43 GiB for a ResNet-101 (pair statistics: 2.65 and 4.85 GiB; see
+# :func:`statistics_memory`). A 6 GiB bound keeps both in one pass (as fast as
+# without a bound) at a peak of ~11 GiB, leaving ~5 GiB of a 16 GB device for
+# the models and activations; a 12 GiB bound would let a larger model's pass
+# peak at ~24 GiB. Larger models, widths or images take several passes.
+DEFAULT_MAX_MEMORY_BYTES = 6 << 30
+
+
+class StatisticsOverBound(ValueError):
+    """One layer's statistics alone exceed the memory bound.
+
+    Attributes: ``layer`` (its name), ``nbytes`` (its statistics' bytes),
+    ``bound`` (the bound).
+    """
+
+    def __init__(self, layer: str, nbytes: int, bound: int):
+        super().__init__(
+            f"layer {layer}: its least-squares statistics take {nbytes} bytes, over "
+            f"max_memory_bytes={bound}; fit it by gradient descent or raise the bound"
+        )
+        self.layer, self.nbytes, self.bound = layer, nbytes, bound
+
+
+def _chunk_sizes(sizes: Sequence[int], bound: int | None) -> list[list[int]]:
+    """Greedy consecutive partition of ``sizes`` into runs summing to at most
+    ``bound`` (the fewest runs for consecutive ones); an item over the bound
+    is a run of its own. Returns item indices per run."""
+    runs: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(sizes):
+        if runs and (bound is None or total + n <= bound):
+            runs[-1].append(i)
+            total += n
+        else:
+            runs.append([i])
+            total = n
+    return runs
+
+
+def memory_chunks(
+    layers: Mapping[str, Layer], max_memory_bytes: int | None, *, init: bool = True,
+    target_gram: bool = False,
+) -> list[list[str]]:
+    """Split layers, in their order, into consecutive chunks whose statistics
+    fit ``max_memory_bytes`` (:func:`statistics_bytes`; ``None``: one chunk).
+
+    Returns layer names per chunk (no chunk for no layers).
+
+    Raises:
+      StatisticsOverBound: a layer alone exceeds the bound.
+    """
+    names = list(layers)
+    sizes = [statistics_bytes(layers[n], init=init, target_gram=target_gram) for n in names]
+    if max_memory_bytes is not None:
+        if max_memory_bytes <= 0:
+            raise ValueError(f"max_memory_bytes must be positive or None, got {max_memory_bytes}")
+        for n, b in zip(names, sizes, strict=True):
+            if b > max_memory_bytes:
+                raise StatisticsOverBound(n, b, int(max_memory_bytes))
+    return [[names[i] for i in run] for run in _chunk_sizes(sizes, max_memory_bytes)]
+
+
+def memory_report(
+    layers: Mapping[str, Layer], chunks: Sequence[Sequence[str]], max_memory_bytes: int | None, *,
+    init: bool = True, target_gram: bool = False,
+) -> dict[str, Any]:
+    """What a chunked statistics pass holds: ``{"chunks", "passes",
+    "peak_statistics_bytes" (the largest chunk), "total_statistics_bytes",
+    "chunk_bytes": [per chunk], "bound"}``."""
+    per = [sum(statistics_bytes(layers[n], init=init, target_gram=target_gram) for n in c)
+           for c in chunks]
+    return {"chunks": len(chunks), "passes": len(chunks),
+            "peak_statistics_bytes": max(per, default=0), "total_statistics_bytes": sum(per),
+            "chunk_bytes": per, "bound": max_memory_bytes}
+
+
+def _one_shot_error(what: str, n_chunks: int, total: int, bound: int | None) -> ValueError:
+    return ValueError(
+        f"{what}: the statistics ({total} bytes) exceed max_memory_bytes={bound} and take "
+        f"{n_chunks} passes over the data, which a one-shot iterator cannot give; pass the "
+        "batches as a list or as a callable returning a fresh iterator, or raise max_memory_bytes"
+    )
+
+
 def layer_statistics(
     module_a,
     variables_a,
@@ -656,18 +796,30 @@ def layer_statistics(
     precision: Any = _HI,
     gram: str = "patches",
     target_gram: bool = False,
+    max_memory_bytes: int | None = DEFAULT_MAX_MEMORY_BYTES,
     progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Sums for the closed-form solve of every merged layer, in one pass over data.
+    """Sums for the closed-form solve of every merged layer, one pass over data
+    per chunk of layers.
 
     Per batch, both source models run with their features recorded; for every
     layer, X̃ and Ỹ are built (module docstring) and the sums below accumulate
     in fp32, each device summing its shard of the batch, then ``psum``.
 
+    Memory: the layers are split, in forward order, into consecutive chunks
+    whose sums fit ``max_memory_bytes`` (:func:`memory_chunks`), and each chunk
+    takes its own pass over the data, so the device accumulates one chunk's
+    sums at a time (plus one batch's contribution to them while it is added,
+    and the models' features). With more than one chunk, every finished chunk
+    is copied to host memory (numpy arrays in the result), so the bound holds
+    for the whole call; with one chunk the sums stay on the device.
+
     Args:
       module_a, variables_a, module_b, variables_b: the two source models.
       spec: their permutation spec; blocks: merge blocks per group.
-      batches: iterable of images ``[N, H, W, C]`` (or ``(images, labels)``).
+      batches: images ``[N, H, W, C]`` (or ``(images, labels)``) per batch: a
+        list (or other re-iterable), a callable returning a fresh iterator,
+        or a one-shot iterator (only when one chunk suffices).
       init: optional layer name -> ``{"kernel", "bias"}`` of the merged model
         (:func:`weights_of`), the W0 the solve and residuals are taken
         relative to.
@@ -677,6 +829,8 @@ def layer_statistics(
       gram: how conv Grams are formed, ``"patches"`` or ``"shifts"``
         (:func:`batch_sums`).
       target_gram: also accumulate ``"target_gram" [C_out, C_out]`` (Σ ỸᵀỸ).
+      max_memory_bytes: bound on one chunk's sums (fp32 bytes,
+        :func:`statistics_bytes`); ``None``: every layer in one pass.
       progress: show a progress bar.
 
     Returns:
@@ -686,36 +840,57 @@ def layer_statistics(
       (Σ X̃ᵀ(X̃W0 − Ỹ)) and ``"init_sq": [C_out]`` (Σ (X̃W0 − Ỹ)²).
 
     Raises:
-      ValueError: no data, or a layer least squares cannot handle.
+      ValueError: no data, a layer least squares cannot handle, a one-shot
+        iterator where several passes are needed;
+        :class:`StatisticsOverBound` (a ``ValueError``) for a layer whose sums
+        alone exceed ``max_memory_bytes`` (raised before any pass).
     """
     if gram not in GRAM_METHODS:
         raise ValueError(f"gram must be one of {GRAM_METHODS}, got {gram!r}")
-    first, batches = _peek(batches, "least squares")
+    first, next_pass, one_shot = _data_passes(batches, "least squares")
     example = _images(first)[:1]
     all_layers = find_layers(module_a, variables_a, spec, blocks, example)
     chosen = _select(all_layers, layers)
-    init_m = None
-    if init is not None:
-        # Forbidden entries of W0 are zero by construction; masking keeps R0
-        # consistent with the masked solution even for a hand-made W0.
-        init_m = {n: weights_to_matrix(lay, init[n]["kernel"], init[n].get("bias"))
-                  * jnp.asarray(matrix_mask(lay), jnp.float32) for n, lay in chosen.items()}
+    kw = {"init": init is not None, "target_gram": target_gram}
+    chunks = memory_chunks(chosen, max_memory_bytes, **kw)
+    if one_shot and len(chunks) > 1:
+        total = sum(statistics_bytes(lay, **kw) for lay in chosen.values())
+        raise _one_shot_error("least-squares statistics", len(chunks), total, max_memory_bytes)
     mesh = mesh or distributed.data_mesh()
-    key = ("statistics", module_a, module_b, tuple(chosen.values()), _blocks_key(blocks, chosen),
-           precision, gram, mesh, init_m is None, target_gram)
-    step = _cached(key, lambda: distributed.batch_sum(
-        _statistics_fn(module_a, module_b, chosen, blocks, precision, gram, target_gram), mesh))
-    replicated = (variables_a, variables_b, init_m)
-    acc = None
-    for batch in tqdm(batches, desc="least-squares statistics", disable=not progress, leave=False):
-        x, mask = distributed.shard_batch(_images(batch), mesh)
-        s = step(replicated, x, mask)
-        acc = s if acc is None else _add(acc, s)
     out = {}
-    for name, layer in chosen.items():
-        out[name] = {"layer": layer, **acc[name]}
+    for i, chunk in enumerate(chunks):
+        part = {n: chosen[n] for n in chunk}
+        init_m = None
+        if init is not None:
+            # Forbidden entries of W0 are zero by construction; masking keeps R0
+            # consistent with the masked solution even for a hand-made W0.
+            init_m = {n: weights_to_matrix(lay, init[n]["kernel"], init[n].get("bias"))
+                      * jnp.asarray(matrix_mask(lay), jnp.float32) for n, lay in part.items()}
+        key = ("statistics", module_a, module_b, tuple(part.values()), _blocks_key(blocks, part),
+               precision, gram, mesh, init_m is None, target_gram)
+        step = _cached(key, lambda part=part: distributed.batch_sum(
+            _statistics_fn(module_a, module_b, part, blocks, precision, gram, target_gram), mesh))
+        replicated = (variables_a, variables_b, init_m)
+        desc = "least-squares statistics" + (f" ({i + 1}/{len(chunks)})" if len(chunks) > 1 else "")
+        acc = None
+        for batch in tqdm(next_pass(), desc=desc, disable=not progress, leave=False):
+            x, mask = distributed.shard_batch(_images(batch), mesh)
+            s = step(replicated, x, mask)
+            acc = s if acc is None else _add(acc, s)
+            # Drop this batch's sums now: held until the next step is
+            # dispatched, they would make the peak three chunks, not two.
+            del s
+        if acc is None:
+            raise ValueError(
+                f"least-squares statistics: pass {i + 1} of {len(chunks)} got no batches"
+            )
         if init_m is not None:
-            out[name]["init"] = init_m[name]
+            acc = {n: {**acc[n], "init": init_m[n]} for n in part}
+        if len(chunks) > 1:
+            # To the host, so that the device holds one chunk at a time.
+            acc = jax.device_get(acc)
+        for name, layer in part.items():
+            out[name] = {"layer": layer, **acc[name]}
     return out
 
 
@@ -1044,6 +1219,7 @@ def least_squares(
     ridge: float = 1e-4,
     ridge_centre: str = "init",
     max_gram_bytes: int = 1 << 30,
+    max_memory_bytes: int | None = DEFAULT_MAX_MEMORY_BYTES,
     steps: int = 400,
     learning_rate: float = 5e-4,
     mesh: jax.sharding.Mesh | None = None,
@@ -1059,11 +1235,22 @@ def least_squares(
       merged_module, merged_variables: the partial merge
         (:func:`pleas_jax.partial.partial_merge`), whose weights start the
         refit and centre the ridge.
-      batches: iterable of images ``[N, H, W, C]`` (or ``(images, labels)``).
-      mode: ``"closed_form"`` (ridge solve per block; layers whose Gram
-        exceeds ``max_gram_bytes`` fall back to gradient descent) or ``"gd"``
+      batches: images ``[N, H, W, C]`` (or ``(images, labels)``) per batch: a
+        list (or other re-iterable), a callable returning a fresh iterator,
+        or a one-shot iterator (read into a list when gradient descent needs
+        several passes; refused when several statistics chunks would).
+      mode: ``"closed_form"`` (ridge solve per block; layers too large for
+        the bounds below fall back to gradient descent) or ``"gd"``
         (gradient descent on every layer).
       ridge, ridge_centre: see :func:`solve`.
+      max_gram_bytes, max_memory_bytes: a layer is solved in closed form only
+        when its Gram fits ``max_gram_bytes`` *and* its statistics
+        (:func:`statistics_bytes`) fit ``max_memory_bytes``, so the tighter
+        bound wins (by default the 1 GiB Gram bound). The closed-form layers
+        are then split in forward order into chunks whose statistics fit
+        ``max_memory_bytes`` (``None``: one chunk); each chunk takes one pass
+        over the data, is solved, and is freed before the next, so the device
+        holds one chunk's sums at a time.
       steps, learning_rate: gradient mode (:func:`gradient_descent`).
       mesh, precision, progress: as for :func:`layer_statistics`.
 
@@ -1071,18 +1258,21 @@ def least_squares(
       ``(variables, report)``: the merged variables with refitted kernels and
       biases (BatchNorm statistics untouched), and ``{"mode", "ridge",
       "seconds": {stage: s}, "layers": {name: {"method", "before", "after",
-      "fallback"}}}`` with each layer's mean squared error before (partial
-      merge weights) and after.
+      "fallback"}}, "memory": {...}}`` with each layer's mean squared error
+      before (partial merge weights) and after, and the statistics chunks
+      (:func:`memory_report`: ``"chunks"``, ``"passes"``,
+      ``"peak_statistics_bytes"``, ``"total_statistics_bytes"``,
+      ``"chunk_bytes"``, ``"bound"``).
 
     Raises:
-      ValueError: an unknown mode, no data, or merged variables that do not
-        fit the blocks.
+      ValueError: an unknown mode, no data, merged variables that do not fit
+        the blocks, or a one-shot iterator where several chunks need passes.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if ridge_centre not in RIDGE_CENTRES:
         raise ValueError(f"ridge_centre must be one of {RIDGE_CENTRES}, got {ridge_centre!r}")
-    first, batches = _peek(batches, "least squares")
+    first, next_pass, one_shot = _data_passes(batches, "least squares")
     example = _images(first)[:1]
     layers = find_layers(module_a, variables_a, spec, blocks, example)
     _check_geometry(layers, find_layers(merged_module, merged_variables, {}, {}, example))
@@ -1090,43 +1280,55 @@ def least_squares(
     if mode == "gd":
         closed, descent = {}, dict(layers)
     else:
-        closed = {n: lay for n, lay in layers.items() if lay.gram_bytes <= max_gram_bytes}
+        closed = {n: lay for n, lay in layers.items() if lay.gram_bytes <= max_gram_bytes
+                  and (max_memory_bytes is None or statistics_bytes(lay) <= max_memory_bytes)}
         descent = {n: lay for n, lay in layers.items() if n not in closed}
-    if descent:
-        # Several passes follow: keep the data.
-        batches = list(batches)
+    chunks = memory_chunks(closed, max_memory_bytes)
+    memory = memory_report(closed, chunks, max_memory_bytes)
+    if descent and one_shot:
+        # Several passes follow (gradient steps cycle through the batches):
+        # keep the data, as gradient_descent would.
+        data = list(next_pass())
+        next_pass, one_shot = (lambda: data), False
+    if one_shot and len(chunks) > 1:
+        raise _one_shot_error("least squares", len(chunks), memory["total_statistics_bytes"],
+                              max_memory_bytes)
     mesh = mesh or distributed.data_mesh()
     seconds: dict[str, float] = {}
     report_layers: dict[str, dict[str, Any]] = {}
     solution: dict[str, dict[str, Any]] = {}
-    if closed:
+    for chunk in chunks:
         t0 = time.perf_counter()
         stats = layer_statistics(
-            module_a, variables_a, module_b, variables_b, spec, blocks, batches,
-            init=init, mesh=mesh, layers=list(closed), precision=precision, progress=progress,
+            module_a, variables_a, module_b, variables_b, spec, blocks, next_pass(),
+            init={n: init[n] for n in chunk}, mesh=mesh, layers=chunk, precision=precision,
+            max_memory_bytes=max_memory_bytes, progress=progress,
         )
         jax.block_until_ready(stats)
-        seconds["statistics"] = time.perf_counter() - t0
+        seconds["statistics"] = seconds.get("statistics", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
-        solution.update(solve(stats, ridge=ridge, ridge_centre=ridge_centre))
-        jax.block_until_ready(solution)
-        seconds["solve"] = time.perf_counter() - t0
-        before, after = residuals(stats, init), residuals(stats, solution)
-        for n in closed:
+        part = solve(stats, ridge=ridge, ridge_centre=ridge_centre)
+        jax.block_until_ready(part)
+        seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - t0
+        before, after = residuals(stats, init), residuals(stats, part)
+        solution.update(part)
+        for n in chunk:
             report_layers[n] = {"method": "closed_form", "before": before[n], "after": after[n],
-                                "fallback": solution[n]["fallback"]}
+                                "fallback": part[n]["fallback"]}
+        del stats  # the next chunk's sums take its place on the device
     if descent:
         t0 = time.perf_counter()
         d_init = {n: init[n] for n in descent}
         fitted, _ = gradient_descent(
-            module_a, variables_a, module_b, variables_b, spec, blocks, d_init, batches,
+            module_a, variables_a, module_b, variables_b, spec, blocks, d_init, next_pass(),
             steps=steps, learning_rate=learning_rate, mesh=mesh, progress=progress,
         )
         jax.block_until_ready(fitted)
         seconds["gradient"] = time.perf_counter() - t0
         kw = {"mesh": mesh, "progress": progress}
-        before = feature_residuals(module_a, variables_a, module_b, variables_b, spec, blocks, d_init, batches, **kw)
-        after = feature_residuals(module_a, variables_a, module_b, variables_b, spec, blocks, fitted, batches, **kw)
+        models_ab = (module_a, variables_a, module_b, variables_b, spec, blocks)
+        before = feature_residuals(*models_ab, d_init, next_pass(), **kw)
+        after = feature_residuals(*models_ab, fitted, next_pass(), **kw)
         solution.update(fitted)
         for n in descent:
             report_layers[n] = {"method": "gd", "before": before[n], "after": after[n], "fallback": False}
@@ -1137,6 +1339,7 @@ def least_squares(
         "ridge_centre": ridge_centre,
         "seconds": seconds,
         "layers": {n: report_layers[n] for n in layers},
+        "memory": memory,
     }
     return variables, report
 
@@ -1158,3 +1361,95 @@ def _check_geometry(source: Mapping[str, Layer], merged: Mapping[str, Layer]) ->
                 f"params/{n}/kernel of the merged model has shape {m.kernel_shape}, the blocks give "
                 f"{s.kernel_shape}"
             )
+
+
+# ------------------------------------------------------- memory, analytically
+MEMORY_BUDGETS = (1.0, 1.25, 1.5, 1.75, 2.0)
+
+
+def _with_splits(layer: Layer, separate: Mapping[str, int], full: bool) -> Layer:
+    """``layer`` sized for ``separate[g]`` units per model kept separate in
+    each group (``full``: the pair statistics' layout, every unit separate)."""
+    def splits(group, n):
+        if group is None:
+            return (n, 0, 0)
+        if full:
+            return (0, n, n)
+        s = separate[group]
+        return (n - s, s, s)
+
+    return dataclasses.replace(layer, in_splits=splits(layer.in_group, layer.in_splits[0]),
+                               out_splits=splits(layer.out_group, layer.out_splits[0]))
+
+
+def _memory_row(layers: Mapping[str, Layer], bound: int | None, **kw) -> dict[str, Any]:
+    sizes = {n: statistics_bytes(lay, **kw) for n, lay in layers.items()}
+    largest = max(sizes, key=sizes.get)
+    return {
+        "total_bytes": sum(sizes.values()),
+        "gram_bytes": sum(lay.gram_bytes for lay in layers.values()),
+        "largest_bytes": sizes[largest],
+        "largest_layer": largest,
+        "chunks": len(_chunk_sizes(list(sizes.values()), bound)),
+        "over_bound": [n for n, b in sizes.items() if bound is not None and b > bound],
+    }
+
+
+def statistics_memory(
+    module,
+    variables: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    input_shape: Sequence[int],
+    *,
+    budgets: Sequence[float] = MEMORY_BUDGETS,
+    max_memory_bytes: int | None = DEFAULT_MAX_MEMORY_BYTES,
+) -> dict[str, Any]:
+    """Least-squares statistics memory of a merge per budget, without running the model.
+
+    For each budget, uniform ratios (:func:`pleas_jax.budget.uniform_ratios`)
+    give the merged widths, and each layer's statistics take
+    :func:`statistics_bytes` (per-merge, with the ``init`` terms, as
+    :func:`least_squares` accumulates them). The pair statistics
+    (:func:`pleas_jax.pair_least_squares.pair_statistics`) are the same at
+    every budget: the budget-2 layout without ``init`` terms, with a target
+    Gram. Only shapes are read, and the forward pass is traced, not run.
+
+    Args:
+      module, variables: a source model; ``jax.ShapeDtypeStruct`` leaves do
+        (``jax.eval_shape(module.init, ...)``).
+      spec: its permutation spec.
+      input_shape: one image ``(H, W, C)`` or a batch ``(N, H, W, C)``; the
+        statistics do not depend on the batch size.
+      budgets: budgets in ``[1, 2]``.
+      max_memory_bytes: the bound the chunk counts are taken for.
+
+    Returns:
+      ``{"input_shape": (H, W, C), "bound": max_memory_bytes, "budgets": [{"budget",
+      "ratio", "total_bytes", "gram_bytes", "largest_bytes", "largest_layer",
+      "chunks", "over_bound"}, ...], "pair": {the same keys but budget and
+      ratio}}``: total bytes of every layer's statistics (what one pass
+      without a bound holds), the Grams' share, the largest layer, the number
+      of chunks (passes) under the bound, and the layers over it (per-merge:
+      fitted by gradient descent; pair: an error).
+    """
+    from pleas_jax import budget as budget_lib  # budget never imports this module
+
+    shape = tuple(int(d) for d in input_shape)
+    shape = shape[1:] if len(shape) == 4 else shape
+    example = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    table = budget_lib.layer_table(module, variables, spec, shape)
+    # Geometry once, at budget 1 (every unit merged); widths per budget below.
+    none = np.arange(0)
+    merged_all = {g: GroupBlocks(np.arange(grp.size), np.arange(grp.size), none, none)
+                  for g, grp in spec.items()}
+    base = find_layers(module, variables, spec, merged_all, example)
+    rows = []
+    for b in budgets:
+        ratios = budget_lib.uniform_ratios(table, spec, float(b))
+        separate = budget_lib.separate_units(spec, ratios)
+        sized = {n: _with_splits(lay, separate, False) for n, lay in base.items()}
+        rows.append({"budget": float(b), "ratio": float(next(iter(ratios.values()), 0.0)),
+                     **_memory_row(sized, max_memory_bytes, init=True)})
+    full = {n: _with_splits(lay, {}, True) for n, lay in base.items()}
+    return {"input_shape": shape, "bound": max_memory_bytes, "budgets": rows,
+            "pair": _memory_row(full, max_memory_bytes, init=False, target_gram=True)}
