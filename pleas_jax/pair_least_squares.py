@@ -60,13 +60,17 @@ import optax
 # Names, not the module: the package re-exports the function least_squares
 # under the module's name.
 from pleas_jax.least_squares import (
+    DEFAULT_MAX_MEMORY_BYTES,
     MODES,
     RIDGE_CENTRES,
     Layer,
+    StatisticsOverBound,
     _pinv_solve,
     apply_solution,
     layer_statistics,
     matrix_mask,
+    memory_chunks,
+    memory_report,
     weights_of,
 )
 from pleas_jax.partial import GroupBlocks
@@ -86,11 +90,15 @@ class PairStatistics:
         [K, K], "count": []}`` with ``D`` the full patch dimension (+1 for a
         bias) and ``K`` the full output channels.
       group_sizes: group -> units, to check a merge's blocks against.
+      memory: the pass that took the sums, as
+        :func:`pleas_jax.least_squares.memory_report` describes it
+        (``"chunks"``, ``"passes"``, ``"peak_statistics_bytes"``, ...).
     """
 
     layers: dict[str, Layer]
     sums: dict[str, dict[str, Any]]
     group_sizes: dict[str, int]
+    memory: dict[str, Any] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -117,31 +125,58 @@ def pair_statistics(
     *,
     mesh: jax.sharding.Mesh | None = None,
     precision: Any = _HI,
+    max_memory_bytes: int | None = DEFAULT_MAX_MEMORY_BYTES,
     progress: bool = False,
 ) -> PairStatistics:
-    """Budget- and matching-independent least-squares sums, in one sharded pass.
+    """Budget- and matching-independent least-squares sums, one sharded pass
+    per chunk of layers.
 
     Args:
       module_a, variables_a, module_b, variables_b: the source models (B in
         its original unit order).
       spec: their permutation spec.
-      batches: iterable of images ``[N, H, W, C]`` (or ``(images, labels)``).
+      batches: images ``[N, H, W, C]`` (or ``(images, labels)``) per batch: a
+        list, a callable returning a fresh iterator, or a one-shot iterator
+        (only when the sums fit the bound in one chunk).
+      max_memory_bytes: bound on the sums one pass accumulates (fp32 bytes);
+        layers are split in forward order into chunks that fit, one pass per
+        chunk, and with several chunks the sums end up in host memory
+        (:func:`pleas_jax.least_squares.layer_statistics`). ``None``: one pass.
       mesh, precision, progress: as for
         :func:`pleas_jax.least_squares.layer_statistics`.
 
     Returns:
       a :class:`PairStatistics`.
+
+    Raises:
+      ValueError: a layer whose full-coordinate sums alone exceed
+        ``max_memory_bytes`` (named, with its bytes; raised before any pass),
+        or a one-shot iterator where several passes are needed.
     """
     full = full_coordinate_blocks(spec)
-    stats = layer_statistics(
-        module_a, variables_a, module_b, variables_b, spec, full, batches,
-        mesh=mesh, precision=precision, target_gram=True, progress=progress,
-    )
+    try:
+        stats = layer_statistics(
+            module_a, variables_a, module_b, variables_b, spec, full, batches,
+            mesh=mesh, precision=precision, target_gram=True, max_memory_bytes=max_memory_bytes,
+            progress=progress,
+        )
+    except StatisticsOverBound as e:
+        # Per-merge statistics hold one merge's widths and fall back to
+        # gradient descent for a layer over the bound; pair statistics cannot.
+        raise ValueError(
+            f"pair statistics: layer {e.layer} needs {e.nbytes} bytes of full-coordinate sums "
+            f"(Gram, cross and target Gram of both models' units), over max_memory_bytes="
+            f"{e.bound}; use per-merge statistics (merge(statistics='per_merge'), or "
+            "pleas_jax.least_squares.least_squares) or a larger max_memory_bytes"
+        ) from None
     layers, sums = {}, {}
     for name, s in stats.items():
         layers[name] = s["layer"]
         sums[name] = {k: s[k] for k in ("gram", "cross", "target_gram", "count")}
-    return PairStatistics(layers, sums, {g: int(grp.size) for g, grp in spec.items()})
+    kw = {"init": False, "target_gram": True}
+    chunks = memory_chunks(layers, max_memory_bytes, **kw)
+    memory = memory_report(layers, chunks, max_memory_bytes, **kw)
+    return PairStatistics(layers, sums, {g: int(grp.size) for g, grp in spec.items()}, memory)
 
 
 # ----------------------------------------------------------------- selection
@@ -389,7 +424,15 @@ def fit(
 
     Returns:
       ``(variables, report)`` as :func:`pleas_jax.least_squares.least_squares`
-      returns them (``report["statistics"] == "pair"``).
+      returns them (``report["statistics"] == "pair"``; ``report["memory"]``
+      describes the pass that took ``stats``).
+
+    Memory: the closed-form solve goes layer by layer, so beyond ``stats``
+    (on the device, or on the host when they were taken in several chunks:
+    then each layer's sums travel to the device for its solve) the device
+    holds one layer's projection and factorisation at a time. The gradient
+    mode runs every layer in one compiled scan and holds every layer's
+    projected sums and Adam moments at once.
 
     Raises:
       ValueError: an unknown mode or centre, blocks of another pair, or a
@@ -426,7 +469,10 @@ def fit(
                 fb = not bool(jnp.all(jnp.isfinite(out[0])))
                 if fb:
                     out = _solve_layer(stats.sums[n], p.args, float(ridge), ridge_centre, "eigh")
-                results[n] = (*out, fb)
+                # To the host at once: the device then holds the sums and one
+                # layer's projection and factorisation, never every solution.
+                results[n] = (*jax.device_get(out), fb)
+                del out
     for n, (w, before, after, fb) in results.items():
         layer = problems[n].layer
         w = np.asarray(w)[: layer.dim, : layer.c_out]
@@ -441,5 +487,7 @@ def fit(
         "mode": mode, "ridge": ridge, "ridge_centre": ridge_centre, "statistics": "pair",
         "seconds": {"solve" if mode == "closed_form" else "gradient": time.perf_counter() - t0},
         "layers": layers_report,
+        # The pass that took the sums (earlier, when they are reused).
+        "memory": stats.memory,
     }
     return variables, report
