@@ -34,6 +34,7 @@ from pleas_jax import budget as budget_lib
 from pleas_jax import heads as heads_lib
 from pleas_jax import partial
 from pleas_jax.batch_norm import recompute_batch_norm
+from pleas_jax.least_squares import DEFAULT_MAX_MEMORY_BYTES
 from pleas_jax.least_squares import least_squares as fit_least_squares
 from pleas_jax.matching.activations import SIMILARITIES, activation_matching
 from pleas_jax.matching.weights import weight_matching
@@ -164,6 +165,7 @@ def merge(
     precomputed_matching: tuple[Mapping, Mapping] | None = None,
     statistics: str | PairStatistics = "per_merge",
     count_xla_flops: bool = True,
+    max_memory_bytes: int | None = DEFAULT_MAX_MEMORY_BYTES,
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
 ) -> MergeResult:
@@ -198,6 +200,13 @@ def merge(
         the same pair, heads mode and data, so that this merge skips the pass
         over data and reuses compiled solves.
       count_xla_flops: cross-check the analytic FLOPs with XLA's cost analysis.
+      max_memory_bytes: bound on the least-squares sums one pass over ``data``
+        accumulates (fp32 bytes; default 6 GiB, see
+        :data:`pleas_jax.least_squares.DEFAULT_MAX_MEMORY_BYTES`): layers are
+        split into chunks that fit, one pass each. Per-merge statistics fit a
+        layer over the bound by gradient descent; pair statistics refuse it.
+        ``report["least_squares_report"]["memory"]`` gives the chunks and the
+        largest chunk's bytes. ``None``: one pass.
       mesh: device mesh for the statistics passes.
       progress: progress bars per stage.
 
@@ -288,15 +297,16 @@ def merge(
         pair_stats = statistics if isinstance(statistics, PairStatistics) else None
         if least_squares is not None and statistics == "per_merge":
             merged, ls_report = fit_least_squares(
-                module_a, va, module_b, vb, spec, blocks, merged_module, merged, data_fn(),
+                module_a, va, module_b, vb, spec, blocks, merged_module, merged, data_fn,
                 mode=least_squares, ridge=ridge, steps=gd_steps, learning_rate=gd_learning_rate,
-                mesh=mesh, progress=progress,
+                max_memory_bytes=max_memory_bytes, mesh=mesh, progress=progress,
             )
         elif least_squares is not None:
             if pair_stats is None:
                 t_stats = time.perf_counter()
                 pair_stats = pair_statistics(
-                    module_a, va, module_b, vb, spec, data_fn(), mesh=mesh, progress=progress
+                    module_a, va, module_b, vb, spec, data_fn, mesh=mesh,
+                    max_memory_bytes=max_memory_bytes, progress=progress,
                 )
                 jax.block_until_ready(pair_stats.sums)
                 t_stats = time.perf_counter() - t_stats
