@@ -187,12 +187,17 @@ def _tfds(rest: str, size: int, data_dir: str | None):
                 f"{str(e).splitlines()[0] if str(e) else ''}); prepare it with `tfds build {name}` "
                 "or pass its data_dir"
             ) from None
+        from PIL import Image
+
         xs, ys = [], []
         for ex in source:
-            img = np.asarray(ex["image"])
-            if img.ndim == 2:
-                img = img[..., None]
-            xs.append(resize(img[None].astype(np.float32) / 255.0, size)[0])
+            img = np.asarray(ex["image"], np.uint8)
+            if img.ndim == 3 and img.shape[-1] == 1:
+                img = img[..., 0]
+            # PIL, not jax.image.resize: real datasets have an image size per
+            # example, and a jitted resize would compile once per size.
+            out = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+            xs.append((out[..., None] if out.ndim == 2 else out).astype(np.float32) / 255.0)
             ys.append(int(ex["label"]))
         return np.stack(xs), np.asarray(ys, np.int32)
 
