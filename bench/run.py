@@ -68,6 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compute dtype of the models in the activation statistics stage "
                         "(accumulation stays fp32); bfloat16 also reports the deviation "
                         "from fp32 statistics")
+    p.add_argument("--max-memory-bytes", type=int, default=-1,
+                   help="least-squares statistics bound per pass, passed to least_squares and "
+                        "merge (-1: the library's default; 0: no bound, one pass)")
+    p.add_argument("--statistics", default="per_merge", choices=["per_merge", "pair"],
+                   help="merge()'s least-squares statistics (the per-stage least squares is "
+                        "always per merge)")
     p.add_argument("--xla-flops", action="store_true",
                    help="let merge() cross-check FLOPs with XLA (off: not part of merging)")
     p.add_argument("--warm", action="store_true",
@@ -260,20 +266,47 @@ def forward_times(module, va, vb, batches, mesh) -> dict:
     return {**t, "device_resident_s": t_res["steady_s"]}
 
 
-def least_squares_stage(module, va, vb, spec, blocks, merged_module, merged, batches, mesh):
-    """Least squares exactly as :func:`pleas_jax.merge.merge` calls it (closed
-    form, default ridge); the one place to adapt when its internals change.
+def memory_bound(args):
+    """``--max-memory-bytes`` as the library takes it: its default, ``None`` or a bound."""
+    if args.max_memory_bytes < 0:
+        import inspect
 
-    Returns ``(merged variables, {sub-stage: seconds})`` with the split the
-    function reports itself (``statistics``, ``solve``, ...).
+        from pleas_jax.least_squares import least_squares
+
+        return inspect.signature(least_squares).parameters["max_memory_bytes"].default
+    return args.max_memory_bytes or None
+
+
+def least_squares_stage(module, va, vb, spec, blocks, merged_module, merged, batches, mesh,
+                        max_memory_bytes):
+    """Least squares exactly as :func:`pleas_jax.merge.merge` calls it with
+    per-merge statistics (closed form, default ridge, the data as a callable
+    returning the batches); the one place to adapt when its internals change.
+
+    Returns ``(merged variables, {sub-stage: seconds}, memory report or None)``
+    with the split the function reports itself (``statistics``, ``solve``, ...).
     """
     from pleas_jax.least_squares import least_squares
 
     variables, report = least_squares(
-        module, va, module, vb, spec, blocks, merged_module, merged, batches,
-        mode="closed_form", mesh=mesh, progress=False,
+        module, va, module, vb, spec, blocks, merged_module, merged, lambda: batches,
+        mode="closed_form", max_memory_bytes=max_memory_bytes, mesh=mesh, progress=False,
     )
-    return variables, {k: float(v) for k, v in report.get("seconds", {}).items()}
+    seconds = {k: float(v) for k, v in report.get("seconds", {}).items()}
+    return variables, seconds, report.get("memory")
+
+
+def statistics_memory(module, va, spec, shape, budgets, bound):
+    """The library's own per-budget least-squares statistics memory
+    (:func:`pleas_jax.least_squares.statistics_memory`, shapes only), or
+    ``None`` where this version lacks it."""
+    from pleas_jax import least_squares as _  # noqa: F401  (the submodule, not the function)
+
+    mod = sys.modules["pleas_jax.least_squares"]
+    fn = getattr(mod, "statistics_memory", None)
+    if fn is None:
+        return None
+    return fn(module, va, spec, shape, budgets=budgets, max_memory_bytes=bound)
 
 
 def gram_bytes(table, spec, ratios) -> dict:
@@ -388,9 +421,13 @@ def run(args) -> dict:
     else:
         perm, costs = wm
 
+    bound = memory_bound(args)
+    ls_memory = statistics_memory(module, va, spec, example.shape[1:], args.budgets, bound)
     rows = []
-    for b in args.budgets:
+    for i, b in enumerate(args.budgets):
         row: dict = {"budget": b}
+        if ls_memory is not None:
+            row["statistics_memory"] = ls_memory["budgets"][i]
         sens = None
         if args.ratios == "optimized":
             sens = budget.sensitivity_from_costs(spec, perm, costs)
@@ -408,12 +445,15 @@ def run(args) -> dict:
         row.update(gram_bytes(table, spec, ratios))
 
         split: list[dict] = []  # what least squares reports, first and second call
+        ls_mem: list = []
 
-        def ls(merged_module=merged_module, merged=merged, blocks=blocks, split=split):
-            out, seconds = least_squares_stage(
-                module, va, vb, spec, blocks, merged_module, merged, batches, mesh
+        def ls(merged_module=merged_module, merged=merged, blocks=blocks, split=split,
+               ls_mem=ls_mem):
+            out, seconds, mem = least_squares_stage(
+                module, va, vb, spec, blocks, merged_module, merged, batches, mesh, bound
             )
             split.append(seconds)
+            ls_mem.append(mem)
             return out
 
         fitted, t = timed_twice(ls, name=f"budget {b}: least squares")
@@ -422,7 +462,8 @@ def run(args) -> dict:
         other = t["steady_s"] - sum(split[1].values())
         row["least_squares"] = {**t, "over_forward": t["steady_s"] / fw,
                                 "reported_first_call": split[0], "reported_steady": split[1],
-                                "steady_outside_reported_s": other}
+                                "steady_outside_reported_s": other,
+                                "reported_memory": ls_mem[-1]}
         _, t = timed_twice(
             lambda: recompute_batch_norm(merged_module, fitted, batches, mesh=mesh),
             name=f"budget {b}: batch norm",
@@ -433,6 +474,7 @@ def run(args) -> dict:
             lambda b=b: merge(
                 (module, va), (module, vb), batches, b, matching=args.matching,
                 ratios=args.ratios, similarity=args.similarity, max_iter=args.max_iter,
+                statistics=args.statistics, max_memory_bytes=bound,
                 count_xla_flops=args.xla_flops, mesh=mesh, progress=False,
             ),
             sync=lambda r: r.variables,
@@ -458,6 +500,8 @@ def run(args) -> dict:
         "flax_version": flax.__version__,
         "python": platform.python_version(),
         "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "max_memory_bytes": bound,
+        "pair_statistics_memory": None if ls_memory is None else ls_memory["pair"],
         "model_setup_s": setup_s,
         "forward": forward,
         "stages": stages,

@@ -61,6 +61,9 @@ def test_run_tiny(tmp_path):
         assert r["gram_bytes"] >= r["largest_gram_bytes"] > 0
         assert abs(r["achieved_budget"] - r["achieved_budget_stages"]) < 1e-9
         assert r["macs"] > 0 and r["memory"]["max_rss_bytes"] > 0
+        if r.get("statistics_memory") is not None:
+            # The analytic Gram memory agrees with the library's own accounting.
+            assert r["statistics_memory"]["gram_bytes"] == r["gram_bytes"]
     assert abs(rows[1.0]["achieved_budget"] - 1.0) < 1e-6
     assert abs(rows[2.0]["achieved_budget"] - 2.0) < 1e-6
     assert rows[2.0]["macs"] == 2 * rows[1.0]["macs_source"]
