@@ -222,6 +222,9 @@ def save(
 
     # orbax wants absolute paths.
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)).absolute()
+    # mkdtemp makes the directory private (0700); the checkpoint should get the
+    # mode a plain mkdir would, so that others sharing the machine can read it.
+    tmp.chmod(0o777 & ~_umask())
     try:
         checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
         checkpointer.save(tmp / ARRAYS_DIR, args=ocp.args.StandardSave(arrays))
@@ -234,6 +237,12 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _replace(new: Path, path: Path) -> None:

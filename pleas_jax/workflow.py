@@ -117,6 +117,10 @@ def write_json(path: str | os.PathLike, value: Any) -> Path:
     text = json.dumps(jsonable(value), indent=2) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        # mkstemp makes the file private (0600); give it a plain open's mode.
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(fd, 0o666 & ~mask)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

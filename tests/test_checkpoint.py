@@ -1,6 +1,8 @@
 """orbax checkpoints with metadata: round trip, atomic writes, clear errors."""
 
 import json
+import os
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -212,3 +214,17 @@ def test_bad_heads_are_refused(tmp_path, resnet20):
     with pytest.raises(CheckpointError, match="head 'b' must hold exactly 'kernel' and 'bias'"):
         checkpoint.save(tmp_path / "c", backbone, bb_vars, heads=missing)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoint_gets_the_mode_of_a_plain_mkdir(tmp_path, resnet20, umask):
+    # The temp directory behind the atomic write is private; the result must not be.
+    module, variables = resnet20
+    old = os.umask(umask)
+    try:
+        pleas_jax.save(tmp_path / "ckpt", module, variables)
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o777 & ~umask
+    assert (tmp_path / "ckpt").stat().st_mode == (tmp_path / "plain").stat().st_mode
