@@ -31,6 +31,7 @@ import os
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -624,6 +625,52 @@ def settings(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
             "gd_steps", "images", "batch_size", "matching_data", "seed", "data_dir",
             "image_size", "mock_data")
     return {**{k: getattr(args, k) for k in keys}, "specs": dict(args.spec), **extra}
+
+
+def finish_run(
+    args: argparse.Namespace,
+    experiment: str,
+    *,
+    pair: Sequence[str],
+    paths: tuple[Path, Path],
+    batches: Sequence[Any],
+    seconds: float,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A finished run's JSON (the fields every experiment shares, then
+    ``fields``: eval sets, metric, settings, sources, results, ...), written
+    to ``args.output_dir``."""
+    result = {
+        "experiment": experiment,
+        "status": "done",
+        "model_type": args.model_type,
+        "pair": list(pair),
+        "variants": list(args.variants),
+        "checkpoints": {"a": str(paths[0]), "b": str(paths[1])},
+        "command": getattr(args, "command", None),
+        **fields,
+        "merge_images": int(sum(len(x) for x in batches)),
+        "seconds": seconds,
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    write_result(args.output_dir, result)
+    return result
+
+
+def experiment_main(
+    run: Callable[..., dict[str, Any]], parser: argparse.ArgumentParser, module: str,
+    argv: Sequence[str] | None,
+) -> int:
+    """An experiment's command-line entry point: run it with progress on
+    stdout, then print the result file's path."""
+
+    def go(args):
+        args.command = command_line(argv, module)
+        result = run(args, log=lambda s: print(s, flush=True))
+        print(f"wrote {args.output_dir}/{RESULT_FILE} ({len(result['results'])} merges, "
+              f"{result['seconds']:.0f} s)", flush=True)
+
+    return run_main(go, parser, argv)
 
 
 def command_line(argv: Sequence[str] | None, module: str) -> str:

@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -170,44 +169,22 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
         rows, matching_seconds = common.merge_grid(
             args, a, b, batches, heads="separate", cache_key=cache_key, score=score, log=log
         )
-    result = {
-        "experiment": EXPERIMENT,
-        "status": "done",
-        "model_type": args.model_type,
-        "pair": [ta, tb],
-        "variants": list(args.variants),
-        "checkpoints": {"a": str(pa), "b": str(pb)},
-        "eval_sets": [ta, tb],
-        "specs": specs,
-        "metric": "top-1 accuracy of each source model's own head on its task, mean over the "
-                  "two tasks (probe_accuracy: linear probes on the merged features)",
-        "settings": common.settings(
+    return common.finish_run(
+        args, EXPERIMENT, pair=[ta, tb], paths=(pa, pb), batches=batches, seconds=timer(),
+        eval_sets=[ta, tb], specs=specs,
+        metric="top-1 accuracy of each source model's own head on its task, mean over the "
+               "two tasks (probe_accuracy: linear probes on the merged features)",
+        settings=common.settings(
             args, image_size=a.image_size, datasets=[ta, tb], probe_epochs=args.probe_epochs,
             probe_lr=args.probe_lr, probe_batch_size=args.probe_batch_size,
         ),
-        "command": getattr(args, "command", None),
-        "sources": sources,
-        "results": rows,
-        "matching_seconds": matching_seconds,
-        "merge_images": int(sum(len(x) for x in batches)),
-        "seconds": timer(),
-        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    common.write_result(args.output_dir, result)
-    return result
+        sources=sources, results=rows, matching_seconds=matching_seconds,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; prints progress and the result file's path."""
-    p = parser()
-
-    def go(args):
-        args.command = common.command_line(argv, "experiments.different_label_space")
-        result = run(args, log=lambda s: print(s, flush=True))
-        print(f"wrote {args.output_dir}/{common.RESULT_FILE} ({len(result['results'])} merges, "
-              f"{result['seconds']:.0f} s)", flush=True)
-
-    return common.run_main(go, p, argv)
+    return common.experiment_main(run, parser(), "experiments.different_label_space", argv)
 
 
 if __name__ == "__main__":

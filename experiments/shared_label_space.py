@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -128,39 +127,17 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
         rows, matching_seconds = common.merge_grid(
             args, a, b, batches, heads="shared", cache_key=cache_key, score=score, log=log
         )
-    result = {
-        "experiment": EXPERIMENT,
-        "status": "done",
-        "model_type": args.model_type,
-        "pair": [da, db],
-        "variants": list(args.variants),
-        "checkpoints": {"a": str(pa), "b": str(pb)},
-        "eval_sets": evals,
-        "metric": "top-1 accuracy, mean over the test domains",
-        "settings": common.settings(args, image_size=a.image_size, domains=[da, db]),
-        "command": getattr(args, "command", None),
-        "sources": sources,
-        "results": rows,
-        "matching_seconds": matching_seconds,
-        "merge_images": int(sum(len(x) for x in batches)),
-        "seconds": timer(),
-        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    common.write_result(args.output_dir, result)
-    return result
+    return common.finish_run(
+        args, EXPERIMENT, pair=[da, db], paths=(pa, pb), batches=batches, seconds=timer(),
+        eval_sets=evals, metric="top-1 accuracy, mean over the test domains",
+        settings=common.settings(args, image_size=a.image_size, domains=[da, db]),
+        sources=sources, results=rows, matching_seconds=matching_seconds,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; prints progress and the result file's path."""
-    p = parser()
-
-    def go(args):
-        args.command = common.command_line(argv, "experiments.shared_label_space")
-        result = run(args, log=lambda s: print(s, flush=True))
-        print(f"wrote {args.output_dir}/{common.RESULT_FILE} ({len(result['results'])} merges, "
-              f"{result['seconds']:.0f} s)", flush=True)
-
-    return common.run_main(go, p, argv)
+    return common.experiment_main(run, parser(), "experiments.shared_label_space", argv)
 
 
 if __name__ == "__main__":
