@@ -231,7 +231,9 @@ def memory() -> dict:
         if stats:
             peak = stats.get("peak_bytes_in_use")
     except (AttributeError, RuntimeError, NotImplementedError):
-        pass
+        # Backends without memory statistics (CPU on some jax versions): the
+        # figure stays None and the resident set below stands in for it.
+        peak = None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports kilobytes, macOS bytes.
     rss = rss if sys.platform == "darwin" else rss * 1024
