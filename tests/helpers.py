@@ -67,6 +67,20 @@ def images(n, size=32, seed=0, channels=3):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def resnet20_pair(width=8, size=16, batches=4, batch_size=32):
+    """Two random ResNet-20s (10 classes, BN statistics randomized) with their
+    spec and ``batches`` image batches ``[batch_size, size, size, 3]``:
+    ``(module, variables_a, variables_b, spec, batches)``."""
+    from pleas_jax import models
+    from pleas_jax.spec import derive_spec
+
+    m = models.resnet20(num_classes=10, width=width)
+    va = randomize_norms(init(m, size), 1)
+    vb = randomize_norms(init(m, size, seed=2), 3)
+    spec = derive_spec(m, va, np.zeros((1, size, size, 3), np.float32))
+    return m, va, vb, spec, [images(batch_size, size, seed=s) for s in range(batches)]
+
+
 def run_on_cpu_devices(script: str, n: int = 8, timeout: int = 600) -> dict:
     """Run ``script`` (Python source; ``{root}`` is the repository root) in a
     fresh interpreter with ``n`` simulated CPU devices, and return the JSON

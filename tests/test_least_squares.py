@@ -32,7 +32,7 @@ from pleas_jax.least_squares import (
 from pleas_jax.matching.activations import activation_matching
 from pleas_jax.permutation import identity
 from pleas_jax.spec import derive_spec
-from tests.helpers import images, init, randomize_norms, run_on_cpu_devices
+from tests.helpers import images, init, randomize_norms, resnet20_pair, run_on_cpu_devices
 
 SIZE = 16
 
@@ -213,12 +213,7 @@ def test_single_conv_layer_recovers_the_planted_kernel(k, stride, padding, bias)
 # ---------------------------------------------------------------- resnet pairs
 @pytest.fixture(scope="module")
 def pair():
-    m = models.resnet20(num_classes=10, width=8)
-    va = randomize_norms(init(m, SIZE), 1)
-    vb = randomize_norms(init(m, SIZE, seed=2), 3)
-    spec = derive_spec(m, va, np.zeros((1, SIZE, SIZE, 3), np.float32))
-    batches = [images(32, SIZE, seed=s) for s in range(4)]
-    return m, va, vb, spec, batches
+    return resnet20_pair(width=8, size=SIZE, batches=4, batch_size=32)
 
 
 def _blocks(pair, budget):

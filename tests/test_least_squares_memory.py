@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from pleas_jax import budget, models, partial
+from pleas_jax import budget, partial
 from pleas_jax.least_squares import (
     StatisticsOverBound,
     find_layers,
@@ -22,9 +22,8 @@ from pleas_jax.least_squares import (
 from pleas_jax.merge import merge
 from pleas_jax.pair_least_squares import pair_statistics
 from pleas_jax.permutation import identity
-from pleas_jax.spec import derive_spec
 from pleas_jax.tree import flatten
-from tests.helpers import images, init, randomize_norms
+from tests.helpers import resnet20_pair
 
 # The package re-exports the function least_squares under the module's name.
 ls_module = importlib.import_module("pleas_jax.least_squares")
@@ -34,11 +33,7 @@ SIZE = 16
 
 @pytest.fixture(scope="module")
 def pair():
-    m = models.resnet20(num_classes=10, width=4)
-    va = randomize_norms(init(m, SIZE), 1)
-    vb = randomize_norms(init(m, SIZE, seed=2), 3)
-    spec = derive_spec(m, va, np.zeros((1, SIZE, SIZE, 3), np.float32))
-    batches = [images(16, SIZE, seed=s) for s in range(2)]
+    m, va, vb, spec, batches = resnet20_pair(width=4, size=SIZE, batches=2, batch_size=16)
     blocks = partial.full_blocks(spec, identity(spec), 0.5)
     mm, vm = partial.partial_merge(m, spec, blocks, va, vb)
     layers = find_layers(m, va, spec, blocks, batches[0][:1])

@@ -17,18 +17,14 @@ from pleas_jax.pair_least_squares import (
 )
 from pleas_jax.permutation import identity
 from pleas_jax.spec import derive_spec
-from tests.helpers import images, init, randomize_norms
+from tests.helpers import init, resnet20_pair
 
 SIZE = 16
 
 
 @pytest.fixture(scope="module")
 def pair():
-    m = models.resnet20(num_classes=10, width=8)
-    va = randomize_norms(init(m, SIZE), 1)
-    vb = randomize_norms(init(m, SIZE, seed=2), 3)
-    spec = derive_spec(m, va, np.zeros((1, SIZE, SIZE, 3), np.float32))
-    batches = [images(32, SIZE, seed=s) for s in range(3)]
+    m, va, vb, spec, batches = resnet20_pair(width=8, size=SIZE, batches=3, batch_size=32)
     perm, costs = activation_matching(m, va, m, vb, spec, batches[:1])
     stats = pair_statistics(m, va, m, vb, spec, batches)
     return m, va, vb, spec, batches, perm, costs, stats
