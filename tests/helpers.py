@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -107,3 +108,18 @@ def max_relative_difference(one, other, skip=()) -> float:
             a, b = np.asarray(a, np.float64), np.asarray(other[k][name], np.float64)
             worst = max(worst, float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-12)))
     return worst
+
+
+@functools.cache
+def source_table(arch, size, num_classes=1000, width=None):
+    """``(module, shapes, spec, table)`` of a source ResNet at ``size`` px: the
+    accounting reads only shapes, so the variables are abstract
+    (``jax.ShapeDtypeStruct``; nothing is compiled)."""
+    from pleas_jax import accounting, models
+    from pleas_jax.spec import derive_spec
+
+    model = models.resnet(arch, num_classes, width=width)
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    spec = derive_spec(model, shapes, x)
+    return model, shapes, spec, accounting.layer_table(model, shapes, spec, (size, size, 3))
