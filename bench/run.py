@@ -65,9 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    choices=["distance", "correlation", "inner"])
     p.add_argument("--max-iter", type=int, default=100, help="weight matching sweeps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="compute dtype of the models in the activation statistics stage "
-                        "(accumulation stays fp32); bfloat16 also reports the deviation "
-                        "from fp32 statistics")
+                   help="compute dtype of the models in the activation statistics stage and "
+                        "merge()'s matching (accumulation stays fp32); bfloat16 also reports "
+                        "the deviation from fp32 statistics")
     p.add_argument("--max-memory-bytes", type=int, default=-1,
                    help="least-squares statistics bound per pass, passed to least_squares and "
                         "merge (-1: the library's default; 0: no bound, one pass)")
@@ -382,11 +382,9 @@ def run(args) -> dict:
                         name="weight matching")
     record("weight_matching", t)
 
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    m_stats = module.clone(dtype=dtype)
     stats, t = timed_twice(
-        lambda: activation_statistics(m_stats, va, m_stats, vb, spec, batches, args.similarity,
-                                      mesh=mesh),
+        lambda: activation_statistics(module, va, module, vb, spec, batches, args.similarity,
+                                      mesh=mesh, dtype=args.dtype),
         name="activation statistics",
     )
     record("activation_statistics", t, dtype=args.dtype,
@@ -467,7 +465,8 @@ def run(args) -> dict:
                                 "steady_outside_reported_s": other,
                                 "reported_memory": ls_mem[-1]}
         _, t = timed_twice(
-            lambda: recompute_batch_norm(merged_module, fitted, batches, mesh=mesh),
+            lambda mm=merged_module, fitted=fitted: recompute_batch_norm(mm, fitted, batches,
+                                                                          mesh=mesh),
             name=f"budget {b}: batch norm",
         )
         row["batch_norm"] = {**t, "over_forward": t["steady_s"] / fw}
@@ -476,7 +475,7 @@ def run(args) -> dict:
             lambda b=b: merge(
                 (module, va), (module, vb), batches, b, matching=args.matching,
                 ratios=args.ratios, similarity=args.similarity, max_iter=args.max_iter,
-                statistics=args.statistics, max_memory_bytes=bound,
+                matching_dtype=args.dtype, statistics=args.statistics, max_memory_bytes=bound,
                 count_xla_flops=args.xla_flops, mesh=mesh, progress=False,
             ),
             sync=lambda r: r.variables,

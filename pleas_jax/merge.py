@@ -36,7 +36,7 @@ from pleas_jax import partial
 from pleas_jax.batch_norm import recompute_batch_norm
 from pleas_jax.least_squares import DEFAULT_MAX_MEMORY_BYTES
 from pleas_jax.least_squares import least_squares as fit_least_squares
-from pleas_jax.matching.activations import SIMILARITIES, activation_matching
+from pleas_jax.matching.activations import SIMILARITIES, activation_matching, with_compute_dtype
 from pleas_jax.matching.weights import weight_matching
 from pleas_jax.pair_least_squares import PairStatistics, fit, pair_statistics
 from pleas_jax.permutation import identity
@@ -156,6 +156,7 @@ def merge(
     least_squares: str | None = "closed_form",
     heads: str = "shared",
     similarity: str = "distance",
+    matching_dtype: Any = None,
     batch_norm: bool = True,
     ridge: float = 1e-4,
     gd_steps: int = 400,
@@ -187,6 +188,11 @@ def merge(
       heads: ``"shared"`` (same label space; classifier refit like any layer) or
         ``"separate"`` (the merged backbone with each source model's head).
       similarity: activation similarity (``"distance"``, ``"correlation"``, ``"inner"``).
+      matching_dtype: compute dtype of both models in the activation-matching
+        pass, e.g. ``"bfloat16"`` (bf16 compute with fp32 accumulation; in the
+        tests, ``"distance"`` scores stay within 0.5% of fp32's and the
+        matching is unchanged); ``None`` runs them as given. Least squares and BatchNorm always run in the
+        models' own dtype.
       batch_norm: recompute BatchNorm statistics of the merged model on ``data``.
       ridge, gd_steps, gd_learning_rate: least-squares settings.
       max_iter, seed: weight matching's sweeps and group order.
@@ -231,6 +237,8 @@ def merge(
         raise ValueError(f"ratios must be one of {RATIOS} or a dict of group ratios, got {ratios!r}")
     (module_a, va), (module_b, vb) = model_a, model_b
     _check_models(module_a, module_b, heads)
+    if matching_dtype is not None:
+        with_compute_dtype(module_a, matching_dtype)  # a bad dtype fails before any work
     data_fn = _batches_factory(data)
     example = _first_images(data_fn)[:1]
 
@@ -267,7 +275,8 @@ def merge(
                 raise ValueError(f"precomputed matching lacks group(s) {sorted(missing)}")
         elif matching == "activation":
             perm, costs = activation_matching(
-                module_a, va, module_b, vb, spec, data_fn(), similarity, mesh=mesh, progress=progress
+                module_a, va, module_b, vb, spec, data_fn(), similarity, mesh=mesh,
+                dtype=matching_dtype, progress=progress,
             )
         elif matching == "weight":
             perm, costs = weight_matching(spec, va, vb, max_iter=max_iter, seed=seed)

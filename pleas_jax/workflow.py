@@ -361,6 +361,7 @@ def merge_checkpoints(
     images: int | None = 1000,
     batch_size: int = 250,
     gd_steps: int = 400,
+    matching_dtype: str | None = None,
     report: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -402,7 +403,7 @@ def merge_checkpoints(
     result = merge(
         (model_a.module, model_a.variables), (model_b.module, model_b.variables), batches,
         float(budget), matching=matching, ratios=ratios, least_squares=least_squares,
-        heads=mode, gd_steps=gd_steps, progress=progress,
+        heads=mode, gd_steps=gd_steps, matching_dtype=matching_dtype, progress=progress,
     )
     rep = jsonable(result.report)
     source = lambda m: {  # noqa: E731
@@ -417,6 +418,7 @@ def merge_checkpoints(
         "merge": {
             "budget": float(budget), "matching": matching, "ratios": ratios,
             "least_squares": least_squares, "heads": mode, "gd_steps": gd_steps,
+            "matching_dtype": matching_dtype,
         },
         "report": rep,
         **metadata,

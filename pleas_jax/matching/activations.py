@@ -80,6 +80,54 @@ def check_compatible(spec, variables_a, variables_b) -> None:
                     )
 
 
+def with_compute_dtype(module, dtype):
+    """``module`` computing in ``dtype`` (parameters stay as stored).
+
+    Args:
+      module: a Flax module with a ``dtype`` field (as every model of
+        :mod:`pleas_jax.models` has).
+      dtype: a floating dtype or its name, e.g. ``"bfloat16"``.
+
+    Raises:
+      ValueError: the dtype is not floating, or the module has no ``dtype`` field.
+    """
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"unknown dtype {dtype!r}") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"compute dtype must be floating, got {dtype}")
+    if "dtype" not in getattr(module, "__dataclass_fields__", {}):
+        raise ValueError(
+            f"{type(module).__name__} has no dtype field: build it with the compute dtype instead"
+        )
+    return module.clone(dtype=dtype)
+
+
+def _moments(a, b, w, need_sq):
+    """Sums over rows of ``a, b [rows, n]`` weighted by ``w [rows]`` (0/1).
+
+    Everything is summed in float32. For bf16 features the cross moment is a
+    bf16 x bf16 matmul with fp32 accumulation (the product of two bf16 numbers
+    is exact in fp32); the elementwise sums upcast inside one fused reduction.
+    Float32 features get a full-precision matmul.
+    """
+    precision = _HI if a.dtype == jnp.float32 else None
+    f32 = jnp.float32
+    w = w.astype(a.dtype)[:, None]  # 0/1: exact in any dtype
+    aw, bw = a * w, b * w
+    s = {
+        "cross": jnp.matmul(aw.T, b, precision=precision, preferred_element_type=f32),
+        "sum_a": jnp.sum(aw, axis=0, dtype=f32),
+        "sum_b": jnp.sum(bw, axis=0, dtype=f32),
+        "count": jnp.sum(w, dtype=f32),
+    }
+    if need_sq:
+        s["sq_a"] = jnp.sum(aw.astype(f32) * a.astype(f32), axis=0)
+        s["sq_b"] = jnp.sum(bw.astype(f32) * b.astype(f32), axis=0)
+    return s
+
+
 def _batch_stats_fn(module_a, module_b, points, similarity):
     """Per-shard sums over examples for every (group, point)."""
     need_sq = similarity in ("distance", "correlation")
@@ -105,19 +153,10 @@ def _batch_stats_fn(module_a, module_b, points, similarity):
                 w = jnp.broadcast_to(
                     mask.reshape((-1,) + (1,) * (a.ndim - 2)), a.shape[:-1]
                 ).reshape(-1)
-                a2 = a.reshape(-1, n).astype(jnp.float32)
-                b2 = b.reshape(-1, n).astype(jnp.float32)
-                aw = a2 * w[:, None]
-                s = {
-                    "cross": jnp.matmul(aw.T, b2, precision=_HI),
-                    "sum_a": aw.sum(0),
-                    "sum_b": (b2 * w[:, None]).sum(0),
-                    "count": w.sum(),
-                }
-                if need_sq:
-                    s["sq_a"] = (aw * a2).sum(0)
-                    s["sq_b"] = (b2 * b2 * w[:, None]).sum(0)
-                out[(g, path_str(pt))] = s
+                dtype = jnp.promote_types(a.dtype, b.dtype)
+                a2 = a.reshape(-1, n).astype(dtype)
+                b2 = b.reshape(-1, n).astype(dtype)
+                out[(g, path_str(pt))] = _moments(a2, b2, w, need_sq)
         return out
 
     return fn
@@ -128,7 +167,8 @@ def _compiled_step(module_a, module_b, points_key, similarity, mesh):
     # Modules and meshes are hashable: repeated passes over the same pair
     # (benchmarks, several similarities) reuse the compiled kernel.
     points = {g: list(pts) for g, pts in points_key}
-    return distributed.batch_sum(_batch_stats_fn(module_a, module_b, points, similarity), mesh)
+    fn = _batch_stats_fn(module_a, module_b, points, similarity)
+    return distributed.batch_sum(fn, mesh)
 
 
 @functools.lru_cache(maxsize=8)
@@ -158,6 +198,7 @@ def activation_statistics(
     similarity: str = "distance",
     *,
     mesh: jax.sharding.Mesh | None = None,
+    dtype: Any = None,
     progress: bool = False,
 ) -> dict[tuple[str, str], dict[str, np.ndarray]]:
     """Cross moments of A's and B's features at every point of every group.
@@ -168,17 +209,23 @@ def activation_statistics(
       batches: iterable of images ``[N, H, W, C]`` (or ``(images, labels)``).
       similarity: which statistics to keep (see :func:`activation_matching`).
       mesh: a 1-D data mesh (all local devices by default).
+      dtype: compute dtype of both models for this pass (e.g. ``"bfloat16"``;
+        see :func:`with_compute_dtype`); ``None`` runs them as given. The
+        moments are products in the features' dtype summed in float32, so
+        bf16 features give a bf16 matmul with fp32 accumulation.
       progress: show a progress bar.
 
     Returns:
       ``(group, point) -> {"cross": [n, n], "sum_a": [n], "sum_b": [n],
       "count": [], "sq_a"/"sq_b": [n] (distance, correlation),
       "neg_dist": [n, n] (distance)}``, sums over every real example and
-      position.
+      position, all float32.
     """
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     check_compatible(spec, variables_a, variables_b)
+    if dtype is not None:
+        module_a, module_b = with_compute_dtype(module_a, dtype), with_compute_dtype(module_b, dtype)
     points = feature_points(spec, variables_a)
     mesh = mesh or distributed.data_mesh()
     points_key = tuple((g, tuple(pts)) for g, pts in points.items())
@@ -234,6 +281,7 @@ def activation_matching(
     *,
     mesh: jax.sharding.Mesh | None = None,
     solver: lap.Solver | None = None,
+    dtype: Any = None,
     progress: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Permutations of B's groups that best align B's features with A's.
@@ -252,7 +300,7 @@ def activation_matching(
     """
     stats = activation_statistics(
         module_a, variables_a, module_b, variables_b, spec, batches, similarity,
-        mesh=mesh, progress=progress,
+        mesh=mesh, dtype=dtype, progress=progress,
     )
     scores = statistics_to_scores(stats, similarity)
     missing = [g for g in spec if g not in scores]

@@ -35,11 +35,14 @@ BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
 
 
-def _norm(train: bool, name: str) -> BatchNorm:
+def _norm(train: bool, name: str, dtype) -> BatchNorm:
+    # The compute dtype reaches the norms too, so a bf16 model runs bf16 end
+    # to end (flax still reduces batch statistics in float32).
     return BatchNorm(
         use_running_average=not train,
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,
+        dtype=dtype,
         name=name,
     )
 
@@ -97,13 +100,13 @@ class Block(nn.Module):
         y = x
         for i, (w, k, st) in enumerate(zip(self.widths, ks, strides, strict=True)):
             y = conv(w, k, st, f"conv{i + 1}")(y)
-            y = _norm(train, f"bn{i + 1}")(y)
+            y = _norm(train, f"bn{i + 1}", self.dtype)(y)
             if i < len(ks) - 1:
                 y = nn.relu(y)
         shortcut = x
         if self.downsample:
             shortcut = conv(self.widths[-1], 1, self.stride, "downsample_0")(x)
-            shortcut = _norm(train, "downsample_1")(shortcut)
+            shortcut = _norm(train, "downsample_1", self.dtype)(shortcut)
         return nn.relu(y + shortcut)
 
 
@@ -186,11 +189,11 @@ class ResNet(nn.Module):
         conv = _conv_factory(self.dtype, self.splits)
         if self.stem == "imagenet":
             x = conv(self.stem_width, 7, 2, "conv1")(x)
-            x = nn.relu(_norm(train, "bn1")(x))
+            x = nn.relu(_norm(train, "bn1", self.dtype)(x))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
             x = conv(self.stem_width, 3, 1, "conv1")(x)
-            x = nn.relu(_norm(train, "bn1")(x))
+            x = nn.relu(_norm(train, "bn1", self.dtype)(x))
 
         b = 0
         for s, size in enumerate(self.stage_sizes):
