@@ -94,6 +94,18 @@ def batch_sum(
     )
 
 
+def _check_address(address: str) -> None:
+    # A missing port would otherwise surface as a gRPC connect timeout minutes
+    # later, on every process.
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # IPv6 literal, "[::1]:1234"
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"JAX_COORDINATOR_ADDRESS must be host:port (e.g. 10.0.0.1:1234), got {address!r}"
+        )
+
+
 def multihost_args(environ: dict[str, str] | None = None) -> dict[str, Any]:
     """Arguments for ``jax.distributed.initialize`` from the environment.
 
@@ -119,6 +131,7 @@ def multihost_args(environ: dict[str, str] | None = None) -> dict[str, Any]:
         raise ValueError("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers") from None
     if not 0 <= pid < num:
         raise ValueError(f"JAX_PROCESS_ID={pid} is outside [0, JAX_NUM_PROCESSES={num})")
+    _check_address(env["JAX_COORDINATOR_ADDRESS"])
     kwargs = {
         "coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
         "num_processes": num,

@@ -41,4 +41,10 @@ def test_multihost_args():
         distributed.multihost_args({**env, "JAX_PROCESS_ID": "x"})
     with pytest.raises(ValueError, match="outside"):
         distributed.multihost_args({**env, "JAX_PROCESS_ID": "4"})
+    for bad in ("10.0.0.1", "10.0.0.1:", ":1234", "host:port", "host:0", "host:70000", "[::1]"):
+        with pytest.raises(ValueError, match="must be host:port"):
+            distributed.multihost_args({**env, "JAX_COORDINATOR_ADDRESS": bad})
+    for good in ("localhost:8476", "[::1]:1234", "node-3.cluster:65535"):
+        args = distributed.multihost_args({**env, "JAX_COORDINATOR_ADDRESS": good})
+        assert args["coordinator_address"] == good
     assert distributed.initialize_multihost({}) is False
