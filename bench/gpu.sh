@@ -14,6 +14,8 @@
 # object {"run": ..., "matching": ..., "least_squares": ...}. Settings (environment):
 #   ARCH=resnet50 SIZE=224 IMAGES=3200 BATCH=128 BUDGETS="1.0 1.5"
 #   BF16=1    also run bench/run.py with bfloat16 activation statistics ("run_bf16")
+#   STATISTICS=pair  merge() with pair statistics; run.py then also times pair_statistics
+#             and the per-budget pair fit (default per_merge)
 #   EXTRA=0   skip bench/matching.py and bench/least_squares.py
 #   ALLOW_CPU=1  skip the GPU check (a dry run of this script with tiny settings on a CPU)
 set -euo pipefail
@@ -27,6 +29,7 @@ IMAGES=${IMAGES:-3200}
 BATCH=${BATCH:-128}
 BUDGETS=${BUDGETS:-1.0 1.5}
 BF16=${BF16:-0}
+STATISTICS=${STATISTICS:-per_merge}
 EXTRA=${EXTRA:-1}
 OUT_DIR=${OUT_DIR:-$(mktemp -d)}
 mkdir -p "$OUT_DIR"
@@ -117,11 +120,11 @@ run() {  # run NAME SCRIPT ARGS...: JSON of SCRIPT (its last stdout object) into
 
 # shellcheck disable=SC2086  # BUDGETS is a list
 run run bench/run.py --arch "$ARCH" --size "$SIZE" --images "$IMAGES" --batch-size "$BATCH" \
-    --budgets $BUDGETS
+    --budgets $BUDGETS --statistics "$STATISTICS"
 if [ "$BF16" = 1 ]; then
     # shellcheck disable=SC2086
     run run_bf16 bench/run.py --arch "$ARCH" --size "$SIZE" --images "$IMAGES" \
-        --batch-size "$BATCH" --budgets $BUDGETS --dtype bfloat16
+        --batch-size "$BATCH" --budgets $BUDGETS --statistics "$STATISTICS" --dtype bfloat16
 fi
 if [ "$EXTRA" = 1 ]; then
     # The configurations the scripts' docstrings give for a GPU.

@@ -423,6 +423,17 @@ def run(args) -> dict:
 
     bound = memory_bound(args)
     ls_memory = statistics_memory(module, va, spec, example.shape[1:], args.budgets, bound)
+    pair_stats = None
+    if args.statistics == "pair":
+        from pleas_jax.pair_least_squares import pair_statistics
+
+        pair_stats, t = timed_twice(
+            lambda: pair_statistics(module, va, module, vb, spec, batches, mesh=mesh,
+                                    max_memory_bytes=bound),
+            sync=lambda r: r.sums, name="pair statistics",
+        )
+        record("pair_statistics", t, bytes=pair_stats.nbytes,
+               steady_s_per_1000_images=t["steady_s"] * 1000.0 / args.images)
     rows = []
     for i, b in enumerate(args.budgets):
         row: dict = {"budget": b}
@@ -464,6 +475,12 @@ def run(args) -> dict:
                                 "reported_first_call": split[0], "reported_steady": split[1],
                                 "steady_outside_reported_s": other,
                                 "reported_memory": ls_mem[-1]}
+        if pair_stats is not None:
+            from pleas_jax.pair_least_squares import fit
+
+            _, t = timed_twice(lambda blocks=blocks, merged=merged: fit(pair_stats, blocks, merged),
+                               sync=lambda r: r[0], name=f"budget {b}: pair fit")
+            row["pair_fit"] = {**t, "over_forward": t["steady_s"] / fw}
         _, t = timed_twice(
             lambda mm=merged_module, fitted=fitted: recompute_batch_norm(mm, fitted, batches,
                                                                           mesh=mesh),
