@@ -7,12 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend.core import Primitive
 
 from pleas_jax import models
 from pleas_jax.spec import (
     Group,
-    UnsupportedPrimitiveError,
     check_spec,
     derive_spec,
     drop_groups,
@@ -341,40 +339,6 @@ def test_wrong_spec_is_caught_and_named():
     )
     with pytest.raises(AssertionError, match="layer1_0/conv1/kernel:3"):
         check_spec(m, v, broken, x, groups=[key])
-
-
-class _Sorts(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return jnp.sort(nn.Dense(4)(x), axis=-1)
-
-
-_custom = Primitive("pleas_test_op")
-_custom.def_impl(lambda x: x)
-_custom.def_abstract_eval(lambda x: x)
-
-
-class _Custom(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(2)(_custom.bind(nn.Dense(4)(x)))
-
-
-class _Scans(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        y = nn.Dense(4)(x)
-        return jax.lax.scan(lambda c, _: (c * 2, None), y, None, length=3)[0]
-
-
-@pytest.mark.parametrize(
-    "module, primitive", [(_Sorts(), "sort"), (_Custom(), "pleas_test_op"), (_Scans(), "scan")]
-)
-def test_unsupported_primitive_is_named(module, primitive):
-    x = jnp.ones((2, 3))
-    v = module.init(jax.random.key(0), x)
-    with pytest.raises(UnsupportedPrimitiveError, match=f"'{primitive}'.*test_spec.py"):
-        derive_spec(module, v, x)
 
 
 def test_validation_names_the_path():
