@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from experiments.common import ExperimentError
+from experiments.release import ExperimentError
 
 if TYPE_CHECKING:
     from pleas_jax import workflow as wf

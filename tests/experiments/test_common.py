@@ -1,5 +1,7 @@
 """Release layout, checkpoint resolution (incl. on-the-fly conversion), data helpers, caches."""
 
+import ast
+import inspect
 import shutil
 import sys
 import types
@@ -7,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from experiments import common, streams
+from experiments import common, datasets, merging, options, release, runs, sources, streams
 from pleas_jax import checkpoint
 from tests.experiments.conftest import SIZE, tiny
 
@@ -184,3 +186,42 @@ def test_method_runs_and_matching_cache(tmp_path):
         np.testing.assert_array_equal(got_perm[g], perm[g])
         np.testing.assert_array_equal(got_costs[g], costs[g])
     assert fresh.get({**key, "a": 2}) is None and common.MatchingCache(None).get(key) is None
+
+
+# Where each name ``experiments.common`` offers is defined.
+HOMES = {
+    release: ["BUDGETS", "DOMAINNET", "DOMAINNET_CLASSES", "DOMAINNET_PAIRS", "DOMAINS",
+              "ENV_CHECKPOINTS", "ENV_NABIRDS", "FINE_GRAINED", "FINE_GRAINED_PAIRS",
+              "IMAGENET_NORMALIZATION", "LEAST_SQUARES", "METHODS", "MODEL_TYPES", "ORDERS",
+              "RATIOS", "RELEASE_IMAGE_SIZE", "RESULT_FILE", "VARIANTS", "ExperimentError",
+              "Method"],
+    options: ["add_common_arguments", "check_common", "csv_list", "float_list",
+              "spec_override"],
+    sources: ["checkpoints_root", "features_model", "load_source", "release_dir",
+              "resolve_checkpoint", "source_paths"],
+    datasets: ["MOCK_IMAGE_SIZE", "dataset_spec", "maybe_mock_data"],
+    runs: ["Timer", "command_line", "experiment_main", "finish_run", "read_result",
+           "run_main", "settings", "write_result"],
+    merging: ["MatchingCache", "checkpoint_key", "merge_grid", "method_runs"],
+}
+
+
+def test_common_re_exports_the_split_modules_objects():
+    offered = [n for names in HOMES.values() for n in names]
+    assert sorted(common.__all__) == sorted(offered) and len(set(offered)) == len(offered)
+    for module, names in HOMES.items():
+        for name in names:
+            assert getattr(common, name) is getattr(module, name), (module.__name__, name)
+            obj = getattr(module, name)
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                assert obj.__module__ == module.__name__, name
+    # Imports go downward: no split module (nor streams) imports common.
+    for module in [*HOMES, streams]:
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if isinstance(node, ast.ImportFrom):
+                imported = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                imported = [a.name for a in node.names]
+            else:
+                continue
+            assert "experiments.common" not in imported, module.__name__

@@ -1,0 +1,91 @@
+"""The paper's datasets as pleas-jax data specs, and the mocked tfds the tests run on.
+
+:func:`dataset_spec` names where a dataset of the paper (``cub``, ``clipart``,
+...) is read from; :mod:`experiments.streams` reads it. :func:`maybe_mock_data`
+replaces every tfds source with small random images, so the experiments run end
+to end in tests without the network or the disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import zlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from experiments.release import DOMAINNET, DOMAINS, ENV_NABIRDS, FINE_GRAINED, ExperimentError
+
+
+# ------------------------------------------------------------------- data
+def dataset_spec(name: str, overrides: Mapping[str, str], data_dir: str | None) -> str:
+    """The data spec of a dataset of the paper (``cub``, ``clipart``, ...).
+
+    NABirds is not in tfds: it is read as an image folder (one sub-folder per
+    class), ``--spec nabird=folder:PATH``, else ``$NABIRDS_DIR``, else
+    ``DATA_DIR/nabirds/images`` or ``DATA_DIR/nabirds``.
+
+    Raises:
+      ExperimentError: an unknown name, or NABirds not found.
+    """
+    if name in overrides:
+        return overrides[name]
+    if name in DOMAINS:
+        return f"tfds:{DOMAINNET}/{name}"
+    if name not in FINE_GRAINED:
+        raise ExperimentError(f"unknown dataset {name!r}; choose from "
+                              f"{', '.join([*FINE_GRAINED, *DOMAINS])}")
+    if FINE_GRAINED[name] is not None:
+        return f"tfds:{FINE_GRAINED[name]}"
+    candidates = []
+    if os.environ.get(ENV_NABIRDS):
+        candidates.append(Path(os.environ[ENV_NABIRDS]))
+    if data_dir:
+        candidates += [Path(data_dir) / "nabirds" / "images", Path(data_dir) / "nabirds"]
+    for c in candidates:
+        if c.is_dir():
+            return f"folder:{c}"
+    raise ExperimentError(
+        "NABirds is not in tfds: download it from https://dl.allaboutbirds.org/nabirds and pass "
+        f"--spec nabird=folder:PATH/nabirds/images (one folder per class), set {ENV_NABIRDS}, "
+        "or put it under --data-dir as nabirds/images"
+    )
+
+
+# -------------------------------------------------------------- mock data
+MOCK_IMAGE_SIZE = 16
+
+
+def _mock_source(examples: int):
+    """A stand-in for ``DatasetBuilder.as_data_source``: ``examples`` random RGB
+    images ``[16, 16, 3]`` with random labels of the dataset's label space, seeded
+    by dataset, config and split. tfds' own mock draws images of random sizes;
+    fixed small ones keep the tests' reading cheap."""
+
+    def as_data_source(builder, split=None, *args, **kwargs):
+        config = builder.builder_config.name if builder.builder_config else ""
+        seed = zlib.crc32(f"{builder.name}/{config}/{split}".encode())
+        rng = np.random.default_rng(seed)
+        k = builder.info.features["label"].num_classes
+        size = (MOCK_IMAGE_SIZE, MOCK_IMAGE_SIZE, 3)
+        return [{"image": rng.integers(0, 256, size, dtype=np.uint8),
+                 "label": int(rng.integers(k))} for _ in range(examples)]
+
+    return as_data_source
+
+
+@contextlib.contextmanager
+def maybe_mock_data(examples: int | None) -> Iterator[None]:
+    """Run inside ``tfds.testing.mock_data`` when ``examples`` is given (tests),
+    else do nothing. Every tfds source then holds ``examples`` random images per
+    split (:func:`_mock_source`) and nothing touches the network or the disk."""
+    if examples is None:
+        yield
+        return
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=examples,
+                                as_data_source_fn=_mock_source(examples)):
+        yield

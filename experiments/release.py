@@ -1,0 +1,105 @@
+"""What the paper's experiments are: the release's models, datasets, grids and merge methods.
+
+The tables every other experiment module reads, and the one error type they all
+raise. Nothing here imports JAX, so the launcher and the report can read the
+tables cheaply; the modules that run merges reach ``pleas_jax`` through
+:func:`_pleas` only when they need it.
+
+A *method* is a merge recipe (:data:`METHODS`): a matching, whether least squares
+runs, and a ratio allocation. Its names are the original launchers' ``--merging``
+values plus ``zipit``.
+
+Errors a user can fix raise :class:`ExperimentError` with one line that says what is
+missing and how to get it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+MODEL_TYPES = {"rn18": "resnet18", "rn50": "resnet50", "rn101": "resnet101"}
+VARIANTS = ("v1a", "v1b", "v2a", "v2b")
+# The paper's budgets (compute relative to one model) per architecture.
+BUDGETS = {
+    "rn18": (1.0, 1.24, 1.46, 1.71, 2.0),
+    "rn50": (1.0, 1.2, 1.55, 1.8, 2.0),
+    "rn101": (1.0, 1.1, 1.7, 1.8, 2.0),
+}
+DOMAINNET = "domainnet"
+DOMAINS = ("clipart", "infograph", "painting", "real")
+DOMAINNET_CLASSES = 345
+# Fine-grained datasets: the release's directory name -> tfds name (NABirds is not in
+# tfds; it is read as an image folder, see :func:`dataset_spec`).
+FINE_GRAINED = {
+    "cub": "caltech_birds2011",
+    "oxford_pets": "oxford_iiit_pet",
+    "stanford_dogs": "stanford_dogs",
+    "nabird": None,
+}
+# The release's grids: unordered pairs; each is run in both model orders.
+FINE_GRAINED_PAIRS = (
+    ("cub", "oxford_pets"),
+    ("cub", "stanford_dogs"),
+    ("oxford_pets", "nabird"),
+    ("nabird", "stanford_dogs"),
+    ("cub", "nabird"),
+    ("stanford_dogs", "oxford_pets"),
+)
+DOMAINNET_PAIRS = (
+    ("clipart", "painting"),
+    ("clipart", "infograph"),
+    ("clipart", "real"),
+    ("painting", "infograph"),
+    ("painting", "real"),
+    ("infograph", "real"),
+)
+ORDERS = (("v1a", "v1b"), ("v1b", "v1a"))
+# ImageNet statistics: the release's torchvision models were trained on inputs
+# normalised with them, and converted checkpoints do not record it.
+IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+RELEASE_IMAGE_SIZE = 224
+RESULT_FILE = "result.json"
+ENV_CHECKPOINTS = "MODEL_CHECKPOINTS_DIR"
+ENV_NABIRDS = "NABIRDS_DIR"
+
+
+class ExperimentError(ValueError):
+    """An experiment that cannot run as asked; the message says what to do."""
+
+
+def _pleas():
+    # pleas_jax (JAX, orbax) is imported when a run needs it, not by the launcher
+    # and the report, which only read this module's tables.
+    from pleas_jax import checkpoint, workflow
+    from pleas_jax import data as data_lib
+
+    return checkpoint, data_lib, workflow
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A merge recipe.
+
+    Attributes:
+      matching: ``"activation"`` or ``"weight"``.
+      least_squares: whether the LeaS step runs (its mode is a run setting).
+      ratios: a fixed ratio allocation (ZipIt!'s is stage-wise), else ``None``:
+        the run's ``--ratios``.
+      label: for tables.
+    """
+
+    matching: str
+    least_squares: bool
+    ratios: str | None
+    label: str
+
+
+METHODS = {
+    "pleas_activation": Method("activation", True, None, "PLeaS (activation matching)"),
+    "pleas_weight": Method("weight", True, None, "PLeaS (weight matching)"),
+    "weight_matching": Method("weight", False, None, "weight matching"),
+    "perm_activation": Method("activation", False, None, "activation matching"),
+    "zipit": Method("activation", False, "zip", "ZipIt!-style partial merging"),
+}
+RATIOS = ("uniform", "zip", "optimized")
+LEAST_SQUARES = ("closed_form", "gd")
