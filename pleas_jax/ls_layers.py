@@ -6,8 +6,10 @@ tracing, spec groups and ``[merged | A-only | B-only]`` channel splits).
 A kernel ``[*kernel_size, C_in, C_out]`` (+ bias) is the matrix
 ``[C_in * taps (+1), C_out]`` with channel-major rows
 (:func:`weights_to_matrix`), matching the patch rows of :func:`layer_rows`;
-:func:`channel_mask` / :func:`matrix_mask` say which inputs each output may
-read. :mod:`pleas_jax.least_squares` accumulates and solves over these.
+:func:`layer_apply` applies the layer itself, and :func:`channel_mask` /
+:func:`matrix_mask` say which inputs each output may read. The statistics
+(:mod:`pleas_jax.ls_statistics`), gradient descent (:mod:`pleas_jax.ls_descent`)
+and the solve (:mod:`pleas_jax.least_squares`) all work over these.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pleas_jax.partial import GroupBlocks
 from pleas_jax.tree import flatten, path_str, to_dict, unflatten
 
 Weights = dict[str, dict[str, Any]]  # layer name -> {"kernel": ..., "bias": ...}
+_HI = jax.lax.Precision.HIGHEST
 
 
 # --------------------------------------------------------------------- layers
@@ -95,7 +98,7 @@ class Layer:
 
 def statistics_bytes(layer: Layer, *, init: bool = True, target_gram: bool = False) -> int:
     """Device memory of one layer's accumulated sums (fp32), as
-    :func:`pleas_jax.least_squares.layer_statistics` returns them.
+    :func:`pleas_jax.ls_statistics.layer_statistics` returns them.
 
     ``gram [dim, dim]``, ``cross [dim, C_out]``, ``target_sq [C_out]`` and
     ``count []``; with ``init`` also ``init``, ``init_grad [dim, C_out]`` and
@@ -267,6 +270,24 @@ def layer_rows(layer: Layer, x):
     if layer.bias:
         rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
     return rows
+
+
+_CONV_DIMS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
+
+
+def layer_apply(layer: Layer, x, weights: Mapping[str, Any]):
+    """The merged layer on its merged input ``x [N, ..., C_in] -> [N, ..., C_out]`` (fp32)."""
+    k = weights["kernel"]
+    if layer.kind == "conv":
+        y = jax.lax.conv_general_dilated(
+            x, k, layer.strides, layer.padding, rhs_dilation=layer.dilation,
+            dimension_numbers=_CONV_DIMS[len(layer.kernel_size)], precision=_HI,
+        )
+    else:
+        y = jnp.matmul(x, k, precision=_HI)
+    if layer.bias:
+        y = y + weights["bias"]
+    return y
 
 
 def weights_to_matrix(layer: Layer, kernel, bias=None):

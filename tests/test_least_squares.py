@@ -1,7 +1,9 @@
 """Least squares: exact on planted problems, block mask respected, no worse than
-gradient descent, keeps the ensemble at budget 2, sharding changes nothing."""
+gradient descent, keeps the ensemble at budget 2; the names of the ls_* modules
+are re-exported. (Statistics kernels and sharding: test_ls_statistics.py;
+layer geometry: test_ls_layers.py.)"""
 
-import textwrap
+import importlib
 
 import flax.linen as nn
 import jax
@@ -14,16 +16,13 @@ from pleas_jax import models, partial
 # The package re-exports the function least_squares under the module's name.
 from pleas_jax.least_squares import (
     Layer,
-    batch_sums,
     feature_residuals,
     find_layers,
     gradient_descent,
-    layer_apply,
     layer_rows,
     layer_statistics,
     least_squares,
     matrix_mask,
-    matrix_to_weights,
     residuals,
     solve,
     weights_of,
@@ -32,7 +31,7 @@ from pleas_jax.least_squares import (
 from pleas_jax.matching.activations import activation_matching
 from pleas_jax.permutation import identity
 from pleas_jax.spec import derive_spec
-from tests.helpers import images, init, randomize_norms, resnet20_pair, run_on_cpu_devices
+from tests.helpers import images, init, randomize_norms, resnet20_pair
 
 SIZE = 16
 
@@ -119,58 +118,6 @@ def test_dead_inputs_keep_the_centre():
 
 
 # ------------------------------------------------------------------ conv path
-@pytest.mark.parametrize(
-    "k,stride,pad,dil",
-    [(3, 2, ((1, 1), (1, 1)), 1), (7, 2, ((3, 3), (3, 3)), 1), (1, 2, ((0, 0), (0, 0)), 1),
-     (3, 1, ((2, 2), (2, 2)), 2), (3, 2, ((0, 1), (1, 0)), 1)],
-)
-def test_patches_times_matrix_is_the_conv(k, stride, pad, dil):
-    layer = Layer("c", "conv", (k, k), (stride, stride), pad, (dil, dil), False, None, None,
-                     (5, 0, 0), (4, 0, 0))
-    rng = np.random.default_rng(k)
-    x = jnp.asarray(rng.normal(size=(2, 15, 15, 5)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=layer.kernel_shape), jnp.float32)
-    ref = jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad, rhs_dilation=(dil, dil),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                       precision=jax.lax.Precision.HIGHEST)
-    rows = layer_rows(layer, x)
-    got = jnp.matmul(rows, weights_to_matrix(layer, kernel), precision=jax.lax.Precision.HIGHEST)
-    # fp32 sums of up to 245 products: compare at 1e-6 of the output scale.
-    tol = 1e-6 * float(jnp.max(jnp.abs(ref)))
-    np.testing.assert_allclose(got.reshape(ref.shape), ref, atol=tol)
-    np.testing.assert_allclose(layer_apply(layer, x, {"kernel": kernel}), ref, atol=tol)
-    back = matrix_to_weights(layer, weights_to_matrix(layer, kernel))["kernel"]
-    np.testing.assert_array_equal(back, kernel)
-
-
-@pytest.mark.parametrize(
-    "k,pad,hw,bias",
-    [((3, 3), ((1, 1), (1, 1)), (9, 7), False), ((3, 3), ((0, 0), (0, 0)), (6, 6), True),
-     ((5, 3), ((2, 2), (1, 1)), (8, 7), False), ((3, 3), ((1, 1), (1, 1)), (2, 2), False),
-     ((3, 3), ((0, 2), (1, 0)), (5, 4), True), ((1, 3), ((0, 0), (1, 1)), (4, 6), False)],
-)
-def test_shift_gram_equals_patch_gram(k, pad, hw, bias):
-    layer = Layer("c", "conv", k, (1, 1), pad, (1, 1), bias, None, None, (4, 0, 0), (3, 0, 0))
-    rng = np.random.default_rng(sum(hw))
-    x = jnp.asarray(rng.normal(size=(5, *hw, 4)) + 0.5, jnp.float32)  # non-zero mean, like ReLU
-    kernel = jnp.asarray(rng.normal(size=layer.kernel_shape), jnp.float32)
-    w0 = {"kernel": kernel, "bias": jnp.ones((3,))} if bias else {"kernel": kernel}
-    y = layer_apply(layer, x, w0) + jnp.asarray(rng.normal(size=(3,)), jnp.float32)
-    mask = jnp.asarray([1.0, 1.0, 0.0, 1.0, 0.0])
-    w0 = {"kernel": 0.5 * kernel, **({"bias": jnp.zeros((3,))} if bias else {})}
-    sums = jax.jit(batch_sums, static_argnums=0, static_argnames="gram")
-    a = sums(layer, x, y, mask, w0, gram="shifts")
-    b = sums(layer, x, y, mask, w0, gram="patches")
-    assert set(a) == set(b)
-    for name in a:
-        scale = float(jnp.max(jnp.abs(b[name])))
-        np.testing.assert_allclose(a[name], b[name], atol=2e-6 * scale, err_msg=name)
-    # Padding examples count for nothing.
-    c = sums(layer, x[jnp.array([0, 1, 3])], y[jnp.array([0, 1, 3])], jnp.ones(3), w0, gram="shifts")
-    for name in a:
-        np.testing.assert_allclose(a[name], c[name], atol=2e-6 * float(jnp.max(jnp.abs(c[name]))))
-
-
 class _OneConv(nn.Module):
     k: int
     stride: int
@@ -344,48 +291,29 @@ def test_bad_input_is_a_clear_error(pair):
         least_squares(m, va, m, vb, spec, other, mm, vm, batches)
 
 
-# ---------------------------------------------------------------- 8 devices
-_SHARDED = textwrap.dedent(
-    """
-    import json, sys
-    import jax, numpy as np
-    sys.path.insert(0, {root!r})
-    from pleas_jax import distributed, models, partial
-    from pleas_jax.least_squares import find_layers, layer_statistics, weights_of
-    from pleas_jax.permutation import identity
-    from pleas_jax.spec import derive_spec
-    from tests.helpers import images, init, max_relative_difference, randomize_norms
+# ------------------------------------------------------------------ re-exports
+def test_moved_names_are_re_exported():
+    # The pieces live in ls_* modules; least_squares re-exports the very same
+    # objects, so callers (and monkeypatches of least_squares' own calls) keep
+    # working.
+    from pleas_jax import ls_data, ls_descent, ls_layers, ls_memory, ls_statistics
 
-    assert len(jax.devices()) == 8, jax.devices()
-    m = models.resnet20(num_classes=4, width=4)
-    va = randomize_norms(init(m, 16), seed=1)
-    vb = randomize_norms(init(m, 16, seed=3), seed=2)
-    spec = derive_spec(m, va, np.zeros((1, 16, 16, 3), np.float32))
-    blocks = partial.full_blocks(spec, identity(spec), 0.5)
-    _, vm = partial.partial_merge(m, spec, blocks, va, vb)
-    # Every kind of layer (stem, strided 3x3, 1x1 downsample, block-split
-    # 3x3, classifier with bias), not all 21: compilation dominates this test.
-    names = ["conv1", "layer2_0/conv1", "layer2_0/downsample_0", "layer3_2/conv2", "fc"]
-    found = find_layers(m, va, spec, blocks, np.zeros((1, 16, 16, 3), np.float32))
-    w0 = weights_of(vm, {{n: found[n] for n in names}})
-    out = {{}}
-    for bs in (7, 33):
-        # Two batches of one shape: accumulation is covered, compilations few.
-        batches = [images(bs, 16, seed=bs), images(bs, 16, seed=bs + 1)]
-        one = layer_statistics(m, va, m, vb, spec, blocks, batches, init=w0, layers=names,
-                               mesh=distributed.data_mesh(jax.devices()[:1]))
-        eight = layer_statistics(m, va, m, vb, spec, blocks, batches, init=w0, layers=names,
-                                 mesh=distributed.data_mesh())
-        assert list(one) == names
-        assert all(float(s["count"]) > 0 for s in one.values())
-        out[bs] = max_relative_difference(one, eight, skip=("layer",))
-    print(json.dumps(out))
-    """
-)
-
-
-def test_eight_devices_equal_one():
-    worst = run_on_cpu_devices(_SHARDED)
-    print("8 vs 1 device, max relative difference per batch size:", worst)
-    assert set(worst) == {"7", "33"}
-    assert all(v <= 1e-5 for v in worst.values()), worst
+    # The module, not the function the package re-exports under its name.
+    ls = importlib.import_module("pleas_jax.least_squares")
+    moved = {
+        ls_layers: ["Layer", "apply_solution", "channel_mask", "find_layers", "layer_apply",
+                    "layer_rows", "matrix_mask", "matrix_to_weights", "statistics_bytes",
+                    "weights_of", "weights_to_matrix", "_HI"],
+        ls_data: ["_data_passes", "_images"],
+        ls_statistics: ["GRAM_METHODS", "batch_sums", "layer_statistics"],
+        ls_memory: ["DEFAULT_MAX_MEMORY_BYTES", "MEMORY_BUDGETS", "StatisticsOverBound",
+                    "memory_chunks", "memory_report", "statistics_memory", "_one_shot_error"],
+        ls_descent: ["feature_residuals", "gradient_descent"],
+    }
+    for module, names in moved.items():
+        for name in names:
+            assert getattr(ls, name) is getattr(module, name), (module.__name__, name)
+    assert len(ls.__all__) == len(set(ls.__all__))
+    assert all(hasattr(ls, name) for name in ls.__all__)
+    public = {n for names in moved.values() for n in names if not n.startswith("_")}
+    assert public <= set(ls.__all__)
