@@ -40,6 +40,8 @@ from converters.torch_to_flax import (
     ConversionError,
     convert_file,
     sha256_file,
+)
+from converters.torch_to_flax import (
     verify as verify_logits,
 )
 from pleas_jax import checkpoint, models
