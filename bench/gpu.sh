@@ -16,7 +16,11 @@
 #   BF16=1    also run bench/run.py with bfloat16 activation statistics ("run_bf16")
 #   STATISTICS=pair  merge() with pair statistics; run.py then also times pair_statistics
 #             and the per-budget pair fit (default per_merge)
-#   EXTRA=0   skip bench/matching.py and bench/least_squares.py
+#   EXTRA=0   skip bench/matching.py and bench/least_squares.py (run.py alone reports every
+#             figure the GPU targets name: activation statistics, weight matching, LS
+#             statistics + solve, the whole merge, peak memory)
+#   WARM=1    run.py keeps compiled kernels between stages (much less compiling; the
+#             steady-state figures are the same, first-call figures understate compilation)
 #   ALLOW_CPU=1  skip the GPU check (a dry run of this script with tiny settings on a CPU)
 set -euo pipefail
 
@@ -31,6 +35,8 @@ BUDGETS=${BUDGETS:-1.0 1.5}
 BF16=${BF16:-0}
 STATISTICS=${STATISTICS:-per_merge}
 EXTRA=${EXTRA:-1}
+WARM_FLAG=()
+if [ "${WARM:-0}" = 1 ]; then WARM_FLAG=(--warm); fi
 OUT_DIR=${OUT_DIR:-$(mktemp -d)}
 mkdir -p "$OUT_DIR"
 log() { echo "gpu.sh: $*" >&2; }
@@ -120,11 +126,12 @@ run() {  # run NAME SCRIPT ARGS...: JSON of SCRIPT (its last stdout object) into
 
 # shellcheck disable=SC2086  # BUDGETS is a list
 run run bench/run.py --arch "$ARCH" --size "$SIZE" --images "$IMAGES" --batch-size "$BATCH" \
-    --budgets $BUDGETS --statistics "$STATISTICS"
+    --budgets $BUDGETS --statistics "$STATISTICS" ${WARM_FLAG[@]+"${WARM_FLAG[@]}"}
 if [ "$BF16" = 1 ]; then
     # shellcheck disable=SC2086
     run run_bf16 bench/run.py --arch "$ARCH" --size "$SIZE" --images "$IMAGES" \
-        --batch-size "$BATCH" --budgets $BUDGETS --statistics "$STATISTICS" --dtype bfloat16
+        --batch-size "$BATCH" --budgets $BUDGETS --statistics "$STATISTICS" --dtype bfloat16 \
+        ${WARM_FLAG[@]+"${WARM_FLAG[@]}"}
 fi
 if [ "$EXTRA" = 1 ]; then
     # The configurations the scripts' docstrings give for a GPU.
