@@ -30,7 +30,8 @@ per layer, but a budget-1 merge (half the full width) would factorise eight
 times the volume it needs, and every block would solve for every column:
 measured on this project's 2-core CPU with full-width ResNet-18s at 64 px, a
 fit took 88.7 s at budget 1.0 and 128 s at 1.5 that way, against 7.1 s and
-21.4 s now.
+21.4 s now. The gradient mode runs every layer in one compiled scan, so there
+the full size (one compilation for a whole grid) is kept.
 
 Costs and precision, against per-merge statistics
 (:func:`pleas_jax.least_squares.layer_statistics`): the full Grams are those
@@ -293,30 +294,38 @@ def _from_matrix(layer: Layer, m: np.ndarray) -> dict[str, np.ndarray]:
 _BUCKETS = 8
 
 
-def _bucket(n: int, full: int) -> int:
-    """``n`` rounded up to a multiple of ``ceil(full / _BUCKETS)``, at most ``full``."""
-    step = -(-full // _BUCKETS)
+def _bucket(n: int, full: int, buckets: int = _BUCKETS) -> int:
+    """``n`` rounded up to a multiple of ``ceil(full / buckets)``, at most ``full``."""
+    step = -(-full // buckets)
     return min(full, -(-n // step) * step)
 
 
-def _problem(name: str, full: Layer, blocks: Mapping[str, GroupBlocks], merged_variables):
+def _problem(name: str, full: Layer, blocks: Mapping[str, GroupBlocks], merged_variables,
+             mode: str):
     """This merge's layer and its padded arrays: row and column selections,
-    W0, allowed rows and member columns per output block."""
+    W0, and per output block either its own rows and columns (closed form) or
+    masks of its allowed rows and member columns (gradient mode)."""
     n_in, n_out = _source_units(full)
     sel_in, in_splits = _axis_selection(full.in_group, blocks, n_in)
     sel_out, out_splits = _axis_selection(full.out_group, blocks, n_out)
     layer = dataclasses.replace(full, in_splits=in_splits, out_splits=out_splits)
     w0 = weights_of(merged_variables, {name: layer})[name]
-    dp, kp = _bucket(layer.dim, full.dim), _bucket(layer.c_out, full.c_out)
+    # The gradient mode compiles one scan over every layer: padded to the full
+    # size it compiles once for a whole grid of budgets.
+    buckets = 1 if mode == "gd" else _BUCKETS
+    dp, kp = _bucket(layer.dim, full.dim, buckets), _bucket(layer.c_out, full.c_out, buckets)
     rows, _ = _rows(sel_in, full.taps, full.bias, full.dim, dp)
     cols, _ = _rows(sel_out, 1, False, full.c_out, kp)
-    allowed, members = _allowed(layer, dp, kp)
     init = np.zeros((dp, kp), np.float32)
     # Forbidden entries of W0 are zero by construction; masking keeps a
     # hand-made W0 consistent with the masked solution.
     init[: layer.dim, : layer.c_out] = _to_matrix(layer, w0) * matrix_mask(layer)
-    return _Problem(layer, {"rows": rows, "cols": cols, "init": init, "allowed": allowed,
-                            "members": members, "blocks": _block_selections(layer, full)})
+    args = {"rows": rows, "cols": cols, "init": init}
+    if mode == "gd":
+        args["allowed"], args["members"] = _allowed(layer, dp, kp)
+    else:
+        args["blocks"] = _block_selections(layer, full)
+    return _Problem(layer, args)
 
 
 # -------------------------------------------------------------------- kernels
@@ -486,7 +495,8 @@ def fit(
     _check(stats, blocks)
     t0 = time.perf_counter()
     merged_variables = to_dict(merged_variables)
-    problems = {n: _problem(n, full, blocks, merged_variables) for n, full in stats.layers.items()}
+    problems = {n: _problem(n, full, blocks, merged_variables, mode)
+                for n, full in stats.layers.items()}
     solution, layers_report = {}, {}
     # Rows per layer: examples times output positions.
     count = {n: max(float(s["count"]), 1.0) for n, s in stats.sums.items()}

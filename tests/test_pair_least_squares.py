@@ -126,12 +126,13 @@ def test_blocks_of_another_pair_are_rejected(pair):
         fit(pair[-1], _merge(pair, 0.5)[0], _merge(pair, 0.5)[2], mode="adam")
 
 
-def test_per_merge_statistics_reproduce_projected_grams(pair):
+@pytest.mark.parametrize("mode", ["closed_form", "gd"])  # padded differently
+def test_per_merge_statistics_reproduce_projected_grams(pair, mode):
     # The projection itself, not only the solve: Gram and cross of one layer.
     m, va, vb, spec, batches, *_ , stats = pair
     blocks, mm, vm = _merge(pair, 0.4)
     direct = layer_statistics(m, va, m, vb, spec, blocks, batches, layers=["layer2_0/conv1"])
-    p = _problem("layer2_0/conv1", stats.layers["layer2_0/conv1"], blocks, vm)
+    p = _problem("layer2_0/conv1", stats.layers["layer2_0/conv1"], blocks, vm, mode)
     g, c, t = _project(stats.sums["layer2_0/conv1"], p.args["rows"], p.args["cols"])
     d, k = p.layer.dim, p.layer.c_out
     s = direct["layer2_0/conv1"]
