@@ -9,12 +9,12 @@ from pleas_jax import models, partial
 from pleas_jax.least_squares import find_layers, layer_statistics, least_squares
 from pleas_jax.matching.activations import activation_matching
 from pleas_jax.pair_least_squares import (
-    _problem,
     _project,
     fit,
     full_coordinate_blocks,
     pair_statistics,
 )
+from pleas_jax.pair_problems import _problem
 from pleas_jax.permutation import identity
 from pleas_jax.spec import derive_spec
 from tests.helpers import init, resnet20_pair
