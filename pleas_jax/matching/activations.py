@@ -167,8 +167,7 @@ def _compiled_step(module_a, module_b, points_key, similarity, mesh):
     # Modules and meshes are hashable: repeated passes over the same pair
     # (benchmarks, several similarities) reuse the compiled kernel.
     points = {g: list(pts) for g, pts in points_key}
-    fn = _batch_stats_fn(module_a, module_b, points, similarity)
-    return distributed.batch_sum(fn, mesh)
+    return distributed.batch_sum(_batch_stats_fn(module_a, module_b, points, similarity), mesh)
 
 
 @functools.lru_cache(maxsize=8)
