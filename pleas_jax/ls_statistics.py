@@ -49,7 +49,12 @@ from pleas_jax.ls_memory import DEFAULT_MAX_MEMORY_BYTES, _one_shot_error, memor
 from pleas_jax.partial import GroupBlocks
 
 # ----------------------------------------------------------------- statistics
-GRAM_METHODS = ("patches", "shifts")
+GRAM_METHODS = ("auto", "patches", "shifts")
+# "auto" takes the shift Gram where it needs at most a third of the patch
+# Gram's multiply-adds. Measured on CPU (fp32, batch 64, 3x3 convs, one
+# layer's Gram): 1.4-2.5x faster from 8x8 maps up, even at 4x4 (ratio 2.8),
+# 2.6x slower at 2x2 (ratio 1.6), where its fixed assembly cost dominates.
+_SHIFT_MIN_SAVING = 3.0
 
 
 def _pad_input(layer: Layer, x):
@@ -86,44 +91,94 @@ def _shifts_apply(layer: Layer) -> bool:
             and all(s == 1 for s in layer.strides) and all(d == 1 for d in layer.dilation))
 
 
+def _shift_saving(layer: Layer, spatial) -> float:
+    """Patch Gram multiply-adds over shift Gram multiply-adds (per channel
+    pair and example) for a layer that :func:`_shifts_apply` to, on an input
+    map of ``spatial`` positions."""
+    ext = []
+    for n, (lo, hi), k in zip(spatial, layer.padding, layer.kernel_size, strict=True):
+        padded = n + lo + hi
+        out = padded - k + 1
+        inner = range(max(lo, 0), padded - max(hi, 0))
+        border = sum(1 for y in inner if not k - 1 <= y < out)
+        ext.append((out, len(inner) + border))
+    shifts = ((2 * layer.kernel_size[0] - 1) * (2 * layer.kernel_size[1] - 1) + 1) // 2
+    return layer.taps ** 2 * ext[0][0] * ext[1][0] / max(shifts * ext[0][1] * ext[1][1], 1)
+
+
 def _shift_gram(layer: Layer, xp, xpw, precision):
     """Patch Gram of a stride-1 conv from shifted products of its input map.
 
     Block ``(t, t')`` of the Gram sums ``xpw[u] ⊗ xp[u + δ]`` (``δ = t' − t``)
-    over the window of positions ``u`` that kernel offset ``t`` sees. One
-    product map per shift (``(2k−1)²`` shifts, half of them by symmetry)
-    replaces the ``taps²`` blocks of ``patchesᵀ patches``; window sums of
-    the maps (two 1-D box sums) then give every block. ``xp``: the padded
-    input ``[N, Hp, Wp, C]``; ``xpw``: the same weighted per example.
+    over the window ``W_t`` of positions ``u`` that kernel offset ``t`` sees.
+    The ``taps²`` blocks share only ``(2k−1)²`` shifts (half of them by
+    symmetry), and the windows of one shift differ only in a few border rows
+    and columns. So per shift one GEMM sums over every position where
+    ``xpw`` can be non-zero (``Y × X``: the input, not the padding), and
+    small GEMMs over the border rows, the border columns and their crossings
+    take away what a window leaves out (inclusion-exclusion):
+    ``Σ_{W_t} = Σ_{Y×X} − Σ_{(Y∖W_y)×X} − Σ_{Y×(X∖W_x)} + Σ_{(Y∖W_y)×(X∖W_x)}``.
+    A 3×3 conv thus costs ~13 products per position instead of the patch
+    Gram's 81, all as GEMMs contracting over examples and positions.
+    ``xp``: the padded input ``[N, Hp, Wp, C]``; ``xpw``: the same weighted
+    per example.
     """
     ky, kx = layer.kernel_size
     _, hp, wp, c = xp.shape
     ho, wo = hp - ky + 1, wp - kx + 1
     deltas = [(dy, dx) for dy in range(-(ky - 1), ky) for dx in range(-(kx - 1), kx) if (dy, dx) >= (0, 0)]
-    # Zero margins let every shift read one [Hp, Wp] range; the margins only
+    # Where xpw can be non-zero: inside the padding (a negative pad crops).
+    (y0, y1), (x0, x1) = ((max(lo, 0), n - max(hi, 0))
+                          for (lo, hi), n in zip(layer.padding, (hp, wp), strict=True))
+    # Zero margins let every shift read one [Y, X] range; the margins only
     # meet offset pairs that do not exist.
     big = jnp.pad(xp, ((0, 0), (ky - 1, ky - 1), (kx - 1, kx - 1), (0, 0)))
-    shifted = jnp.stack(
-        [big[:, ky - 1 + dy:ky - 1 + dy + hp, kx - 1 + dx:kx - 1 + dx + wp] for dy, dx in deltas]
-    )
-    prod = jnp.einsum("nyxc,enyxd->eyxcd", xpw, shifted, precision=precision)
-    ones = (1,) * 5
-    win = jax.lax.reduce_window(prod, 0.0, jax.lax.add, (1, ho, 1, 1, 1), ones, "VALID")
-    win = jax.lax.reduce_window(win, 0.0, jax.lax.add, (1, 1, wo, 1, 1), ones, "VALID")
-    # win[e, ty, tx] is block (t, t + δ_e); a pair with δ < 0 is the
-    # transpose of its mirror.
+    xs = xpw[:, y0:y1, x0:x1]
+    shifted = jnp.stack([big[:, ky - 1 + dy + y0:ky - 1 + dy + y1, kx - 1 + dx + x0:kx - 1 + dx + x1]
+                         for dy, dx in deltas], axis=3)  # [N, |Y|, |X|, E, C]: one GEMM operand
+    # Border rows/columns: outside the window of at least one offset
+    # (indices relative to Y and X); out_y[a]: those outside offset a's.
+    ey = [y - y0 for y in range(y0, y1) if not ky - 1 <= y < ho]
+    ex = [x - x0 for x in range(x0, x1) if not kx - 1 <= x < wo]
+    out_y = [[i for i, y in enumerate(ey) if not a <= y0 + y < a + ho] for a in range(ky)]
+    out_x = [[j for j, x in enumerate(ex) if not a <= x0 + x < a + wo] for a in range(kx)]
+    full = jnp.einsum("nyxc,nyxed->ecd", xs, shifted, precision=precision)
+    if ey:
+        iy = np.asarray(ey)
+        rows = jnp.einsum("nyxc,nyxed->eycd", xs[:, iy], shifted[:, iy], precision=precision)
+    if ex:
+        ix = np.asarray(ex)
+        cols = jnp.einsum("nyxc,nyxed->excd", xs[:, :, ix], shifted[:, :, ix], precision=precision)
+    if ey and ex:
+        pts = jnp.einsum("nyxc,nyxed->eyxcd", xs[:, iy][:, :, ix], shifted[:, iy][:, :, ix],
+                         precision=precision)
+
+    def window_sum(e, ay, ax):
+        # Written out per block (not as selection matmuls), so that XLA
+        # fuses each block into one elementwise pass.
+        b = full[e]
+        for i in out_y[ay]:
+            b = b - rows[e, i]
+        for j in out_x[ax]:
+            b = b - cols[e, j]
+        for i, j in itertools.product(out_y[ay], out_x[ax]):
+            b = b + pts[e, i, j]
+        return b
+
+    # Block (t, t') is the window sum of offset t at shift t' − t; a pair
+    # with a negative shift is the transpose of its mirror.
     index = {d: e for e, d in enumerate(deltas)}
     taps = ky * kx
-    e_idx, ty_idx, tx_idx = (np.zeros((taps, taps), np.int32) for _ in range(3))
-    neg = np.zeros((taps, taps), bool)
+    cache, blocks = {}, []
     for t, t2 in itertools.product(range(taps), repeat=2):
         (ay, ax), (by, bx) = divmod(t, kx), divmod(t2, kx)
         d = (by - ay, bx - ax)
-        neg[t, t2] = d < (0, 0)
-        src, d = ((by, bx), (-d[0], -d[1])) if neg[t, t2] else ((ay, ax), d)
-        e_idx[t, t2], ty_idx[t, t2], tx_idx[t, t2] = index[d], *src
-    blocks = win[e_idx, ty_idx, tx_idx]  # [taps, taps, C, C]
-    blocks = jnp.where(neg[:, :, None, None], jnp.swapaxes(blocks, -1, -2), blocks)
+        neg = d < (0, 0)
+        key = (index[(-d[0], -d[1])], by, bx) if neg else (index[d], ay, ax)
+        if key not in cache:
+            cache[key] = window_sum(*key)
+        blocks.append(cache[key].T if neg else cache[key])
+    blocks = jnp.stack(blocks).reshape(taps, taps, c, c)
     g = blocks.transpose(2, 0, 3, 1).reshape(c * taps, c * taps)  # channel-major rows and columns
     if layer.bias:
         sums = jnp.stack([w.sum((0, 1, 2)) for w in _windows(layer, xpw, (ho, wo))], 1).reshape(-1)
@@ -134,7 +189,7 @@ def _shift_gram(layer: Layer, xp, xpw, precision):
 
 def batch_sums(
     layer: Layer, x, y, mask, init: Mapping[str, Any] | None = None, *,
-    gram: str = "patches", precision: Any = _HI, target_gram: bool = False,
+    gram: str = "auto", precision: Any = _HI, target_gram: bool = False,
 ) -> dict[str, Any]:
     """One batch's contribution to :func:`layer_statistics` for one layer.
 
@@ -144,13 +199,12 @@ def batch_sums(
       y: its merged target ``[N, *out_spatial, C_out]``.
       mask: ``[N]`` example weights (0 for padding).
       init: optional ``{"kernel", "bias"}``, W0 (masked).
-      gram: ``"patches"`` (``XᵀX`` of the patch rows) or ``"shifts"`` (from
+      gram: ``"patches"`` (``XᵀX`` of the patch rows), ``"shifts"`` (from
         shifted products of the input map, :func:`_shift_gram`; stride-1 2-D
-        convs, other layers use patches). Shifts need ~13/81 of the
-        multiply-adds of a 3x3 conv's patch Gram, but as position-batched
-        products they ran 1.4-7x slower than the patch GEMM on CPU (slowest
-        on small maps, where padding dominates); patches are the default
-        until an accelerator shows otherwise.
+        convs, other layers use patches) or ``"auto"``: shifts where they
+        need at most a third of the patches' multiply-adds (a 3x3 conv on an
+        8x8 map or larger), else patches. Both give the same sums up to
+        fp32 round-off.
       precision: matmul precision.
       target_gram: also return ``"target_gram" [C_out, C_out]`` (Σ ỸᵀỸ).
 
@@ -160,7 +214,9 @@ def batch_sums(
     """
     if gram not in GRAM_METHODS:
         raise ValueError(f"gram must be one of {GRAM_METHODS}, got {gram!r}")
-    use_shifts = gram == "shifts" and _shifts_apply(layer)
+    use_shifts = _shifts_apply(layer) and (
+        gram == "shifts"
+        or (gram == "auto" and _shift_saving(layer, x.shape[1:-1]) >= _SHIFT_MIN_SAVING))
     if layer.kind == "conv":
         padded = [s + lo + hi for s, (lo, hi) in zip(x.shape[1:-1], layer.padding, strict=True)]
         expect = tuple((p - d * (k - 1) - 1) // st + 1 for p, k, st, d in
@@ -231,7 +287,7 @@ def layer_statistics(
     mesh: jax.sharding.Mesh | None = None,
     layers: Iterable[str] | None = None,
     precision: Any = _HI,
-    gram: str = "patches",
+    gram: str = "auto",
     target_gram: bool = False,
     max_memory_bytes: int | None = DEFAULT_MAX_MEMORY_BYTES,
     progress: bool = False,
@@ -263,8 +319,8 @@ def layer_statistics(
       mesh: a 1-D data mesh (all local devices by default).
       layers: only these layer names (default: every conv/dense layer).
       precision: matmul precision of the sums (fp32 ``HIGHEST`` by default).
-      gram: how conv Grams are formed, ``"patches"`` or ``"shifts"``
-        (:func:`batch_sums`).
+      gram: how conv Grams are formed, ``"auto"``, ``"patches"`` or
+        ``"shifts"`` (:func:`batch_sums`).
       target_gram: also accumulate ``"target_gram" [C_out, C_out]`` (Σ ỸᵀỸ).
       max_memory_bytes: bound on one chunk's sums (fp32 bytes,
         :func:`pleas_jax.ls_layers.statistics_bytes`); ``None``: every layer in one pass.

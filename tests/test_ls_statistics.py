@@ -42,6 +42,26 @@ def test_shift_gram_equals_patch_gram(k, pad, hw, bias):
         np.testing.assert_allclose(a[name], c[name], atol=2e-6 * float(jnp.max(jnp.abs(c[name]))))
 
 
+@pytest.mark.parametrize("hw,shifts", [((12, 10), True), ((3, 3), False)])
+def test_auto_gram_takes_shifts_only_where_they_save_work(monkeypatch, hw, shifts):
+    from pleas_jax import ls_statistics
+
+    calls = []
+    real = ls_statistics._shift_gram
+    monkeypatch.setattr(ls_statistics, "_shift_gram", lambda *a: calls.append(1) or real(*a))
+    layer = Layer("c", "conv", (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), True, None, None, (4, 0, 0), (3, 0, 0))
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(4, *hw, 4)) + 0.5, jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=layer.kernel_shape), jnp.float32)
+    y = layer_apply(layer, x, {"kernel": kernel, "bias": jnp.ones((3,))})
+    mask = jnp.ones(4)
+    a = batch_sums(layer, x, y, mask, gram="auto")
+    assert len(calls) == int(shifts)
+    b = batch_sums(layer, x, y, mask, gram="patches")
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=2e-6 * float(jnp.max(jnp.abs(b[name]))))
+
+
 # ---------------------------------------------------------------- 8 devices
 _SHARDED = textwrap.dedent(
     """
