@@ -14,6 +14,8 @@
 # object {"run": ..., "matching": ..., "least_squares": ...}. Settings (environment):
 #   ARCH=resnet50 SIZE=224 IMAGES=3200 BATCH=128 BUDGETS="1.0 1.5"
 #   BF16=1    also run bench/run.py with bfloat16 activation statistics ("run_bf16")
+#   LS_PRECISION=bf16_3x  least-squares sums from bf16 tensor-core products (~fp32 accuracy,
+#             pleas_jax/products.py; default highest: fp32 matmuls)
 #   STATISTICS=pair  merge() with pair statistics; run.py then also times pair_statistics
 #             and the per-budget pair fit (default per_merge)
 #   EXTRA=0   skip bench/matching.py and bench/least_squares.py (run.py alone reports every
@@ -34,6 +36,7 @@ BATCH=${BATCH:-128}
 BUDGETS=${BUDGETS:-1.0 1.5}
 BF16=${BF16:-0}
 STATISTICS=${STATISTICS:-per_merge}
+LS_PRECISION=${LS_PRECISION:-highest}
 EXTRA=${EXTRA:-1}
 WARM_FLAG=()
 if [ "${WARM:-0}" = 1 ]; then WARM_FLAG=(--warm); fi
@@ -126,12 +129,13 @@ run() {  # run NAME SCRIPT ARGS...: JSON of SCRIPT (its last stdout object) into
 
 # shellcheck disable=SC2086  # BUDGETS is a list
 run run bench/run.py --arch "$ARCH" --size "$SIZE" --images "$IMAGES" --batch-size "$BATCH" \
-    --budgets $BUDGETS --statistics "$STATISTICS" ${WARM_FLAG[@]+"${WARM_FLAG[@]}"}
+    --budgets $BUDGETS --statistics "$STATISTICS" --ls-precision "$LS_PRECISION" \
+    ${WARM_FLAG[@]+"${WARM_FLAG[@]}"}
 if [ "$BF16" = 1 ]; then
     # shellcheck disable=SC2086
     run run_bf16 bench/run.py --arch "$ARCH" --size "$SIZE" --images "$IMAGES" \
         --batch-size "$BATCH" --budgets $BUDGETS --statistics "$STATISTICS" --dtype bfloat16 \
-        ${WARM_FLAG[@]+"${WARM_FLAG[@]}"}
+        --ls-precision "$LS_PRECISION" ${WARM_FLAG[@]+"${WARM_FLAG[@]}"}
 fi
 if [ "$EXTRA" = 1 ]; then
     # The configurations the scripts' docstrings give for a GPU.

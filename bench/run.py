@@ -68,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compute dtype of the models in the activation statistics stage and "
                         "merge()'s matching (accumulation stays fp32); bfloat16 also reports "
                         "the deviation from fp32 statistics")
+    p.add_argument("--ls-precision", default="highest", choices=["highest", "bf16_3x", "bfloat16"],
+                   help="matmul precision of the least-squares sums (pleas_jax.products): fp32, "
+                        "three bf16 products per fp32 product, or one")
     p.add_argument("--max-memory-bytes", type=int, default=-1,
                    help="least-squares statistics bound per pass, passed to least_squares and "
                         "merge (-1: the library's default; 0: no bound, one pass)")
@@ -280,7 +283,7 @@ def memory_bound(args):
 
 
 def least_squares_stage(module, va, vb, spec, blocks, merged_module, merged, batches, mesh,
-                        max_memory_bytes):
+                        max_memory_bytes, precision="highest"):
     """Least squares exactly as :func:`pleas_jax.merge.merge` calls it with
     per-merge statistics (closed form, default ridge, the data as a callable
     returning the batches); the one place to adapt when its internals change.
@@ -292,7 +295,8 @@ def least_squares_stage(module, va, vb, spec, blocks, merged_module, merged, bat
 
     variables, report = least_squares(
         module, va, module, vb, spec, blocks, merged_module, merged, lambda: batches,
-        mode="closed_form", max_memory_bytes=max_memory_bytes, mesh=mesh, progress=False,
+        mode="closed_form", max_memory_bytes=max_memory_bytes, mesh=mesh, precision=precision,
+        progress=False,
     )
     seconds = {k: float(v) for k, v in report.get("seconds", {}).items()}
     return variables, seconds, report.get("memory")
@@ -429,7 +433,7 @@ def run(args) -> dict:
 
         pair_stats, t = timed_twice(
             lambda: pair_statistics(module, va, module, vb, spec, batches, mesh=mesh,
-                                    max_memory_bytes=bound),
+                                    precision=args.ls_precision, max_memory_bytes=bound),
             sync=lambda r: r.sums, name="pair statistics",
         )
         record("pair_statistics", t, bytes=pair_stats.nbytes,
@@ -461,7 +465,8 @@ def run(args) -> dict:
         def ls(merged_module=merged_module, merged=merged, blocks=blocks, split=split,
                ls_mem=ls_mem):
             out, seconds, mem = least_squares_stage(
-                module, va, vb, spec, blocks, merged_module, merged, batches, mesh, bound
+                module, va, vb, spec, blocks, merged_module, merged, batches, mesh, bound,
+                args.ls_precision,
             )
             split.append(seconds)
             ls_mem.append(mem)
@@ -492,7 +497,8 @@ def run(args) -> dict:
             lambda b=b: merge(
                 (module, va), (module, vb), batches, b, matching=args.matching,
                 ratios=args.ratios, similarity=args.similarity, max_iter=args.max_iter,
-                matching_dtype=args.dtype, statistics=args.statistics, max_memory_bytes=bound,
+                matching_dtype=args.dtype, ls_precision=args.ls_precision,
+                statistics=args.statistics, max_memory_bytes=bound,
                 count_xla_flops=args.xla_flops, mesh=mesh, progress=False,
             ),
             sync=lambda r: r.variables,

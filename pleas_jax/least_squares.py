@@ -104,6 +104,7 @@ from pleas_jax.ls_memory import (
 )
 from pleas_jax.ls_statistics import GRAM_METHODS, batch_sums, layer_statistics
 from pleas_jax.partial import GroupBlocks
+from pleas_jax.products import PRECISION_MODES, check_precision
 
 # The public names of least squares, wherever they are defined: the ls_*
 # modules' names are imported above so that callers keep importing them from
@@ -113,6 +114,7 @@ __all__ = [
     "GRAM_METHODS",
     "MEMORY_BUDGETS",
     "MODES",
+    "PRECISION_MODES",
     "RIDGE_CENTRES",
     "Layer",
     "StatisticsOverBound",
@@ -122,6 +124,7 @@ __all__ = [
     "feature_residuals",
     "find_layers",
     "gradient_descent",
+    "initial_residuals",
     "layer_apply",
     "layer_rows",
     "layer_statistics",
@@ -286,6 +289,13 @@ def residuals(stats: Mapping[str, Mapping[str, Any]], weights: Mapping[str, Mapp
     return out
 
 
+def initial_residuals(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """:func:`residuals` of the W0 that ``stats`` were taken relative to, read
+    off ``Σ (X̃W0 − Ỹ)²`` (no Gram product: it is the same sum for D = 0)."""
+    return {name: float(jnp.sum(s["init_sq"])) / (float(s["count"]) * s["layer"].c_out)
+            for name, s in stats.items()}
+
+
 # ----------------------------------------------------------------- top level
 def least_squares(
     module_a,
@@ -306,7 +316,7 @@ def least_squares(
     steps: int = 400,
     learning_rate: float = 5e-4,
     mesh: jax.sharding.Mesh | None = None,
-    precision: Any = _HI,
+    precision: Any = "highest",
     progress: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Refit every conv/dense layer of the merged model (PLeaS step 3).
@@ -335,7 +345,9 @@ def least_squares(
         over the data, is solved, and is freed before the next, so the device
         holds one chunk's sums at a time.
       steps, learning_rate: gradient mode (:func:`gradient_descent`).
-      mesh, precision, progress: as for :func:`layer_statistics`.
+      mesh, progress: as for :func:`layer_statistics`.
+      precision: matmul precision of the closed-form sums, ``"highest"``
+        (fp32), ``"bf16_3x"`` or ``"bfloat16"`` (:mod:`pleas_jax.products`).
 
     Returns:
       ``(variables, report)``: the merged variables with refitted kernels and
@@ -355,6 +367,7 @@ def least_squares(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if ridge_centre not in RIDGE_CENTRES:
         raise ValueError(f"ridge_centre must be one of {RIDGE_CENTRES}, got {ridge_centre!r}")
+    check_precision(precision)
     first, next_pass, one_shot = _data_passes(batches, "least squares")
     example = _images(first)[:1]
     layers = find_layers(module_a, variables_a, spec, blocks, example)
@@ -393,7 +406,7 @@ def least_squares(
         part = solve(stats, ridge=ridge, ridge_centre=ridge_centre)
         jax.block_until_ready(part)
         seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - t0
-        before, after = residuals(stats, init), residuals(stats, part)
+        before, after = initial_residuals(stats), residuals(stats, part)
         solution.update(part)
         for n in chunk:
             report_layers[n] = {"method": "closed_form", "before": before[n], "after": after[n],

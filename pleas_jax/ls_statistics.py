@@ -35,7 +35,6 @@ from pleas_jax.ls_data import (
     _select,
 )
 from pleas_jax.ls_layers import (
-    _HI,
     Layer,
     find_layers,
     layer_apply,
@@ -47,6 +46,7 @@ from pleas_jax.ls_layers import (
 )
 from pleas_jax.ls_memory import DEFAULT_MAX_MEMORY_BYTES, _one_shot_error, memory_chunks
 from pleas_jax.partial import GroupBlocks
+from pleas_jax.products import check_precision, einsum, matmul
 
 # ----------------------------------------------------------------- statistics
 GRAM_METHODS = ("auto", "patches", "shifts")
@@ -77,7 +77,7 @@ def _conv_cross(layer: Layer, xp, yw, precision):
     the padded input ``xp`` and the targets ``yw`` weighted per example."""
     out_spatial = yw.shape[1:-1]
     sp = "".join("abc"[: len(out_spatial)])
-    per_tap = [jnp.einsum(f"n{sp}c,n{sp}o->co", w, yw, precision=precision)
+    per_tap = [einsum(f"n{sp}c,n{sp}o->co", w, yw, precision)
                for w in _windows(layer, xp, out_spatial)]
     c = jnp.stack(per_tap, axis=1).reshape(layer.c_in * layer.taps, -1)  # channel-major
     if layer.bias:
@@ -142,16 +142,15 @@ def _shift_gram(layer: Layer, xp, xpw, precision):
     ex = [x - x0 for x in range(x0, x1) if not kx - 1 <= x < wo]
     out_y = [[i for i, y in enumerate(ey) if not a <= y0 + y < a + ho] for a in range(ky)]
     out_x = [[j for j, x in enumerate(ex) if not a <= x0 + x < a + wo] for a in range(kx)]
-    full = jnp.einsum("nyxc,nyxed->ecd", xs, shifted, precision=precision)
+    full = einsum("nyxc,nyxed->ecd", xs, shifted, precision)
     if ey:
         iy = np.asarray(ey)
-        rows = jnp.einsum("nyxc,nyxed->eycd", xs[:, iy], shifted[:, iy], precision=precision)
+        rows = einsum("nyxc,nyxed->eycd", xs[:, iy], shifted[:, iy], precision)
     if ex:
         ix = np.asarray(ex)
-        cols = jnp.einsum("nyxc,nyxed->excd", xs[:, :, ix], shifted[:, :, ix], precision=precision)
+        cols = einsum("nyxc,nyxed->excd", xs[:, :, ix], shifted[:, :, ix], precision)
     if ey and ex:
-        pts = jnp.einsum("nyxc,nyxed->eyxcd", xs[:, iy][:, :, ix], shifted[:, iy][:, :, ix],
-                         precision=precision)
+        pts = einsum("nyxc,nyxed->eyxcd", xs[:, iy][:, :, ix], shifted[:, iy][:, :, ix], precision)
 
     def window_sum(e, ay, ax):
         # Written out per block (not as selection matmuls), so that XLA
@@ -189,7 +188,7 @@ def _shift_gram(layer: Layer, xp, xpw, precision):
 
 def batch_sums(
     layer: Layer, x, y, mask, init: Mapping[str, Any] | None = None, *,
-    gram: str = "auto", precision: Any = _HI, target_gram: bool = False,
+    gram: str = "auto", precision: Any = "highest", target_gram: bool = False,
 ) -> dict[str, Any]:
     """One batch's contribution to :func:`layer_statistics` for one layer.
 
@@ -205,7 +204,9 @@ def batch_sums(
         need at most a third of the patches' multiply-adds (a 3x3 conv on an
         8x8 map or larger), else patches. Both give the same sums up to
         fp32 round-off.
-      precision: matmul precision.
+      precision: matmul precision of the sums: ``"highest"`` (fp32),
+        ``"bf16_3x"`` or ``"bfloat16"`` (:mod:`pleas_jax.products`), or a
+        ``jax.lax.Precision``.
       target_gram: also return ``"target_gram" [C_out, C_out]`` (Σ ỸᵀỸ).
 
     Returns:
@@ -233,7 +234,7 @@ def batch_sums(
     w = jnp.repeat(mask, n_out)
     out = {"target_sq": jnp.sum(w[:, None] * y2 * y2, axis=0), "count": jnp.sum(w)}
     if target_gram:
-        out["target_gram"] = jnp.matmul((y2 * w[:, None]).T, y2, precision=precision)
+        out["target_gram"] = matmul((y2 * w[:, None]).T, y2, precision)
     if use_shifts:
         xp = _pad_input(layer, x)
         per_example = mask.reshape((-1,) + (1,) * (xp.ndim - 1))
@@ -247,14 +248,14 @@ def batch_sums(
         return out
     rows = layer_rows(layer, x)
     rw = rows * w[:, None]
-    out["gram"] = jnp.matmul(rw.T, rows, precision=precision)
-    out["cross"] = jnp.matmul(rw.T, y2, precision=precision)
+    out["gram"] = matmul(rw.T, rows, precision)
+    out["cross"] = matmul(rw.T, y2, precision)
     if init is not None:
         # From the rows already built, not a conv: XLA:CPU convs over maps of
         # a few positions run ~100x below its GEMM speed.
         w0 = weights_to_matrix(layer, init["kernel"], init.get("bias"))
-        err = jnp.matmul(rows, w0, precision=precision) - y2
-        out["init_grad"] = jnp.matmul(rw.T, err, precision=precision)
+        err = matmul(rows, w0, precision) - y2
+        out["init_grad"] = matmul(rw.T, err, precision)
         out["init_sq"] = jnp.sum(w[:, None] * err * err, axis=0)
     return out
 
@@ -286,7 +287,7 @@ def layer_statistics(
     init: Mapping[str, Mapping[str, Any]] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     layers: Iterable[str] | None = None,
-    precision: Any = _HI,
+    precision: Any = "highest",
     gram: str = "auto",
     target_gram: bool = False,
     max_memory_bytes: int | None = DEFAULT_MAX_MEMORY_BYTES,
@@ -318,7 +319,10 @@ def layer_statistics(
         relative to.
       mesh: a 1-D data mesh (all local devices by default).
       layers: only these layer names (default: every conv/dense layer).
-      precision: matmul precision of the sums (fp32 ``HIGHEST`` by default).
+      precision: matmul precision of the sums, ``"highest"`` (fp32, the
+        default), ``"bf16_3x"`` (bf16 tensor-core products with ~fp32
+        accuracy, for GPUs and TPUs) or ``"bfloat16"``
+        (:mod:`pleas_jax.products`).
       gram: how conv Grams are formed, ``"auto"``, ``"patches"`` or
         ``"shifts"`` (:func:`batch_sums`).
       target_gram: also accumulate ``"target_gram" [C_out, C_out]`` (Σ ỸᵀỸ).
@@ -340,6 +344,7 @@ def layer_statistics(
     """
     if gram not in GRAM_METHODS:
         raise ValueError(f"gram must be one of {GRAM_METHODS}, got {gram!r}")
+    check_precision(precision)
     first, next_pass, one_shot = _data_passes(batches, "least squares")
     example = _images(first)[:1]
     all_layers = find_layers(module_a, variables_a, spec, blocks, example)

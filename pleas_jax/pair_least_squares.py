@@ -132,7 +132,7 @@ def pair_statistics(
     batches: Iterable[Any],
     *,
     mesh: jax.sharding.Mesh | None = None,
-    precision: Any = _HI,
+    precision: Any = "highest",
     max_memory_bytes: int | None = DEFAULT_MAX_MEMORY_BYTES,
     progress: bool = False,
 ) -> PairStatistics:

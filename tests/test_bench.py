@@ -18,7 +18,7 @@ from tests.helpers import ROOT
 
 ARGS = [
     "--arch", "resnet20", "--width", "4", "--size", "8", "--images", "32", "--batch-size", "16",
-    "--budgets", "1.0", "2.0", "--max-iter", "3", "--warm",
+    "--budgets", "1.0", "2.0", "--max-iter", "3", "--warm", "--ls-precision", "bf16_3x",
 ]
 
 
@@ -44,6 +44,7 @@ def test_run_tiny(tmp_path):
     for key in ("device_kind", "backend", "jax_version", "config", "memory"):
         assert d[key], key
     assert d["n_devices"] == 1 and d["config"]["arch"] == "resnet20"
+    assert d["config"]["ls_precision"] == "bf16_3x"
     assert d["memory"]["max_rss_bytes"] > 0
     _timing(d["forward"], "forward")
     assert d["forward"]["device_resident_s"] > 0

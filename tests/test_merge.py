@@ -30,19 +30,21 @@ def _scale(y):
     return float(jnp.abs(y).max())
 
 
-@pytest.mark.parametrize("arch", ["resnet20", "resnet18"])
-def test_budget_two_is_the_ensemble(arch):
+@pytest.mark.parametrize("arch,ls_precision", [("resnet20", "highest"), ("resnet18", "highest"),
+                                               ("resnet20", "bf16_3x")])
+def test_budget_two_is_the_ensemble(arch, ls_precision):
     (ma, va), (mb, vb), data, x = _pair(arch)
     ens = 0.5 * (ma.apply(va, x) + mb.apply(vb, x))
     # Before least squares and BN recompute: exact.
     raw = merge((ma, va), (mb, vb), data, 2.0, least_squares=None, batch_norm=False, progress=False)
     np.testing.assert_allclose(raw.logits(x), ens, atol=1e-5 * _scale(ens))
     # After both: the ensemble of the sources with their BN recomputed on the same data.
-    full = merge((ma, va), (mb, vb), data, 2.0, progress=False, count_xla_flops=False)
+    full = merge((ma, va), (mb, vb), data, 2.0, progress=False, count_xla_flops=False,
+                 ls_precision=ls_precision)
     ra, rb = recompute_batch_norm(ma, va, data), recompute_batch_norm(mb, vb, data)
     ens_bn = 0.5 * (ma.apply(ra, x) + mb.apply(rb, x))
     err = float(jnp.abs(full.logits(x) - ens_bn).max()) / _scale(ens_bn)
-    print(f"{arch}: budget 2 after LS + BN, relative error {err:.2e}")
+    print(f"{arch}: budget 2 after LS ({ls_precision}) + BN, relative error {err:.2e}")
     assert err <= 1e-3
 
 
@@ -103,6 +105,7 @@ def _no_data():
         ({"matching": "magic"}, "matching must be one of"),
         ({"least_squares": "adam"}, "least_squares must be one of"),
         ({"matching_dtype": "int8"}, "compute dtype must be floating"),
+        ({"ls_precision": "fp16"}, "precision must be one of"),
     ],
 )
 def test_bad_arguments_fail_before_work(kwargs, message):
