@@ -10,17 +10,18 @@
 #
 # Runs bench/run.py (resnet50, 224 px, 3,200 images, budgets 1.0 and 1.5: every stage,
 # the whole merge, the bare forward pass, Gram and peak memory), then the GPU
-# configurations of bench/matching.py and bench/least_squares.py, and prints one JSON
-# object {"run": ..., "matching": ..., "least_squares": ...}. Settings (environment):
+# configurations of bench/matching.py, bench/least_squares.py and bench/gram.py, and
+# prints one JSON object {"run": ..., "matching": ..., "least_squares": ..., "gram": ...}.
+# Settings (environment):
 #   ARCH=resnet50 SIZE=224 IMAGES=3200 BATCH=128 BUDGETS="1.0 1.5"
 #   BF16=1    also run bench/run.py with bfloat16 activation statistics ("run_bf16")
 #   LS_PRECISION=bf16_3x  least-squares sums from bf16 tensor-core products (~fp32 accuracy,
 #             pleas_jax/products.py; default highest: fp32 matmuls)
 #   STATISTICS=pair  merge() with pair statistics; run.py then also times pair_statistics
 #             and the per-budget pair fit (default per_merge)
-#   EXTRA=0   skip bench/matching.py and bench/least_squares.py (run.py alone reports every
-#             figure the GPU targets name: activation statistics, weight matching, LS
-#             statistics + solve, the whole merge, peak memory)
+#   EXTRA=0   skip bench/matching.py, bench/least_squares.py and bench/gram.py (run.py
+#             alone reports every figure the GPU targets name: activation statistics,
+#             weight matching, LS statistics + solve, the whole merge, peak memory)
 #   WARM=1    run.py keeps compiled kernels between stages (much less compiling; the
 #             steady-state figures are the same, first-call figures understate compilation)
 #   ALLOW_CPU=1  skip the GPU check (a dry run of this script with tiny settings on a CPU)
@@ -144,6 +145,7 @@ if [ "$EXTRA" = 1 ]; then
     # shellcheck disable=SC2086
     run least_squares bench/least_squares.py --arch "$ARCH" --size "$SIZE" \
         --images "$IMAGES" --batch-size "$BATCH" --budgets $BUDGETS
+    run gram bench/gram.py --size "$SIZE" --batch-size "$BATCH" --precision highest bf16_3x
 fi
 
 "$PY" - "$OUT_DIR" <<'EOF'
@@ -151,7 +153,7 @@ import json, os, sys
 
 out_dir = sys.argv[1]
 result = {}
-for name in ("run", "run_bf16", "matching", "least_squares"):
+for name in ("run", "run_bf16", "matching", "least_squares", "gram"):
     path = os.path.join(out_dir, name + ".json")
     if os.path.exists(path):
         with open(path) as f:

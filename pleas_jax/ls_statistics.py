@@ -50,11 +50,20 @@ from pleas_jax.products import check_precision, einsum, matmul
 
 # ----------------------------------------------------------------- statistics
 GRAM_METHODS = ("auto", "patches", "shifts")
-# "auto" takes the shift Gram where it needs at most a third of the patch
-# Gram's multiply-adds. Measured on CPU (fp32, batch 64, 3x3 convs, one
-# layer's Gram): 1.4-2.5x faster from 8x8 maps up, even at 4x4 (ratio 2.8),
-# 2.6x slower at 2x2 (ratio 1.6), where its fixed assembly cost dominates.
-_SHIFT_MIN_SAVING = 3.0
+# "auto" takes the shift Gram where :func:`_shift_saving` estimates it at most
+# 2/3 of the patch Gram's cost. The estimate counts multiply-adds plus the
+# per-batch assembly of the taps² blocks, ~400 multiply-adds' worth per Gram
+# entry (measured on CPU; memory-bound on a GPU too). Measured on one layer's
+# sums (CPU, fp32, 3x3 convs, bench/gram.py and its predecessor): shifts were
+# 1.4-2.5x faster from 8x8 maps up at batch 64 and from 14x14 up at batch 8,
+# break-even at 4x4, and slower at 2x2 (batch 64) and 7x7 (batch 8), where the
+# assembly dominates; the estimate picks the faster one in each of these.
+_SHIFT_MIN_SAVING = 1.5
+_ASSEMBLY_MACS = 400.0
+# The choice is made for this many examples per device, not the shard's own
+# count: the two ways round off differently, and the sums must not depend on
+# how many devices share a batch (tests/test_ls_statistics.py, 8 devices).
+_AUTO_EXAMPLES = 64
 
 
 def _pad_input(layer: Layer, x):
@@ -91,10 +100,11 @@ def _shifts_apply(layer: Layer) -> bool:
             and all(s == 1 for s in layer.strides) and all(d == 1 for d in layer.dilation))
 
 
-def _shift_saving(layer: Layer, spatial) -> float:
-    """Patch Gram multiply-adds over shift Gram multiply-adds (per channel
-    pair and example) for a layer that :func:`_shifts_apply` to, on an input
-    map of ``spatial`` positions."""
+def _shift_saving(layer: Layer, spatial, examples: int) -> float:
+    """Estimated cost of the patch Gram over that of the shift Gram, for a
+    layer that :func:`_shifts_apply` to, on ``examples`` input maps of
+    ``spatial`` positions (per channel pair: multiply-adds, plus the shift
+    Gram's per-batch block assembly)."""
     ext = []
     for n, (lo, hi), k in zip(spatial, layer.padding, layer.kernel_size, strict=True):
         padded = n + lo + hi
@@ -103,7 +113,9 @@ def _shift_saving(layer: Layer, spatial) -> float:
         border = sum(1 for y in inner if not k - 1 <= y < out)
         ext.append((out, len(inner) + border))
     shifts = ((2 * layer.kernel_size[0] - 1) * (2 * layer.kernel_size[1] - 1) + 1) // 2
-    return layer.taps ** 2 * ext[0][0] * ext[1][0] / max(shifts * ext[0][1] * ext[1][1], 1)
+    patch = layer.taps ** 2 * ext[0][0] * ext[1][0] * examples
+    shift = shifts * ext[0][1] * ext[1][1] * examples + _ASSEMBLY_MACS * layer.taps ** 2
+    return patch / shift
 
 
 def _shift_gram(layer: Layer, xp, xpw, precision):
@@ -200,10 +212,10 @@ def batch_sums(
       init: optional ``{"kernel", "bias"}``, W0 (masked).
       gram: ``"patches"`` (``XᵀX`` of the patch rows), ``"shifts"`` (from
         shifted products of the input map, :func:`_shift_gram`; stride-1 2-D
-        convs, other layers use patches) or ``"auto"``: shifts where they
-        need at most a third of the patches' multiply-adds (a 3x3 conv on an
-        8x8 map or larger), else patches. Both give the same sums up to
-        fp32 round-off.
+        convs, other layers use patches) or ``"auto"``: shifts where they are
+        estimated to cost at most 2/3 of patches at 64 examples per device
+        (:func:`_shift_saving`; for a 3x3 conv, maps of 8x8 and up), else
+        patches. Both give the same sums up to fp32 round-off.
       precision: matmul precision of the sums: ``"highest"`` (fp32),
         ``"bf16_3x"`` or ``"bfloat16"`` (:mod:`pleas_jax.products`), or a
         ``jax.lax.Precision``.
@@ -217,7 +229,8 @@ def batch_sums(
         raise ValueError(f"gram must be one of {GRAM_METHODS}, got {gram!r}")
     use_shifts = _shifts_apply(layer) and (
         gram == "shifts"
-        or (gram == "auto" and _shift_saving(layer, x.shape[1:-1]) >= _SHIFT_MIN_SAVING))
+        or (gram == "auto"
+            and _shift_saving(layer, x.shape[1:-1], _AUTO_EXAMPLES) >= _SHIFT_MIN_SAVING))
     if layer.kind == "conv":
         padded = [s + lo + hi for s, (lo, hi) in zip(x.shape[1:-1], layer.padding, strict=True)]
         expect = tuple((p - d * (k - 1) - 1) // st + 1 for p, k, st, d in

@@ -70,3 +70,22 @@ def test_run_tiny(tmp_path):
     assert rows[2.0]["macs"] == 2 * rows[1.0]["macs_source"]
     # Every merged layer reads twice the inputs at budget 2: ~4x the Gram memory.
     assert rows[2.0]["gram_bytes"] > 3 * rows[1.0]["gram_bytes"]
+
+
+def test_gram_tiny():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "gram.py"), "--size", "32", "--batch-size", "2",
+         "--repeat", "1", "--precision", "highest", "bf16_3x"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    d = json.loads(res.stdout)
+    assert [r["map"] for r in d["layers"]] == [8, 4, 2, 1]
+    for r in d["layers"]:
+        assert set(r["seconds"]) == {f"{g}/{p}" for g in ("patches", "shifts", "auto")
+                                     for p in ("highest", "bf16_3x")}
+        assert all(t > 0 for t in r["seconds"].values())
+        # Every way of forming the Gram agrees with the fp32 patch Gram.
+        assert r["gram_error"]["shifts/highest"] <= 1e-5, r
+        assert r["gram_error"]["auto/bf16_3x"] <= 1e-4, r
