@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 FEATURES = "features"
+NORM_AFFINE = "norm_affine"
 
 # (in_sizes, out_sizes): each (merged, A-only, B-only) channel counts.
 Splits = tuple[tuple[int, int, int], tuple[int, int, int]]
@@ -144,11 +145,36 @@ class Dense(_Recording, nn.Dense):
 
 class BatchNorm(_Recording, nn.BatchNorm):
     """``nn.BatchNorm`` that records its input ``in`` and its normalised, affine
-    output ``out``."""
+    output ``out``.
+
+    In inference mode (running statistics) the layer is the per-channel map
+    ``out = in * scale + shift``; it records ``scale`` and ``shift`` (float32
+    ``[C]``) in the ``"norm_affine"`` collection when asked, so that moments of
+    ``out`` can be had from those of ``in`` without touching the features
+    again (:mod:`pleas_jax.matching.activations`).
+    """
 
     @nn.compact
-    def __call__(self, inputs, *args, **kwargs):
+    def __call__(self, inputs, use_running_average=None, **kwargs):
         self._record("in", inputs)
-        out = super().__call__(inputs, *args, **kwargs)
+        out = super().__call__(inputs, use_running_average, **kwargs)
         self._record("out", out)
+        running = self.use_running_average if use_running_average is None else use_running_average
+        if (
+            running
+            and not self.is_initializing()
+            and self.is_mutable_collection(NORM_AFFINE)
+            and self.axis in (-1, inputs.ndim - 1)
+        ):
+            f32 = jnp.float32
+            var = self.get_variable("batch_stats", "var").astype(f32)
+            mean = self.get_variable("batch_stats", "mean").astype(f32)
+            scale = jax.lax.rsqrt(var + self.epsilon)
+            if self.use_scale:
+                scale = scale * self.get_variable("params", "scale").astype(f32)
+            shift = -mean * scale
+            if self.use_bias:
+                shift = shift + self.get_variable("params", "bias").astype(f32)
+            self.sow(NORM_AFFINE, "scale", scale, reduce_fn=_keep_last, init_fn=_none)
+            self.sow(NORM_AFFINE, "shift", shift, reduce_fn=_keep_last, init_fn=_none)
         return out
