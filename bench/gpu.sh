@@ -17,6 +17,8 @@
 #   BF16=1    also run bench/run.py with bfloat16 activation statistics ("run_bf16")
 #   LS_PRECISION=bf16_3x  least-squares sums from bf16 tensor-core products (~fp32 accuracy,
 #             pleas_jax/products.py; default highest: fp32 matmuls)
+#   MATCH_PRECISION=bf16_3x  the same for the activation statistics' cross moments (run.py
+#             then also times the fp32 statistics and reports the difference, "matching_check")
 #   STATISTICS=pair  merge() with pair statistics; run.py then also times pair_statistics
 #             and the per-budget pair fit (default per_merge)
 #   EXTRA=0   skip bench/matching.py, bench/least_squares.py and bench/gram.py (run.py
@@ -38,6 +40,7 @@ BUDGETS=${BUDGETS:-1.0 1.5}
 BF16=${BF16:-0}
 STATISTICS=${STATISTICS:-per_merge}
 LS_PRECISION=${LS_PRECISION:-highest}
+MATCH_PRECISION=${MATCH_PRECISION:-highest}
 EXTRA=${EXTRA:-1}
 WARM_FLAG=()
 if [ "${WARM:-0}" = 1 ]; then WARM_FLAG=(--warm); fi
@@ -131,7 +134,7 @@ run() {  # run NAME SCRIPT ARGS...: JSON of SCRIPT (its last stdout object) into
 # shellcheck disable=SC2086  # BUDGETS is a list
 run run bench/run.py --arch "$ARCH" --size "$SIZE" --images "$IMAGES" --batch-size "$BATCH" \
     --budgets $BUDGETS --statistics "$STATISTICS" --ls-precision "$LS_PRECISION" \
-    ${WARM_FLAG[@]+"${WARM_FLAG[@]}"}
+    --matching-precision "$MATCH_PRECISION" ${WARM_FLAG[@]+"${WARM_FLAG[@]}"}
 if [ "$BF16" = 1 ]; then
     # shellcheck disable=SC2086
     run run_bf16 bench/run.py --arch "$ARCH" --size "$SIZE" --images "$IMAGES" \
@@ -141,7 +144,7 @@ fi
 if [ "$EXTRA" = 1 ]; then
     # The configurations the scripts' docstrings give for a GPU.
     run matching bench/matching.py --arch "$ARCH" --size "$SIZE" --images "$IMAGES" \
-        --batch-size 256
+        --batch-size 256 --precision "$MATCH_PRECISION"
     # shellcheck disable=SC2086
     run least_squares bench/least_squares.py --arch "$ARCH" --size "$SIZE" \
         --images "$IMAGES" --batch-size "$BATCH" --budgets $BUDGETS

@@ -56,6 +56,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--similarity", default="distance")
+    p.add_argument("--precision", default="highest", choices=["highest", "bf16_3x", "bfloat16"],
+                   help="matmul precision of the cross moments (pleas_jax.products)")
     p.add_argument("--repeat", type=int, default=2)
     a = p.parse_args(argv)
 
@@ -68,7 +70,8 @@ def main(argv=None):
     _, wm_first, wm_best = _timed(lambda: weight_matching(spec, va, vb), a.repeat)
 
     def stats():
-        s = activation_statistics(ma, va, mb, vb, spec, batches, a.similarity)
+        s = activation_statistics(ma, va, mb, vb, spec, batches, a.similarity,
+                                  precision=a.precision)
         return jax.block_until_ready(s)
 
     _, st_first, st_best = _timed(stats, a.repeat)
@@ -92,6 +95,7 @@ def main(argv=None):
                 "images": a.images,
                 "batch_size": a.batch_size,
                 "groups": len(spec),
+                "precision": a.precision,
                 "spec_seconds": spec_best if a.repeat else spec_first,
                 "weight_matching_seconds": wm_best if a.repeat else wm_first,
                 "weight_matching_first_call_seconds": wm_first,

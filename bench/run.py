@@ -68,6 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compute dtype of the models in the activation statistics stage and "
                         "merge()'s matching (accumulation stays fp32); bfloat16 also reports "
                         "the deviation from fp32 statistics")
+    p.add_argument("--matching-precision", default="highest",
+                   choices=["highest", "bf16_3x", "bfloat16"],
+                   help="matmul precision of the activation statistics' cross moments of fp32 "
+                        "features (pleas_jax.products); not highest also reports the deviation "
+                        "from highest")
     p.add_argument("--ls-precision", default="highest", choices=["highest", "bf16_3x", "bfloat16"],
                    help="matmul precision of the least-squares sums (pleas_jax.products): fp32, "
                         "three bf16 products per fp32 product, or one")
@@ -388,10 +393,11 @@ def run(args) -> dict:
 
     stats, t = timed_twice(
         lambda: activation_statistics(module, va, module, vb, spec, batches, args.similarity,
-                                      mesh=mesh, dtype=args.dtype),
+                                      mesh=mesh, dtype=args.dtype,
+                                      precision=args.matching_precision),
         name="activation statistics",
     )
-    record("activation_statistics", t, dtype=args.dtype,
+    record("activation_statistics", t, dtype=args.dtype, precision=args.matching_precision,
            steady_s_per_1000_images=t["steady_s"] * 1000.0 / args.images)
 
     def assign(st):
@@ -402,9 +408,10 @@ def run(args) -> dict:
                                         name="assignment")
     record("assignment", t)
 
-    bf16_check = None
-    if args.dtype == "bfloat16":
-        # bf16 compute must leave the matching within tolerance of fp32's.
+    matching_check = None
+    if args.dtype == "bfloat16" or args.matching_precision != "highest":
+        # bf16 compute or products must leave the matching within tolerance
+        # of fp32's.
         stats32, t = timed_twice(
             lambda: activation_statistics(module, va, module, vb, spec, batches, args.similarity,
                                           mesh=mesh),
@@ -415,8 +422,9 @@ def run(args) -> dict:
         rel = max(float(np.max(np.abs(scores[g] - scores32[g])) / max(np.max(np.abs(scores32[g])),
                                                                        1e-12)) for g in spec)
         agree = sum(int(np.sum(perm_act[g] == perm32[g])) for g in spec)
-        bf16_check = {"max_relative_score_difference": rel,
+        matching_check = {"max_relative_score_difference": rel,
                       "permutation_agreement": agree / sum(spec[g].size for g in spec)}
+    if args.dtype == "bfloat16":
         m_fw = module.clone(dtype=jnp.bfloat16)
         forward["bfloat16_steady_s"] = forward_times(m_fw, va, vb, batches, mesh)["steady_s"]
 
@@ -497,7 +505,8 @@ def run(args) -> dict:
             lambda b=b: merge(
                 (module, va), (module, vb), batches, b, matching=args.matching,
                 ratios=args.ratios, similarity=args.similarity, max_iter=args.max_iter,
-                matching_dtype=args.dtype, ls_precision=args.ls_precision,
+                matching_dtype=args.dtype, matching_precision=args.matching_precision,
+                ls_precision=args.ls_precision,
                 statistics=args.statistics, max_memory_bytes=bound,
                 count_xla_flops=args.xla_flops, mesh=mesh, progress=False,
             ),
@@ -530,7 +539,7 @@ def run(args) -> dict:
         "forward": forward,
         "stages": stages,
         "budgets": rows,
-        "bfloat16_check": bf16_check,
+        "matching_check": matching_check,
         "memory": memory(),
     }
 

@@ -295,6 +295,9 @@ def _register_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--matching-dtype", default=None, choices=("float32", "bfloat16"),
                    help="compute dtype of the activation-matching pass (default: the models' own; "
                         "bfloat16 accumulates in float32)")
+    p.add_argument("--matching-precision", default="highest", choices=("highest", "bf16_3x", "bfloat16"),
+                   help="matmul precision of the activation-matching moments (default highest; "
+                        "bf16_3x as for --ls-precision)")
     p.add_argument("--ls-precision", default="highest", choices=("highest", "bf16_3x", "bfloat16"),
                    help="matmul precision of the least-squares sums (default highest: fp32; "
                         "bf16_3x: bf16 tensor-core products with ~fp32 accuracy, for GPUs/TPUs)")
@@ -313,7 +316,8 @@ def _merge(args: argparse.Namespace) -> int:
         ratios=args.ratios,
         least_squares=None if args.least_squares == "none" else args.least_squares,
         heads=args.heads, images=args.images, batch_size=args.batch_size,
-        gd_steps=args.gd_steps, matching_dtype=args.matching_dtype, ls_precision=args.ls_precision,
+        gd_steps=args.gd_steps, matching_dtype=args.matching_dtype,
+        matching_precision=args.matching_precision, ls_precision=args.ls_precision,
         report=args.report, overwrite=args.overwrite, progress=True,
         command=args.command_line,
     )

@@ -158,6 +158,7 @@ def merge(
     heads: str = "shared",
     similarity: str = "distance",
     matching_dtype: Any = None,
+    matching_precision: Any = "highest",
     ls_precision: Any = "highest",
     batch_norm: bool = True,
     ridge: float = 1e-4,
@@ -195,6 +196,9 @@ def merge(
         tests, ``"distance"`` scores stay within 0.5% of fp32's and the
         matching is unchanged); ``None`` runs them as given. Least squares and BatchNorm always run in the
         models' own dtype.
+      matching_precision: matmul precision of the activation-matching cross
+        moments of float32 features, a mode of :mod:`pleas_jax.products`
+        (``"highest"``, ``"bf16_3x"``, ``"bfloat16"``; see ``ls_precision``).
       ls_precision: matmul precision of the closed-form least-squares sums:
         ``"highest"`` (fp32), ``"bf16_3x"`` (three bf16 tensor-core products
         per fp32 product, ~2⁻¹⁶ relative error; several times faster than
@@ -247,6 +251,7 @@ def merge(
     if matching_dtype is not None:
         with_compute_dtype(module_a, matching_dtype)  # a bad dtype fails before any work
     check_precision(ls_precision)
+    check_precision(matching_precision)
     data_fn = _batches_factory(data)
     example = _first_images(data_fn)[:1]
 
@@ -284,7 +289,7 @@ def merge(
         elif matching == "activation":
             perm, costs = activation_matching(
                 module_a, va, module_b, vb, spec, data_fn(), similarity, mesh=mesh,
-                dtype=matching_dtype, progress=progress,
+                dtype=matching_dtype, precision=matching_precision, progress=progress,
             )
         elif matching == "weight":
             perm, costs = weight_matching(spec, va, vb, max_iter=max_iter, seed=seed)

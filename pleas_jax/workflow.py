@@ -362,6 +362,7 @@ def merge_checkpoints(
     batch_size: int = 250,
     gd_steps: int = 400,
     matching_dtype: str | None = None,
+    matching_precision: str = "highest",
     ls_precision: str = "highest",
     report: str | os.PathLike | None = None,
     overwrite: bool = False,
@@ -404,8 +405,8 @@ def merge_checkpoints(
     result = merge(
         (model_a.module, model_a.variables), (model_b.module, model_b.variables), batches,
         float(budget), matching=matching, ratios=ratios, least_squares=least_squares,
-        heads=mode, gd_steps=gd_steps, matching_dtype=matching_dtype, ls_precision=ls_precision,
-        progress=progress,
+        heads=mode, gd_steps=gd_steps, matching_dtype=matching_dtype,
+        matching_precision=matching_precision, ls_precision=ls_precision, progress=progress,
     )
     rep = jsonable(result.report)
     source = lambda m: {  # noqa: E731
@@ -420,7 +421,8 @@ def merge_checkpoints(
         "merge": {
             "budget": float(budget), "matching": matching, "ratios": ratios,
             "least_squares": least_squares, "heads": mode, "gd_steps": gd_steps,
-            "matching_dtype": matching_dtype, "ls_precision": ls_precision,
+            "matching_dtype": matching_dtype, "matching_precision": matching_precision,
+            "ls_precision": ls_precision,
         },
         "report": rep,
         **metadata,

