@@ -57,6 +57,10 @@ def test_run_tiny(tmp_path):
     for name in ("spec", "layer_table", "weight_matching", "activation_statistics", "assignment"):
         _timing(d["stages"][name], name)
     assert d["stages"]["spec"]["groups"] > 0
+    wm = d["stages"]["weight_matching"]
+    # The first sweep solves every group once.
+    assert wm["assignments"] >= d["stages"]["spec"]["groups"], wm
+    assert 0 < wm["assignment_s"] < wm["steady_s"], wm
 
     rows = {r["budget"]: r for r in d["budgets"]}
     assert sorted(rows) == [1.0, 2.0]
