@@ -54,7 +54,8 @@ def test_run_tiny(tmp_path):
     assert d["memory"]["max_rss_bytes"] > 0
     _timing(d["forward"], "forward")
     assert d["forward"]["device_resident_s"] > 0
-    for name in ("spec", "layer_table", "weight_matching", "activation_statistics", "assignment"):
+    for name in ("spec", "layer_table", "weight_matching", "weight_matching_one_thread",
+                 "activation_statistics", "assignment"):
         _timing(d["stages"][name], name)
     assert d["stages"]["spec"]["groups"] > 0
     wm = d["stages"]["weight_matching"]

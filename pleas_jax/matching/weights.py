@@ -13,7 +13,9 @@ score of the pair that was matched.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import os
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
@@ -84,6 +86,12 @@ class _GroupScores:
         return np.asarray(total, np.float64)
 
 
+def _after(deps, fn, *args):
+    for d in deps:
+        d.result()  # re-raises a failed step's error
+    return fn(*args)
+
+
 def weight_matching(
     spec: Mapping[str, Any],
     variables_a: Mapping[str, Any],
@@ -93,6 +101,7 @@ def weight_matching(
     *,
     solver: lap.Solver | None = None,
     collections: tuple[str, ...] = ("params",),
+    threads: int | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Permutations of B's groups that maximise the weight inner product with A.
 
@@ -101,8 +110,12 @@ def weight_matching(
       variables_a, variables_b: variables pytrees of the same structure.
       max_iter: most coordinate-descent sweeps over all groups.
       seed: seeds the random group order of every sweep.
-      solver: linear assignment solver (:func:`pleas_jax.matching.lap.scipy_solver`).
+      solver: linear assignment solver (:func:`pleas_jax.matching.lap.scipy_solver`);
+        with ``threads > 1`` it is called from several threads at once.
       collections: which variable collections contribute to the scores.
+      threads: most groups solved at once (groups sharing no tensor are
+        independent within a sweep); default: the CPU count, at most 8. The
+        result does not depend on it.
 
     Returns:
       ``(perm, costs)``: ``perm[g]`` int64 ``[n_g]`` (A's unit i is matched with
@@ -135,23 +148,38 @@ def weight_matching(
     # assignments from 925 to 323 (the widest group's, ~0.1 s each on a
     # CPU, are most of weight matching's time on a GPU host).
     solved_at: dict[str, tuple] = {}
-    for _ in range(max_iter):
-        improved = False
-        for i in rng.permutation(len(groups)):
-            g = groups[i]
-            seen = tuple(version[og] for og in fns[g].needed)
-            if solved_at.get(g) == seen:
-                continue
-            solved_at[g] = seen
-            s = scores(g)
-            new = lap.solve(s, solver, name=g)
-            rows = np.arange(len(new))
-            gain = s[rows, new].sum() - s[rows, perm[g]].sum()
-            # Relative tolerance: float32 scores may tie up to rounding.
-            if gain > 1e-9 * max(1.0, abs(s[rows, perm[g]].sum())):
-                perm[g] = new
-                version[g] += 1
-                improved = True
-        if not improved:
-            break
+
+    def step(g) -> bool:
+        seen = tuple(version[og] for og in fns[g].needed)
+        if solved_at.get(g) == seen:
+            return False
+        solved_at[g] = seen
+        s = scores(g)
+        new = lap.solve(s, solver, name=g)
+        rows = np.arange(len(new))
+        gain = s[rows, new].sum() - s[rows, perm[g]].sum()
+        # Relative tolerance: float32 scores may tie up to rounding.
+        if gain > 1e-9 * max(1.0, abs(s[rows, perm[g]].sum())):
+            perm[g] = new
+            version[g] += 1
+            return True
+        return False
+
+    # Groups that share no tensor are solved concurrently (the assignments
+    # release the GIL), each after the groups before it in the sweep's order
+    # that it shares a tensor with: a step reads and writes only its own and
+    # its neighbours' permutations, and neighbourhood is symmetric, so every
+    # step sees what the sequential sweep would and the result is the same.
+    workers = max(1, min(threads or (os.cpu_count() or 1), 8))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for _ in range(max_iter):
+            last: dict[str, concurrent.futures.Future] = {}
+            sweep = []
+            for i in rng.permutation(len(groups)):
+                g = groups[i]
+                deps = [last[h] for h in (g, *fns[g].needed) if h in last]
+                last[g] = pool.submit(_after, deps, step, g)
+                sweep.append(last[g])
+            if not any([f.result() for f in sweep]):
+                break
     return perm, {g: scores(g) for g in groups}

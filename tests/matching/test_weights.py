@@ -107,9 +107,10 @@ def _plain_coordinate_descent(spec, va, vb, seed, max_iter=100):
 
 
 def test_same_result_as_plain_coordinate_descent_with_fewer_assignments():
-    # weight_matching skips groups none of whose neighbours moved and keeps
-    # per-tensor products until a permutation they read changes; the result
-    # must be that of re-solving everything every sweep.
+    # weight_matching skips groups none of whose neighbours moved, keeps
+    # per-tensor products until a permutation they read changes and solves
+    # independent groups in threads; the result must be that of re-solving
+    # everything every sweep, in order.
     from pleas_jax.matching import lap
 
     module = models.resnet20(num_classes=5, width=8)
@@ -123,11 +124,13 @@ def test_same_result_as_plain_coordinate_descent_with_fewer_assignments():
         return lap.scipy_solver(scores)
 
     for seed in (0, 1):
-        solves.clear()
-        perm, _ = weight_matching(spec, va, vb, seed=seed, solver=counting)
         ref, ref_solves = _plain_coordinate_descent(spec, va, vb, seed)
-        for g in spec:
-            np.testing.assert_array_equal(perm[g], ref[g], err_msg=f"seed {seed} {g}")
+        # Groups sharing no tensor are solved concurrently: same result.
+        for threads in (1, 4):
+            solves.clear()
+            perm, _ = weight_matching(spec, va, vb, seed=seed, solver=counting, threads=threads)
+            for g in spec:
+                np.testing.assert_array_equal(perm[g], ref[g], err_msg=f"seed {seed} {g} {threads}")
         print(f"seed {seed}: {len(solves)} assignments, plain coordinate descent {ref_solves}")
         assert ref_solves > 2 * len(spec)  # the pair needs several sweeps
         assert len(solves) < ref_solves
