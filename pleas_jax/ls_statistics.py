@@ -86,7 +86,8 @@ def batch_sums(
       layer: the layer.
       x: its merged input ``[N, *spatial, C_in]`` (fp32).
       y: its merged target ``[N, *out_spatial, C_out]``.
-      mask: ``[N]`` example weights (0 for padding).
+      mask: ``[N]`` example weights (0 for padding), or ``None`` when every
+        example counts (no masked copies of the features are made).
       init: optional ``{"kernel", "bias"}``, W0 (masked).
       gram: ``"patches"`` (``XᵀX`` of the patch rows), ``"shifts"`` (from
         shifted products of the input map, :func:`_shift_gram`; stride-1 2-D
@@ -119,26 +120,43 @@ def batch_sums(
                 f"{layer.strides}, padding {layer.padding} gives {expect} positions, the output has "
                 f"{tuple(y.shape[1:-1])}"
             )
-    mask = mask.astype(jnp.float32)
     n_out = math.prod(y.shape[1:-1])
     y2 = y.reshape(-1, layer.c_out)
-    w = jnp.repeat(mask, n_out)
-    out = {"target_sq": jnp.sum(w[:, None] * y2 * y2, axis=0), "count": jnp.sum(w)}
+    if mask is None:
+        def rows_w(a):
+            return a
+
+        def examples_w(a):
+            return a
+
+        count = jnp.asarray(y2.shape[0], jnp.float32)
+    else:
+        mask = mask.astype(jnp.float32)
+        w = jnp.repeat(mask, n_out)[:, None]
+
+        def rows_w(a):  # [rows, k], rows example-major
+            return a * w
+
+        def examples_w(a):  # [N, ...]
+            return a * mask.reshape((-1,) + (1,) * (a.ndim - 1))
+
+        count = jnp.sum(w)
+    out = {"target_sq": jnp.sum(rows_w(y2) * y2, axis=0), "count": count}
     if target_gram:
-        out["target_gram"] = matmul((y2 * w[:, None]).T, y2, precision)
+        out["target_gram"] = matmul(rows_w(y2).T, y2, precision)
     if use_shifts:
         xp = _pad_input(layer, x)
-        per_example = mask.reshape((-1,) + (1,) * (xp.ndim - 1))
-        g = _shift_gram(layer, xp, xp * per_example, precision)
+        g = _shift_gram(layer, xp, examples_w(xp), precision)
         out["gram"] = g.at[-1, -1].set(out["count"]) if layer.bias else g
-        out["cross"] = _conv_cross(layer, xp, y * per_example, precision)
+        out["cross"] = _conv_cross(layer, xp, examples_w(y), precision)
         if init is not None:
             err = layer_apply(layer, x, init) - y
-            out["init_grad"] = _conv_cross(layer, xp, err * per_example, precision)
-            out["init_sq"] = jnp.sum(w[:, None] * jnp.square(err.reshape(-1, layer.c_out)), axis=0)
+            out["init_grad"] = _conv_cross(layer, xp, examples_w(err), precision)
+            err2 = err.reshape(-1, layer.c_out)
+            out["init_sq"] = jnp.sum(rows_w(err2) * err2, axis=0)
         return out
     rows = layer_rows(layer, x)
-    rw = rows * w[:, None]
+    rw = rows_w(rows)
     out["gram"] = matmul(rw.T, rows, precision)
     out["cross"] = matmul(rw.T, y2, precision)
     if init is not None:
@@ -147,12 +165,16 @@ def batch_sums(
         w0 = weights_to_matrix(layer, init["kernel"], init.get("bias"))
         err = matmul(rows, w0, precision) - y2
         out["init_grad"] = matmul(rw.T, err, precision)
-        out["init_sq"] = jnp.sum(w[:, None] * err * err, axis=0)
+        out["init_sq"] = jnp.sum(rows_w(err) * err, axis=0)
     return out
 
 
-def _statistics_fn(module_a, module_b, layers, blocks, precision, gram, target_gram=False):
+def _statistics_fn(module_a, module_b, layers, blocks, precision, gram, target_gram=False,
+                   masked=True):
+    # masked=False: the version for batches without padding, which ignores
+    # the mask (no masked copies of features or patch rows).
     def fn(replicated, x, mask):
+        mask = mask if masked else None
         va, vb, init = replicated
         fa, fb = _features(module_a, va, x), _features(module_b, vb, x)
         out = {}
@@ -257,13 +279,21 @@ def layer_statistics(
                       * jnp.asarray(matrix_mask(lay), jnp.float32) for n, lay in part.items()}
         key = ("statistics", module_a, module_b, tuple(part.values()), _blocks_key(blocks, part),
                precision, gram, mesh, init_m is None, target_gram)
-        step = _cached(key, lambda part=part: distributed.batch_sum(
-            _statistics_fn(module_a, module_b, part, blocks, precision, gram, target_gram), mesh))
+
+        def step_for(masked, key=key, part=part):
+            return _cached((*key, masked), lambda: distributed.batch_sum(
+                _statistics_fn(module_a, module_b, part, blocks, precision, gram, target_gram,
+                               masked),
+                mesh))
+
         replicated = (variables_a, variables_b, init_m)
         desc = "least-squares statistics" + (f" ({i + 1}/{len(chunks)})" if len(chunks) > 1 else "")
         acc = None
         for batch in tqdm(next_pass(), desc=desc, disable=not progress, leave=False):
-            x, mask = distributed.shard_batch(_images(batch), mesh)
+            images = _images(batch)
+            # A batch that fills every device evenly has no padding to mask.
+            step = step_for(len(images) % mesh.devices.size != 0)
+            x, mask = distributed.shard_batch(images, mesh)
             s = step(replicated, x, mask)
             acc = s if acc is None else _add(acc, s)
             # Drop this batch's sums now: held until the next step is
