@@ -134,3 +134,11 @@ def test_same_result_as_plain_coordinate_descent_with_fewer_assignments():
         print(f"seed {seed}: {len(solves)} assignments, plain coordinate descent {ref_solves}")
         assert ref_solves > 2 * len(spec)  # the pair needs several sweeps
         assert len(solves) < ref_solves
+
+
+def test_bad_threads_is_an_error():
+    module = models.resnet20(num_classes=5, width=4)
+    va = init(module, 16)
+    spec = derive_spec(module, va, np.zeros((1, 16, 16, 3), np.float32))
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        weight_matching(spec, va, va, threads=0)
