@@ -56,6 +56,12 @@ def pad_batch(x: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([x, pad]), mask
 
 
+def is_padded(n: int, mesh: jax.sharding.Mesh) -> bool:
+    """Whether :func:`shard_batch` pads a batch of ``n`` examples on ``mesh``
+    (a batch that fills every device evenly has no padding to mask)."""
+    return n % mesh.devices.size != 0
+
+
 def shard_batch(x: np.ndarray, mesh: jax.sharding.Mesh) -> tuple[jax.Array, jax.Array]:
     """Pad ``x [N, ...]`` to the mesh size and place it split along the batch axis.
 

@@ -291,8 +291,7 @@ def layer_statistics(
         acc = None
         for batch in tqdm(next_pass(), desc=desc, disable=not progress, leave=False):
             images = _images(batch)
-            # A batch that fills every device evenly has no padding to mask.
-            step = step_for(len(images) % mesh.devices.size != 0)
+            step = step_for(distributed.is_padded(len(images), mesh))
             x, mask = distributed.shard_batch(images, mesh)
             s = step(replicated, x, mask)
             acc = s if acc is None else _add(acc, s)

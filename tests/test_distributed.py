@@ -18,6 +18,13 @@ def test_pad_batch_masks_padding():
         distributed.pad_batch(np.zeros((0, 3)), 2)
 
 
+def test_is_padded_agrees_with_shard_batch():
+    mesh = distributed.data_mesh()
+    for n in (1, 2, 3, 7, 8):
+        _, mask = distributed.shard_batch(np.zeros((n, 2), np.float32), mesh)
+        assert distributed.is_padded(n, mesh) == (float(np.asarray(mask).min()) == 0.0), n
+
+
 def test_batch_sum_equals_plain_sum():
     mesh = distributed.data_mesh()
     x = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)

@@ -313,8 +313,7 @@ def activation_statistics(
     for batch in tqdm(batches, desc="activation statistics", disable=not progress, leave=False):
         x = batch[0] if isinstance(batch, tuple | list) else batch
         x = np.asarray(x)
-        # A batch that fills every device evenly has no padding to mask.
-        masked = len(x) % mesh.devices.size != 0
+        masked = distributed.is_padded(len(x), mesh)
         step = _compiled_step(module_a, module_b, points_key, similarity, mesh, precision, masked)
         x, mask = distributed.shard_batch(x, mesh)
         stats = step(variables, x, mask)
