@@ -18,13 +18,13 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from timing import best_of  # noqa: E402
 
 from pleas_jax.ls_layers import Layer  # noqa: E402
 from pleas_jax.ls_statistics import _shift_saving, batch_sums  # noqa: E402
@@ -32,16 +32,6 @@ from pleas_jax.products import PRECISION_MODES  # noqa: E402
 
 # resnet50's stride-1 3x3 convs: (input channels of one model, map side / image side)
 SHAPES = [(64, 4), (128, 8), (256, 16), (512, 32)]
-
-
-def _best(fn, repeat):
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _measure(layer, x, y, mask, precisions, repeat):
@@ -54,7 +44,7 @@ def _measure(layer, x, y, mask, precisions, repeat):
             fn = jax.jit(lambda x, y, m, gram=gram, prec=prec:
                          batch_sums(layer, x, y, m, gram=gram, precision=prec))
             key = f"{gram}/{prec}"
-            seconds[key] = _best(lambda fn=fn: fn(x, y, mask), repeat)
+            seconds[key] = best_of(lambda fn=fn: fn(x, y, mask), repeat)[2]
             g = np.asarray(fn(x, y, mask)["gram"], np.float64)
             errors[key] = float(np.abs(g - ref).max() / np.abs(ref).max())
     return seconds, errors

@@ -19,13 +19,13 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from timing import best_of, peak_device_bytes  # noqa: E402
 
 from pleas_jax import budget, models, partial  # noqa: E402
 from pleas_jax.batch_norm import recompute_batch_norm  # noqa: E402
@@ -57,26 +57,6 @@ def _model(arch, classes, size, seed, batches):
             flat[path] = jnp.asarray(rng.uniform(0.0, 0.3, leaf.shape), leaf.dtype)
     v = {"params": unflatten(flat), "batch_stats": v["batch_stats"]}
     return m, recompute_batch_norm(m, v, batches)
-
-
-def _timed(fn, repeat):
-    """(result, first call seconds incl. compilation, best of ``repeat`` later calls)."""
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return out, first, best if repeat else first
-
-
-def _peak_bytes():
-    try:
-        return int(jax.devices()[0].memory_stats()["peak_bytes_in_use"])
-    except (TypeError, KeyError, AttributeError, RuntimeError):
-        return None
 
 
 def main(argv=None):
@@ -111,13 +91,13 @@ def main(argv=None):
         layers = find_layers(ma, va, spec, blocks, x[:1])
         w0 = weights_of(vm, layers)
 
-        stats, st_first, st_best = _timed(
+        stats, st_first, st_best = best_of(
             lambda blocks=blocks, w0=w0: layer_statistics(
                 ma, va, mb, vb, spec, blocks, batches, init=w0, gram=a.gram
             ),
             a.repeat,
         )
-        sol, so_first, so_best = _timed(lambda stats=stats: solve(stats), a.repeat)
+        sol, so_first, so_best = best_of(lambda stats=stats: solve(stats), a.repeat)
         before, after = residuals(stats, w0), residuals(stats, sol)
         row = {
             "budget": b,
@@ -136,14 +116,14 @@ def main(argv=None):
             "mean_residual_after": float(np.mean(list(after.values()))),
         }
         if a.gd_steps:
-            _, gd_first, gd_best = _timed(
+            _, gd_first, gd_best = best_of(
                 lambda blocks=blocks, w0=w0: gradient_descent(
                     ma, va, mb, vb, spec, blocks, w0, batches, steps=a.gd_steps
                 )[0],
                 a.repeat,
             )
             row.update(gd_steps=a.gd_steps, gd_seconds=gd_best, gd_first_call_seconds=gd_first)
-        row["peak_device_bytes"] = _peak_bytes()
+        row["peak_device_bytes"] = peak_device_bytes()
         rows.append(row)
         del stats, sol
 

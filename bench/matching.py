@@ -13,13 +13,13 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from timing import best_of  # noqa: E402
 
 from pleas_jax import models  # noqa: E402
 from pleas_jax.matching.activations import activation_statistics  # noqa: E402
@@ -33,19 +33,6 @@ def _model(arch, classes, size, seed):
     rng = np.random.default_rng(seed)
     stats = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape), a.dtype), v["batch_stats"])
     return m, {"params": v["params"], "batch_stats": stats}
-
-
-def _timed(fn, repeat):
-    """(first call seconds incl. compilation, best of ``repeat`` later calls)."""
-    t0 = time.perf_counter()
-    out = fn()
-    first = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return out, first, best
 
 
 def main(argv=None):
@@ -66,15 +53,15 @@ def main(argv=None):
     x = np.asarray(jax.random.normal(jax.random.key(2), (a.images, a.size, a.size, 3)), np.float32)
     batches = [x[i : i + a.batch_size] for i in range(0, a.images, a.batch_size)]
 
-    spec, spec_first, spec_best = _timed(lambda: derive_spec(ma, va, x[:1]), a.repeat)
-    _, wm_first, wm_best = _timed(lambda: weight_matching(spec, va, vb), a.repeat)
+    spec, spec_first, spec_best = best_of(lambda: derive_spec(ma, va, x[:1]), a.repeat)
+    _, wm_first, wm_best = best_of(lambda: weight_matching(spec, va, vb), a.repeat)
 
     def stats():
         s = activation_statistics(ma, va, mb, vb, spec, batches, a.similarity,
                                   precision=a.precision)
         return jax.block_until_ready(s)
 
-    _, st_first, st_best = _timed(stats, a.repeat)
+    _, st_first, st_best = best_of(stats, a.repeat)
 
     f = jax.jit(lambda v, xb: ma.apply(v, xb))
 
@@ -83,7 +70,7 @@ def main(argv=None):
             out = (f(va, xb), f(vb, xb))
         return jax.block_until_ready(out)
 
-    _, fw_first, fw_best = _timed(forward, a.repeat)
+    _, fw_first, fw_best = best_of(forward, a.repeat)
     per_k = 1000.0 / a.images
     print(
         json.dumps(
@@ -96,14 +83,14 @@ def main(argv=None):
                 "batch_size": a.batch_size,
                 "groups": len(spec),
                 "precision": a.precision,
-                "spec_seconds": spec_best if a.repeat else spec_first,
-                "weight_matching_seconds": wm_best if a.repeat else wm_first,
+                "spec_seconds": spec_best,
+                "weight_matching_seconds": wm_best,
                 "weight_matching_first_call_seconds": wm_first,
-                "activation_statistics_seconds": st_best if a.repeat else st_first,
-                "activation_statistics_seconds_per_1000_images": (st_best if a.repeat else st_first) * per_k,
+                "activation_statistics_seconds": st_best,
+                "activation_statistics_seconds_per_1000_images": st_best * per_k,
                 "activation_statistics_first_call_seconds": st_first,
-                "forward_both_models_seconds": fw_best if a.repeat else fw_first,
-                "statistics_over_forward": (st_best / fw_best) if a.repeat else st_first / fw_first,
+                "forward_both_models_seconds": fw_best,
+                "statistics_over_forward": st_best / fw_best,
             },
             indent=1,
         )

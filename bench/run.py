@@ -33,9 +33,11 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
+
+import timing
+from timing import memory, timed_twice
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = ("resnet18", "resnet50", "resnet101", "resnet20")
@@ -198,56 +200,6 @@ def build_models(args):
     return module, va, vb, batches
 
 
-# --------------------------------------------------------------------- timing
-COLD = True  # clear compilation caches before each stage (--warm turns it off)
-
-
-def timed_twice(fn, sync=None, cold: bool | None = None, name: str | None = None):
-    """Run ``fn`` twice; ``(result, {"first_call_s", "steady_s"})``.
-
-    With ``cold``, JAX's compilation caches are cleared first, so the first
-    call pays tracing and compilation as in a fresh process even when an
-    earlier stage compiled the same kernels. ``sync(result)`` returns what to
-    wait for (default: the result itself). With ``name``, the two times go to
-    stderr as they are measured (long runs show where they are).
-    """
-    import jax
-
-    sync = sync or (lambda r: r)
-    if COLD if cold is None else cold:
-        jax.clear_caches()
-    times = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        out = fn()
-        jax.block_until_ready(sync(out))
-        times.append(time.perf_counter() - t0)
-    if name:
-        print(f"run.py: {name}: first call {times[0]:.3f} s, steady {times[1]:.3f} s",
-              file=sys.stderr, flush=True)
-    return out, {"first_call_s": times[0], "steady_s": times[1]}
-
-
-def memory() -> dict:
-    """Peak device memory where the backend reports it, and the process's peak
-    resident set (on CPU the device memory is the process's)."""
-    import jax
-
-    peak = None
-    try:
-        stats = jax.devices()[0].memory_stats()
-        if stats:
-            peak = stats.get("peak_bytes_in_use")
-    except (AttributeError, RuntimeError, NotImplementedError):
-        # Backends without memory statistics (CPU on some jax versions): the
-        # figure stays None and the resident set below stands in for it.
-        peak = None
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports kilobytes, macOS bytes.
-    rss = rss if sys.platform == "darwin" else rss * 1024
-    return {"peak_device_bytes": None if peak is None else int(peak), "max_rss_bytes": int(rss)}
-
-
 def forward_times(module, va, vb, batches, mesh) -> dict:
     """The lower bound: a jitted forward of A and B over every batch.
 
@@ -359,8 +311,7 @@ def run(args) -> dict:
     from pleas_jax.merge import merge
     from pleas_jax.spec import derive_spec
 
-    global COLD
-    COLD = not args.warm
+    timing.COLD = not args.warm
     # Several hosts: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID
     # start jax.distributed here, before any other JAX work; the mesh then spans
     # every process's devices (each process builds the same models and images).

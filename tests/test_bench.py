@@ -100,3 +100,43 @@ def test_gram_tiny():
         # Every way of forming the Gram agrees with the fp32 patch Gram.
         assert r["gram_error"]["shifts/highest"] <= 1e-5, r
         assert r["gram_error"]["auto/bf16_3x"] <= 1e-4, r
+
+
+def _timing_module():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import timing
+    finally:
+        sys.path.pop(0)
+    return timing
+
+
+def test_best_of_separates_first_call_from_steady_state():
+    import time
+
+    import pytest
+
+    timing = _timing_module()
+    sleeps = iter([0.3, 0.02, 0.1, 0.08])
+
+    def fn():
+        s = next(sleeps)
+        time.sleep(s)
+        return s
+
+    out, first, best = timing.best_of(fn, repeat=3)
+    assert out == 0.08  # the last call's result
+    assert 0.3 <= first < 0.6
+    assert 0.02 <= best < 0.06  # the fastest later call, not the first
+    _, first, best = timing.best_of(lambda: time.sleep(0.01), repeat=0)
+    assert best == first >= 0.01
+    with pytest.raises(ValueError, match="repeat"):
+        timing.best_of(lambda: None, repeat=-1)
+
+
+def test_memory_reports_resident_set():
+    timing = _timing_module()
+    m = timing.memory()
+    # This process holds at least the interpreter and numpy: far above 10 MB.
+    assert m["max_rss_bytes"] > 10 * 2**20
+    assert m["peak_device_bytes"] is None or m["peak_device_bytes"] >= 0
