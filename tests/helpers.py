@@ -115,11 +115,11 @@ def source_table(arch, size, num_classes=1000, width=None):
     """``(module, shapes, spec, table)`` of a source ResNet at ``size`` px: the
     accounting reads only shapes, so the variables are abstract
     (``jax.ShapeDtypeStruct``; nothing is compiled)."""
-    from pleas_jax import accounting, models
+    from pleas_jax import layer_shapes, models
     from pleas_jax.spec import derive_spec
 
     model = models.resnet(arch, num_classes, width=width)
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     shapes = jax.eval_shape(model.init, jax.random.key(0), x)
     spec = derive_spec(model, shapes, x)
-    return model, shapes, spec, accounting.layer_table(model, shapes, spec, (size, size, 3))
+    return model, shapes, spec, layer_shapes.layer_table(model, shapes, spec, (size, size, 3))

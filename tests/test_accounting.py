@@ -7,7 +7,6 @@ import pytest
 
 from pleas_jax import accounting, budget, models, partial
 from pleas_jax.spec import derive_spec
-from pleas_jax.tree import flatten
 from tests.helpers import source_table
 
 BUDGETS = (1.0, 1.25, 1.5, 1.75, 2.0)
@@ -56,27 +55,6 @@ def test_source_model_matches_torchvision_counts(arch, macs, n_params):
     _, _, spec, table = source_table(arch, 224)
     assert accounting.macs(table, spec, 0.0) == macs == _torchvision_macs(arch, 224)
     assert accounting.params(table, spec, 0.0) == (n_params, n_params)
-
-
-def test_layer_table_reads_taps_padding_and_bias():
-    _, _, _, table = source_table("resnet18", 64)
-    layers = {la.name: la for la in table.layers}
-    assert len(layers) == 21  # 20 convs + fc
-    stem = layers["conv1"]
-    assert (stem.kernel_size, stem.positions, stem.in_group, stem.c_in) == (
-        (7, 7),
-        32 * 32,
-        None,
-        3,
-    )
-    # 3x3 pad 1 on a 2x2 map: each output position sees 2x2 real input taps.
-    last = layers["layer4_1/conv2"]
-    assert (last.positions, last.taps, last.valid_taps) == (4, 36, 16)
-    down = layers["layer4_0/downsample_0"]
-    assert down.taps == down.valid_taps == 4
-    fc = layers["fc"]
-    assert (fc.kernel_size, fc.positions, fc.out_group, fc.bias) == ((), 1, None, True)
-    assert not any(la.bias for la in table.layers if la.name != "fc")
 
 
 def test_backbone_without_classifier():
@@ -202,12 +180,3 @@ def test_bad_ratio_dicts():
         accounting.macs(table, spec, some)
     with pytest.raises(ValueError, match="unknown"):
         accounting.macs(table, spec, {**dict.fromkeys(spec, 0.5), "nope": 0.5})
-    with pytest.raises(ValueError, match="input_shape"):
-        accounting.layer_table(models.resnet20(), {}, spec, (32, 32))
-
-
-def test_table_is_per_image():
-    model, v, spec, table = source_table("resnet18", 64)
-    batched = accounting.layer_table(model, v, spec, (8, 64, 64, 3))
-    assert batched == table
-    assert flatten(v)  # variables untouched
