@@ -371,7 +371,7 @@ def run(args) -> dict:
 
     def assign(st):
         scores = statistics_to_scores(st, args.similarity)
-        return {g: lap.solve(scores[g], name=g) for g in spec}, scores
+        return lap.solve_all({g: scores[g] for g in spec}), scores
 
     (perm_act, scores), t = timed_twice(lambda: assign(stats), sync=lambda r: 0,
                                         name="assignment")

@@ -364,6 +364,7 @@ def activation_matching(
     dtype: Any = None,
     precision: Any = "highest",
     progress: bool = False,
+    threads: int | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Permutations of B's groups that best align B's features with A's.
 
@@ -372,6 +373,10 @@ def activation_matching(
         feature vectors, per batch, summed over batches), ``"correlation"``
         (Pearson correlation over all examples and positions) or ``"inner"``
         (raw inner products).
+      solver: linear assignment solver (:func:`pleas_jax.matching.lap.scipy_solver`);
+        called from several threads at once unless ``threads=1``.
+      threads: most groups' assignments solved at once
+        (:func:`pleas_jax.matching.lap.solve_all`); the result does not depend on it.
       Other arguments as in :func:`activation_statistics`.
 
     Returns:
@@ -387,5 +392,5 @@ def activation_matching(
     missing = [g for g in spec if g not in scores]
     if missing:
         raise ValueError(f"no feature of the models carries group(s) {', '.join(missing)}")
-    perm = {g: lap.solve(scores[g], solver, name=g) for g in spec}
+    perm = lap.solve_all({g: scores[g] for g in spec}, solver, threads=threads)
     return perm, {g: scores[g] for g in spec}
