@@ -58,6 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pleas_jax import tracing
+
 # The table is re-exported: ``accounting.layer_table`` is the one of
 # :mod:`pleas_jax.layer_shapes`.
 from pleas_jax.layer_shapes import Layer, LayerTable, image_shape, layer_table
@@ -247,10 +249,15 @@ def xla_flops(
     if len(shape) == 3:
         shape = (1, *shape)
     image_shape(shape)
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    key = tracing.signature(module, variables, x, compiled=compiled)
+    return tracing.cached("xla_flops", key, lambda: _xla_flops(module, variables, x, compiled))
+
+
+def _xla_flops(module, variables, x, compiled: bool) -> float:
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), variables
     )
-    x = jax.ShapeDtypeStruct(shape, jnp.float32)
     lowered = jax.jit(lambda v, x: module.apply(v, x)).lower(abstract, x)
     cost = lowered.compile().cost_analysis() if compiled else lowered.cost_analysis()
     # Older jax returns one dict per computation.
@@ -258,4 +265,4 @@ def xla_flops(
         cost = cost[0] if cost else None
     if not cost or "flops" not in cost:
         raise RuntimeError("XLA's cost analysis reports no 'flops' for this program")
-    return float(cost["flops"]) / shape[0]
+    return float(cost["flops"]) / x.shape[0]

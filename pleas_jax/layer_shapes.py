@@ -25,6 +25,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
+from pleas_jax import tracing
 from pleas_jax.tree import Path, flatten, path_str, unflatten
 
 __all__ = ["Layer", "LayerTable", "layer_table"]
@@ -244,6 +245,12 @@ def layer_table(
       a :class:`LayerTable`.
     """
     shape = image_shape(input_shape)
+    x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    key = tracing.signature(module, variables, x, spec=tuple(spec.items()))
+    return tracing.cached("layer_table", key, lambda: _layer_table(module, variables, spec, x))
+
+
+def _layer_table(module, variables, spec, x) -> LayerTable:
     flat = flatten(variables)
     paths = list(flat)
     axis_groups = _axis_groups(spec)
@@ -252,7 +259,7 @@ def layer_table(
         return module.apply(unflatten(dict(zip(paths, leaves, strict=True))), x)
 
     leaves = [jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v)) for v in flat.values()]
-    closed = jax.make_jaxpr(fn)(leaves, jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+    closed = jax.make_jaxpr(fn)(leaves, x)
     jaxpr = closed.jaxpr
     env = {v: p for v, p in zip(jaxpr.invars[: len(paths)], paths, strict=True)}
     found: list = []
@@ -279,4 +286,4 @@ def layer_table(
         for p, v in flat.items()
         if p[0] == "params"
     )
-    return LayerTable(tuple(layers), param_rows, shape)
+    return LayerTable(tuple(layers), param_rows, tuple(x.shape[1:]))

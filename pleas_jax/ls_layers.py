@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen.linear import canonicalize_padding
 
+from pleas_jax import tracing
 from pleas_jax.partial import GroupBlocks
 from pleas_jax.tree import flatten, path_str, to_dict, unflatten
 
@@ -195,7 +196,8 @@ def find_layers(
     """
     variables = to_dict(variables)
     flat = flatten(variables.get("params", {}))
-    traced = _trace_layers(module, variables, example_input)
+    traced = tracing.cached("ls_layers", tracing.signature(module, variables, example_input),
+                            lambda: _trace_layers(module, variables, example_input))
     axis_group = {(tuple(p), ax): g for g, grp in spec.items() for p, ax in grp.axes}
     layers: dict[str, Layer] = {}
     for path, geo in traced.items():

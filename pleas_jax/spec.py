@@ -35,6 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from pleas_jax import tracing
 from pleas_jax.permutation import apply_permutation
 
 # The graph and the per-primitive rules, re-exported: ``spec.UnsupportedPrimitiveError``
@@ -156,7 +157,17 @@ def derive_spec(
     Raises:
       UnsupportedPrimitiveError: naming the primitive and the source line.
     """
-    t = _trace(module, variables, example_input, apply_kwargs or {})
+    kwargs = dict(apply_kwargs or {})
+    key = tracing.signature(module, variables, example_input, free_output=free_output,
+                            apply_kwargs=tuple(sorted(kwargs.items())))
+    spec = tracing.cached(
+        "spec", key, lambda: _derive(module, variables, example_input, free_output, kwargs)
+    )
+    return dict(spec)  # a dict of its own: callers edit specs
+
+
+def _derive(module, variables, example_input, free_output: bool, apply_kwargs) -> Spec:
+    t = _trace(module, variables, example_input, apply_kwargs)
     g = t.graph
     if not free_output:
         for v in t.output_values:
