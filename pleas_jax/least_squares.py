@@ -235,6 +235,10 @@ def solve(
         raise ValueError(f"ridge_centre must be one of {RIDGE_CENTRES}, got {ridge_centre!r}")
     out = {}
     with jax.default_matmul_precision("highest"):
+        # Every layer's Cholesky solve is dispatched before any result is
+        # read, and their finiteness comes back in one transfer: waiting on
+        # each layer in turn would leave an accelerator idle between solves.
+        pending = []
         for name, s in stats.items():
             layer = s["layer"]
             relative = "init" in s
@@ -244,15 +248,20 @@ def solve(
             sets = tuple((lo, hi, tuple(int(i) for i in idx)) for lo, hi, idx in _allowed_sets(layer))
             args = (None, s["init"], s["init_grad"]) if relative else (s["cross"], None, None)
             w = _solve_matrix(s["gram"], *args, sets, float(ridge), centre, "cholesky")
+            pending.append((name, layer, s["gram"], args, sets, centre, w, jnp.all(jnp.isfinite(w))))
+        finite = jax.device_get([p[-1] for p in pending])
+        for (name, layer, gram, args, sets, centre, w, _), ok in zip(pending, finite, strict=True):
             # NaN from Cholesky means the matrix is not positive definite (no
             # ridge on a rank-deficient Gram, or round-off); the pseudo-inverse
             # then gives the least-squares solution of smallest norm.
-            fb = not bool(jnp.all(jnp.isfinite(w)))
+            fb = not bool(ok)
             if fb:
-                w = _solve_matrix(s["gram"], *args, sets, float(ridge), centre, "eigh")
-            if not bool(jnp.all(jnp.isfinite(w))):
-                raise ValueError(f"layer {name}: the least-squares solution is not finite (features overflow?)")
-            out[name] = {**matrix_to_weights(layer, w), "fallback": bool(fb)}
+                w = _solve_matrix(gram, *args, sets, float(ridge), centre, "eigh")
+                if not bool(jnp.all(jnp.isfinite(w))):
+                    raise ValueError(
+                        f"layer {name}: the least-squares solution is not finite (features overflow?)"
+                    )
+            out[name] = {**matrix_to_weights(layer, w), "fallback": fb}
     return out
 
 
@@ -275,24 +284,27 @@ def residuals(stats: Mapping[str, Mapping[str, Any]], weights: Mapping[str, Mapp
     ``Σ ‖X̃W − Ỹ‖² / (rows · C_out)`` from the accumulated sums, for every layer
     present in both ``stats`` and ``weights`` (``{"kernel", "bias"}``).
     """
-    out = {}
+    sse, counts, c_out = {}, {}, {}
     for name, s in stats.items():
         if name not in weights:
             continue
         layer = s["layer"]
         w = weights_to_matrix(layer, weights[name]["kernel"], weights[name].get("bias"))
         if "init" in s:
-            sse = _sse_relative(s["gram"], s["init"], s["init_grad"], s["init_sq"], w)
+            sse[name] = _sse_relative(s["gram"], s["init"], s["init_grad"], s["init_sq"], w)
         else:
-            sse = _sse_plain(s["gram"], s["cross"], s["target_sq"], w)
-        out[name] = float(sse) / (float(s["count"]) * layer.c_out)
-    return out
+            sse[name] = _sse_plain(s["gram"], s["cross"], s["target_sq"], w)
+        counts[name], c_out[name] = s["count"], layer.c_out
+    # One transfer for all layers, not one wait per layer.
+    got, got_counts = jax.device_get((sse, counts))
+    return {n: float(got[n]) / (float(got_counts[n]) * c_out[n]) for n in sse}
 
 
 def initial_residuals(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """:func:`residuals` of the W0 that ``stats`` were taken relative to, read
     off ``Σ (X̃W0 − Ỹ)²`` (no Gram product: it is the same sum for D = 0)."""
-    return {name: float(jnp.sum(s["init_sq"])) / (float(s["count"]) * s["layer"].c_out)
+    sums = jax.device_get({name: (jnp.sum(s["init_sq"]), s["count"]) for name, s in stats.items()})
+    return {name: float(sums[name][0]) / (float(sums[name][1]) * s["layer"].c_out)
             for name, s in stats.items()}
 
 
