@@ -185,8 +185,8 @@ def _ridge_solve(g, rhs, centre, ridge, method):
 
 @functools.partial(jax.jit, static_argnames=("sets", "ridge", "centre", "method"))
 def _solve_matrix(gram, cross, init, init_grad, sets, ridge, centre, method):
-    """All output blocks of one layer; ``sets`` as from :func:`_allowed_sets`
-    (hashable). With ``init`` (W0) the unknown is ``D = W − W0``:
+    """All output blocks of one layer and whether every weight is finite;
+    ``sets`` as from :func:`_allowed_sets` (hashable). With ``init`` (W0) the unknown is ``D = W − W0``:
     ``(G + λI) D = −R0 + λ (Z − W0)`` with ``R0 = G W0 − C`` and Z the centre."""
     relative = init is not None
     w = init if relative else jnp.zeros_like(cross)
@@ -200,7 +200,7 @@ def _solve_matrix(gram, cross, init, init_grad, sets, ridge, centre, method):
         else:
             rhs = cross[idx, lo:hi]
             w = w.at[idx, lo:hi].set(_ridge_solve(g, rhs, jnp.zeros_like(rhs), ridge, method))
-    return w
+    return w, jnp.all(jnp.isfinite(w))
 
 
 def solve(
@@ -247,8 +247,8 @@ def solve(
                 raise ValueError(f"layer {name}: ridge_centre='init' needs statistics taken with init")
             sets = tuple((lo, hi, tuple(int(i) for i in idx)) for lo, hi, idx in _allowed_sets(layer))
             args = (None, s["init"], s["init_grad"]) if relative else (s["cross"], None, None)
-            w = _solve_matrix(s["gram"], *args, sets, float(ridge), centre, "cholesky")
-            pending.append((name, layer, s["gram"], args, sets, centre, w, jnp.all(jnp.isfinite(w))))
+            w, finite = _solve_matrix(s["gram"], *args, sets, float(ridge), centre, "cholesky")
+            pending.append((name, layer, s["gram"], args, sets, centre, w, finite))
         finite = jax.device_get([p[-1] for p in pending])
         for (name, layer, gram, args, sets, centre, w, _), ok in zip(pending, finite, strict=True):
             # NaN from Cholesky means the matrix is not positive definite (no
@@ -256,8 +256,8 @@ def solve(
             # then gives the least-squares solution of smallest norm.
             fb = not bool(ok)
             if fb:
-                w = _solve_matrix(gram, *args, sets, float(ridge), centre, "eigh")
-                if not bool(jnp.all(jnp.isfinite(w))):
+                w, finite = _solve_matrix(gram, *args, sets, float(ridge), centre, "eigh")
+                if not bool(finite):
                     raise ValueError(
                         f"layer {name}: the least-squares solution is not finite (features overflow?)"
                     )
