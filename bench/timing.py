@@ -39,18 +39,22 @@ def best_of(fn, repeat: int):
 def timed_twice(fn, sync=None, cold: bool | None = None, name: str | None = None):
     """Run ``fn`` twice; ``(result, {"first_call_s", "steady_s"})``.
 
-    With ``cold`` (default: :data:`COLD`), JAX's compilation caches are cleared
-    first, so the first call pays tracing and compilation as in a fresh
-    process even when an earlier stage compiled the same kernels.
+    With ``cold`` (default: :data:`COLD`), JAX's compilation caches and the
+    trace results of :mod:`pleas_jax.tracing` are cleared first, so the first
+    call pays tracing and compilation as in a fresh process even when an
+    earlier stage compiled the same kernels.
     ``sync(result)`` returns what to wait for (default: the result itself).
     With ``name``, the two times go to stderr as they are measured (long runs
     show where they are).
     """
     import jax
 
+    from pleas_jax import tracing
+
     sync = sync or (lambda r: r)
     if COLD if cold is None else cold:
         jax.clear_caches()
+        tracing.clear()
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
