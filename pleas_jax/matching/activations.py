@@ -340,11 +340,7 @@ def statistics_to_scores(
     """Per-group scores ``[n, n]`` (A's unit i vs B's unit j), summed over points."""
     scores: dict[str, np.ndarray] = {}
     for (g, _), s in stats.items():
-        if similarity == "inner":
-            sc = np.asarray(s["cross"], np.float64)
-        elif similarity == "distance":
-            sc = np.asarray(s["neg_dist"], np.float64)
-        else:
+        if similarity == "correlation":
             cross = np.asarray(s["cross"], np.float64)
             c = float(s["count"])
             mean_a, mean_b = s["sum_a"] / c, s["sum_b"] / c
@@ -352,7 +348,14 @@ def statistics_to_scores(
             std_a = np.sqrt(np.maximum(s["sq_a"] / c - mean_a**2, 0.0))
             std_b = np.sqrt(np.maximum(s["sq_b"] / c - mean_b**2, 0.0))
             sc = cov / (np.outer(std_a, std_b) + eps)
-        scores[g] = scores.get(g, 0.0) + sc
+        else:
+            sc = s["cross" if similarity == "inner" else "neg_dist"]
+        # Summed in float64 in place: no float64 copy of every point's [n, n]
+        # (a resnet50's points hold ~100M entries).
+        if g in scores:
+            np.add(scores[g], sc, out=scores[g])
+        else:
+            scores[g] = np.array(sc, np.float64)
     return scores
 
 
