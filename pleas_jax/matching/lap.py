@@ -54,6 +54,8 @@ def equivalent_scores(scores: np.ndarray) -> np.ndarray:
       every column's exactly 0.
     """
     n = scores.shape[0]
+    if n == 0:
+        return scores
     out = scores
     if n > 1:
         noise = _SIGNIFICANT * float(scores.var()) / n

@@ -67,6 +67,11 @@ def test_same_optimum_as_plain_scipy_on_wide_structured_scores():
         np.testing.assert_allclose(_total(s, lap.solve(s)), plain, rtol=1e-12)
 
 
+def test_empty_and_single_unit_problems():
+    np.testing.assert_array_equal(lap.solve(np.zeros((0, 0))), np.zeros(0, np.int64))
+    np.testing.assert_array_equal(lap.solve(np.array([[3.0]])), [0])
+
+
 def test_solve_all_equals_one_by_one():
     rng = np.random.default_rng(5)
     scores = {f"g{n}": _structured(rng, n) for n in (3, 40, 200, 90, 1)}
