@@ -156,6 +156,10 @@ def derive_spec(
 
     Raises:
       UnsupportedPrimitiveError: naming the primitive and the source line.
+
+    The spec depends only on the module and the shapes and dtypes of the
+    variables and input, so it is kept (:mod:`pleas_jax.tracing`): a second
+    call for the same signature returns a copy without tracing again.
     """
     kwargs = dict(apply_kwargs or {})
     key = tracing.signature(module, variables, example_input, free_output=free_output,
