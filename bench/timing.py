@@ -75,6 +75,8 @@ def peak_device_bytes() -> int | None:
     try:
         stats = jax.devices()[0].memory_stats()
     except (AttributeError, RuntimeError, NotImplementedError):
+        # Backends without memory statistics: the figure is reported as None
+        # (memory() gives the resident set beside it).
         return None
     peak = (stats or {}).get("peak_bytes_in_use")
     return None if peak is None else int(peak)

@@ -186,7 +186,8 @@ def _ridge_solve(g, rhs, centre, ridge, method):
 @functools.partial(jax.jit, static_argnames=("sets", "ridge", "centre", "method"))
 def _solve_matrix(gram, cross, init, init_grad, sets, ridge, centre, method):
     """All output blocks of one layer and whether every weight is finite;
-    ``sets`` as from :func:`_allowed_sets` (hashable). With ``init`` (W0) the unknown is ``D = W − W0``:
+    ``sets`` as from :func:`_allowed_sets` (hashable). With ``init`` (W0) the
+    unknown is ``D = W − W0``:
     ``(G + λI) D = −R0 + λ (Z − W0)`` with ``R0 = G W0 − C`` and Z the centre."""
     relative = init is not None
     w = init if relative else jnp.zeros_like(cross)

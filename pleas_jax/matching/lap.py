@@ -100,6 +100,14 @@ def solve(scores, solver: Solver | None = None, *, name: str = "scores") -> np.n
     return perm.astype(np.int64)
 
 
+def thread_count(threads: int | None) -> int:
+    """How many assignments run at once: ``threads`` as given (at least 1),
+    or by default the CPU count, at most 8."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    return threads or min(os.cpu_count() or 1, 8)
+
+
 def solve_all(
     scores: Mapping[str, np.ndarray], solver: Solver | None = None, *, threads: int | None = None
 ) -> dict[str, np.ndarray]:
@@ -115,9 +123,7 @@ def solve_all(
       name -> permutation, in the order of ``scores``; the same as solving
       them one by one.
     """
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
-    workers = threads or min(os.cpu_count() or 1, 8)
+    workers = thread_count(threads)
     if workers == 1 or len(scores) <= 1:
         return {g: solve(s, solver, name=g) for g, s in scores.items()}
     # Largest first, so the longest solve does not start last.

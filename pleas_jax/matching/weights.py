@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import os
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
@@ -125,8 +124,7 @@ def weight_matching(
     check_same_structure(variables_a, variables_b)
     if max_iter < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
+    workers = lap.thread_count(threads)
     flat_a, flat_b = flatten(variables_a), flatten(variables_b)
     leaf_axes = _leaf_axes(spec)
     for path in leaf_axes:
@@ -172,7 +170,6 @@ def weight_matching(
     # that it shares a tensor with: a step reads and writes only its own and
     # its neighbours' permutations, and neighbourhood is symmetric, so every
     # step sees what the sequential sweep would and the result is the same.
-    workers = threads or min(os.cpu_count() or 1, 8)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for _ in range(max_iter):
             last: dict[str, concurrent.futures.Future] = {}
