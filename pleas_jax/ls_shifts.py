@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pleas_jax.ls_layers import Layer
-from pleas_jax.products import einsum
+from pleas_jax.products import gram_einsum
 
 # "auto" takes the shift Gram where :func:`_shift_saving` estimates it at most
 # 2/3 of the patch Gram's cost. The estimate counts multiply-adds plus the
@@ -105,15 +105,15 @@ def _shift_gram(layer: Layer, xp, xpw, precision):
     ex = [x - x0 for x in range(x0, x1) if not kx - 1 <= x < wo]
     out_y = [[i for i, y in enumerate(ey) if not a <= y0 + y < a + ho] for a in range(ky)]
     out_x = [[j for j, x in enumerate(ex) if not a <= x0 + x < a + wo] for a in range(kx)]
-    full = einsum("nyxc,nyxed->ecd", xs, shifted, precision)
+    full = gram_einsum("nyxc,nyxed->ecd", xs, shifted, precision)
     if ey:
         iy = np.asarray(ey)
-        rows = einsum("nyxc,nyxed->eycd", xs[:, iy], shifted[:, iy], precision)
+        rows = gram_einsum("nyxc,nyxed->eycd", xs[:, iy], shifted[:, iy], precision)
     if ex:
         ix = np.asarray(ex)
-        cols = einsum("nyxc,nyxed->excd", xs[:, :, ix], shifted[:, :, ix], precision)
+        cols = gram_einsum("nyxc,nyxed->excd", xs[:, :, ix], shifted[:, :, ix], precision)
     if ey and ex:
-        pts = einsum("nyxc,nyxed->eyxcd", xs[:, iy][:, :, ix], shifted[:, iy][:, :, ix], precision)
+        pts = gram_einsum("nyxc,nyxed->eyxcd", xs[:, iy][:, :, ix], shifted[:, iy][:, :, ix], precision)
 
     def window_sum(e, ay, ax):
         # Written out per block (not as selection matmuls), so that XLA

@@ -52,7 +52,7 @@ from pleas_jax.ls_shifts import (
     _windows,
 )
 from pleas_jax.partial import GroupBlocks
-from pleas_jax.products import check_precision, einsum, matmul
+from pleas_jax.products import check_precision, einsum, gram_matrix, matmul
 
 # ----------------------------------------------------------------- statistics
 GRAM_METHODS = ("auto", "patches", "shifts")  # "auto": pleas_jax.ls_shifts decides
@@ -86,8 +86,10 @@ def batch_sums(
       layer: the layer.
       x: its merged input ``[N, *spatial, C_in]`` (fp32).
       y: its merged target ``[N, *out_spatial, C_out]``.
-      mask: ``[N]`` example weights (0 for padding), or ``None`` when every
-        example counts (no masked copies of the features are made).
+      mask: ``[N]`` 1 for real examples, 0 for padding, or ``None`` when
+        every example counts (no masked copies of the features are made). The
+        Grams are formed from masked features on both sides, which takes
+        ``w² = w``.
       init: optional ``{"kernel", "bias"}``, W0 (masked).
       gram: ``"patches"`` (``XᵀX`` of the patch rows), ``"shifts"`` (from
         shifted products of the input map, :func:`_shift_gram`; stride-1 2-D
@@ -143,7 +145,7 @@ def batch_sums(
         count = jnp.sum(w)
     out = {"target_sq": jnp.sum(rows_w(y2) * y2, axis=0), "count": count}
     if target_gram:
-        out["target_gram"] = matmul(rows_w(y2).T, y2, precision)
+        out["target_gram"] = gram_matrix(rows_w(y2), precision)
     if use_shifts:
         xp = _pad_input(layer, x)
         g = _shift_gram(layer, xp, examples_w(xp), precision)
@@ -157,7 +159,7 @@ def batch_sums(
         return out
     rows = layer_rows(layer, x)
     rw = rows_w(rows)
-    out["gram"] = matmul(rw.T, rows, precision)
+    out["gram"] = gram_matrix(rw, precision)
     out["cross"] = matmul(rw.T, y2, precision)
     if init is not None:
         # From the rows already built, not a conv: XLA:CPU convs over maps of

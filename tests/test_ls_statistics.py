@@ -62,6 +62,42 @@ def test_auto_gram_takes_shifts_only_where_they_save_work(monkeypatch, hw, shift
         np.testing.assert_allclose(a[name], b[name], atol=2e-6 * float(jnp.max(jnp.abs(b[name]))))
 
 
+@pytest.mark.parametrize("kind,gram", [("conv", "shifts"), ("conv", "patches"), ("dense", None)])
+def test_bf16_3x_grams_of_few_rows_need_no_pseudo_inverse(kind, gram):
+    # 32 rows against 577 or 1,025 columns (few images, deep layers): the
+    # bf16_3x sums must still give a positive definite ridged Gram, or the
+    # solve falls back to its eigendecomposition (resnet50 at 32 px did for
+    # eight layers, 8x slower than Cholesky).
+    from pleas_jax.least_squares import solve
+
+    rng = np.random.default_rng(7)
+    if kind == "conv":
+        layer = Layer("c", "conv", (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), True, None, None,
+                      (64, 0, 0), (8, 0, 0))
+        shape = (2, 4, 4, 64)
+    else:
+        layer = Layer("d", "dense", (), (), (), (), True, None, None, (1024, 0, 0), (8, 0, 0))
+        shape = (32, 1024)
+    x = np.maximum(rng.normal(size=shape), 0) * np.exp(rng.normal(size=shape[-1]))
+    x = jnp.asarray(x, jnp.float32)
+    w = {"kernel": jnp.asarray(rng.normal(size=layer.kernel_shape), jnp.float32),
+         "bias": jnp.zeros((8,))}
+    y = layer_apply(layer, x, w)
+    kw = {} if gram is None else {"gram": gram}
+    fp32 = batch_sums(layer, x, y, None, **kw)
+    for mask in (None, jnp.ones(shape[0]).at[-1].set(0.0)):
+        s = batch_sums(layer, x, y, mask, precision="bf16_3x", **kw)
+        g = np.asarray(s["gram"], np.float64)
+        d = np.diag(g) + 1e-4 * np.trace(g) / len(g)
+        a = (g + (d - np.diag(g)) * np.eye(len(g))) / np.sqrt(d[:, None] * d[None, :])
+        assert np.linalg.eigvalsh(0.5 * (a + a.T)).min() > 0
+        if mask is None:
+            np.testing.assert_allclose(s["gram"], fp32["gram"], rtol=0,
+                                       atol=1e-5 * float(jnp.max(jnp.abs(fp32["gram"]))))
+        sol = solve({"l": {"layer": layer, **s}})
+        assert not sol["l"]["fallback"]
+
+
 # ---------------------------------------------------------------- 8 devices
 _SHARDED = textwrap.dedent(
     """

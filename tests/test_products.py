@@ -5,7 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pleas_jax.products import PRECISION_MODES, check_precision, einsum, matmul, split_bf16
+from pleas_jax.products import (
+    PRECISION_MODES,
+    check_precision,
+    einsum,
+    gram_einsum,
+    gram_matrix,
+    matmul,
+    split_bf16,
+)
 
 
 def _features(seed, shape):
@@ -60,3 +68,57 @@ def test_precision_values():
     for bad in ("bf16", "fp32", 3):
         with pytest.raises(ValueError, match="bf16_3x"):
             check_precision(bad)
+
+
+def _min_ridged_eigenvalue(g, ridge=1e-4):
+    # What the solve factors: G + λI (λ = ridge · mean diagonal) with unit
+    # diagonal (Jacobi scaling), its smallest eigenvalue in float64.
+    g = np.asarray(g, np.float64)
+    g = 0.5 * (g + g.T)
+    a = g + ridge * np.trace(g) / len(g) * np.eye(len(g))
+    s = 1.0 / np.sqrt(np.diag(a))
+    return np.linalg.eigvalsh(a * s[:, None] * s[None, :]).min()
+
+
+def test_bf16_3x_gram_of_few_rows_stays_positive_definite():
+    # 32 rows of 1,024 features, as a resnet50's layer4 sees on 32 images at
+    # 32 px: the plain bf16_3x product lacks lo·lo and its ridged Gram turns
+    # indefinite (the solve then needs its slow pseudo-inverse); gram_matrix() does not.
+    x = jnp.asarray(_features(4, (32, 1024)))
+    plain = matmul(x.T, x, "bf16_3x")
+    assert _min_ridged_eigenvalue(plain) < 0  # the failure this guards against
+    g = jax.jit(gram_matrix, static_argnums=1)(x, "bf16_3x")
+    assert np.array_equal(g, g.T)
+    assert _min_ridged_eigenvalue(g) > 0
+    assert _min_ridged_eigenvalue(g) >= 0.9 * _min_ridged_eigenvalue(gram_matrix(x, "highest"))
+    # It is the Gram of the split features hi + lo, to fp32 summation.
+    hi, lo = split_bf16(x)
+    xs = np.asarray(hi, np.float64) + np.asarray(lo, np.float64)
+    ref = xs.T @ xs
+    np.testing.assert_allclose(g, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    for mode in ("highest", "bfloat16"):
+        np.testing.assert_array_equal(gram_matrix(x, mode), matmul(x.T, x, mode))
+
+
+def test_gram_einsum_forms_every_split_product():
+    # Shifted windows of one map, as the shift Gram contracts them.
+    x = _features(5, (8, 6, 7, 5))
+    a, b = x[:, :, :-1], np.stack([x[:, :, 1:], x[:, :, :-1]], axis=3)
+    spec = "nyxc,nyxed->ecd"
+
+    def split64(v):
+        hi, lo = split_bf16(jnp.asarray(v))
+        return np.asarray(hi, np.float64) + np.asarray(lo, np.float64)
+
+    ref = np.einsum(spec, split64(a), split64(b))
+    out = np.asarray(gram_einsum(spec, jnp.asarray(a), jnp.asarray(b), "bf16_3x"))
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    # einsum's three products lack the tails' product, which adds up on the
+    # block of equal windows (a Gram's diagonal) while fp32 round-off does not.
+    plain = np.asarray(einsum(spec, jnp.asarray(a), jnp.asarray(b), "bf16_3x"))
+    tails = np.einsum(spec, *(np.asarray(split_bf16(jnp.asarray(v))[1], np.float64) for v in (a, b)))
+    t = np.trace(tails[1])  # seen: 3.1e-3; ref - out 4.4e-4, ref - plain 3.5e-3
+    assert abs(np.trace(ref[1] - out[1])) < 0.3 * t
+    assert abs(np.trace(ref[1] - plain[1]) - t) < 0.3 * t
+    np.testing.assert_array_equal(gram_einsum(spec, jnp.asarray(a), jnp.asarray(b), "highest"),
+                                  einsum(spec, jnp.asarray(a), jnp.asarray(b), "highest"))
