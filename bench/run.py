@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--matching", default="activation", choices=["activation", "weight"],
                    help="the matching the per-stage pipeline and the whole merge use")
     p.add_argument("--ratios", default="uniform", choices=["uniform", "zip", "optimized"])
+    p.add_argument("--unit-multiple", type=int, default=None,
+                   help="round separate-unit counts down to multiples of this "
+                        "(pleas_jax.budget.align_ratios, merge(unit_multiple=...))")
     p.add_argument("--similarity", default="distance",
                    choices=["distance", "correlation", "inner"])
     p.add_argument("--max-iter", type=int, default=100, help="weight matching sweeps")
@@ -426,6 +429,8 @@ def run(args) -> dict:
 
         def merge_partial(b=b, sens=sens):
             ratios = budget.ratios_for_budget(args.ratios, table, spec, b, weights=sens)
+            if args.unit_multiple is not None:
+                ratios = budget.align_ratios(spec, ratios, args.unit_multiple)
             blocks = partial.make_blocks(spec, perm, costs, ratios)
             return ratios, blocks, *partial.partial_merge(module, spec, blocks, va, vb)
 
@@ -473,7 +478,7 @@ def run(args) -> dict:
         result, t = timed_twice(
             lambda b=b: merge(
                 (module, va), (module, vb), batches, b, matching=args.matching,
-                ratios=args.ratios, similarity=args.similarity, max_iter=args.max_iter,
+                ratios=args.ratios, unit_multiple=args.unit_multiple, similarity=args.similarity, max_iter=args.max_iter,
                 matching_dtype=args.dtype, matching_precision=args.matching_precision,
                 ls_precision=args.ls_precision,
                 statistics=args.statistics, max_memory_bytes=bound,

@@ -285,6 +285,9 @@ def _register_merge(sub: argparse._SubParsersAction) -> None:
                    help="activation statistics, Git Re-Basin weight matching, or none (default activation)")
     p.add_argument("--ratios", default="uniform", choices=("uniform", "zip", "optimized"),
                    help="how the budget is spread over groups (default uniform)")
+    p.add_argument("--unit-multiple", type=int, default=None, metavar="M",
+                   help="round each group's separate units down to a multiple of M (8 suits CPUs "
+                        "and tensor cores; may spend less than the budget)")
     p.add_argument("--least-squares", default="closed_form", choices=("closed_form", "gd", "none"),
                    help="refit layers in closed form, by gradient descent, or not (default closed_form)")
     p.add_argument("--heads", default="auto", choices=("auto", "shared", "separate"),
@@ -310,10 +313,10 @@ def _register_merge(sub: argparse._SubParsersAction) -> None:
 def _merge(args: argparse.Namespace) -> int:
     from pleas_jax import workflow
 
-    _positive(args, "images", "batch_size", "gd_steps")
+    _positive(args, "images", "batch_size", "gd_steps", "unit_multiple")
     report = workflow.merge_checkpoints(
         args.a, args.b, args.out, data=args.data, budget=args.budget, matching=args.matching,
-        ratios=args.ratios,
+        ratios=args.ratios, unit_multiple=args.unit_multiple,
         least_squares=None if args.least_squares == "none" else args.least_squares,
         heads=args.heads, images=args.images, batch_size=args.batch_size,
         gd_steps=args.gd_steps, matching_dtype=args.matching_dtype,

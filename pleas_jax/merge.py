@@ -154,6 +154,7 @@ def merge(
     *,
     matching: str = "activation",
     ratios: str | Mapping[str, float] = "uniform",
+    unit_multiple: int | None = None,
     least_squares: str | None = "closed_form",
     heads: str = "shared",
     similarity: str = "distance",
@@ -186,6 +187,11 @@ def merge(
       matching: ``"activation"``, ``"weight"`` (Git Re-Basin) or ``"identity"``
         (no alignment: plain averaging).
       ratios: ``"uniform"``, ``"zip"``, ``"optimized"`` or a dict group -> r.
+      unit_multiple: round every group's separate-unit count down to a
+        multiple of this (:func:`pleas_jax.budget.align_ratios`), so that the
+        merged layers' channel blocks suit the hardware's lanes (8 for CPUs
+        and tensor cores); ``None`` keeps the ratios as chosen. Never exceeds
+        the budget; it may use less of it.
       least_squares: ``"closed_form"``, ``"gd"`` or ``None`` (keep the
         partial merge's weights, ZipIt!-style).
       heads: ``"shared"`` (same label space; classifier refit like any layer) or
@@ -246,6 +252,10 @@ def merge(
         )
     if isinstance(ratios, str) and ratios not in RATIOS:
         raise ValueError(f"ratios must be one of {RATIOS} or a dict of group ratios, got {ratios!r}")
+    if unit_multiple is not None and (
+        isinstance(unit_multiple, bool) or not isinstance(unit_multiple, int) or unit_multiple < 1
+    ):
+        raise ValueError(f"unit_multiple must be a whole number >= 1 or None, got {unit_multiple!r}")
     (module_a, va), (module_b, vb) = model_a, model_b
     _check_models(module_a, module_b, heads)
     if matching_dtype is not None:
@@ -310,6 +320,8 @@ def merge(
             for g, r in group_ratios.items():
                 if not 0.0 <= r <= 1.0:
                     raise ValueError(f"ratio of group {g} must lie in [0, 1], got {r}")
+        if unit_multiple is not None:
+            group_ratios = budget_lib.align_ratios(spec, group_ratios, unit_multiple)
         blocks = partial.make_blocks(spec, perm, costs, group_ratios)
         merged_module, merged = partial.partial_merge(module_a, spec, blocks, va, vb)
         done("ratios", t0)
@@ -364,6 +376,7 @@ def merge(
             "macs_source": budget_lib.macs(table, spec, 0.0),
             "params": budget_lib.params(table, spec, group_ratios)._asdict(),
             "ratios": {g: float(r) for g, r in group_ratios.items()},
+            "unit_multiple": unit_multiple,
             "widths": {g: int(b.width) for g, b in blocks.items()},
             "least_squares_report": ls_report,
         }

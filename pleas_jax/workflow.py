@@ -356,6 +356,7 @@ def merge_checkpoints(
     budget: float,
     matching: str = "activation",
     ratios: str = "uniform",
+    unit_multiple: int | None = None,
     least_squares: str | None = "closed_form",
     heads: str = "auto",
     images: int | None = 1000,
@@ -404,8 +405,8 @@ def merge_checkpoints(
     batches = merge_batches(dataset, images, batch_size)
     result = merge(
         (model_a.module, model_a.variables), (model_b.module, model_b.variables), batches,
-        float(budget), matching=matching, ratios=ratios, least_squares=least_squares,
-        heads=mode, gd_steps=gd_steps, matching_dtype=matching_dtype,
+        float(budget), matching=matching, ratios=ratios, unit_multiple=unit_multiple,
+        least_squares=least_squares, heads=mode, gd_steps=gd_steps, matching_dtype=matching_dtype,
         matching_precision=matching_precision, ls_precision=ls_precision, progress=progress,
     )
     rep = jsonable(result.report)
@@ -420,7 +421,7 @@ def merge_checkpoints(
         "image_size": model_a.image_size,
         "merge": {
             "budget": float(budget), "matching": matching, "ratios": ratios,
-            "least_squares": least_squares, "heads": mode, "gd_steps": gd_steps,
+            "unit_multiple": unit_multiple, "least_squares": least_squares, "heads": mode, "gd_steps": gd_steps,
             "matching_dtype": matching_dtype, "matching_precision": matching_precision,
             "ls_precision": ls_precision,
         },

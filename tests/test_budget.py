@@ -43,6 +43,44 @@ def test_uniform_meets_budget_as_closely_as_rounding_allows(arch):
     assert set(budget.uniform_ratios(table, spec, 2.0).values()) == {1.0}
 
 
+# ------------------------------------------------------------------- alignment
+@pytest.mark.parametrize("method", ["uniform", "optimized"])
+def test_aligned_counts_are_multiples_and_stay_within_budget(method):
+    _, _, spec, table = source_table("resnet18", 224)
+    w = {g: float(i % 5 + 1) for i, g in enumerate(spec)}
+    for b in (1.1, 1.5, 1.9):
+        ratios = budget.ratios_for_budget(method, table, spec, b, weights=w)
+        aligned = budget.align_ratios(spec, ratios, 8)
+        before = budget.separate_units(spec, ratios)
+        after = budget.separate_units(spec, aligned)
+        assert any(before[g] % 8 for g in spec)  # something to align
+        for g, grp in spec.items():
+            assert after[g] == before[g] - before[g] % 8  # largest multiple below
+            assert aligned[g] * grp.size == after[g]  # exact k / n
+        spent = budget.relative_compute(table, spec, aligned)
+        assert spent <= budget.relative_compute(table, spec, ratios) <= b
+        assert budget.params(table, spec, aligned).nonzero <= budget.params(table, spec, ratios).nonzero
+    # Nothing to change: multiple 1, or counts already aligned (0, n, 16 of 64).
+    r = budget.uniform_ratios(table, spec, 1.5)
+    assert budget.align_ratios(spec, r, 1) == {
+        g: budget.separate_units(spec, r)[g] / grp.size for g, grp in spec.items()}
+    for ends in (0.0, 1.0):
+        assert budget.align_ratios(spec, dict.fromkeys(spec, ends), 8) == dict.fromkeys(spec, ends)
+
+
+def test_align_keeps_fully_separate_groups_of_any_size():
+    from pleas_jax.spec import Group
+
+    spec = {"odd": Group(10, ()), "small": Group(6, ()), "even": Group(64, ())}
+    got = budget.align_ratios(spec, {"odd": 1.0, "small": 0.5, "even": 0.3}, 8)
+    assert got == {"odd": 1.0, "small": 0.0, "even": 16 / 64}
+    for bad in (0, -8, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="multiple"):
+            budget.align_ratios(spec, got, bad)
+    with pytest.raises(ValueError, match="missing"):
+        budget.align_ratios(spec, {"odd": 1.0}, 8)
+
+
 # ------------------------------------------------------------------------- zip
 def test_zip_budgets_fall_with_k():
     _, _, spec, table = source_table("resnet18", 224)

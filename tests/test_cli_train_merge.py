@@ -132,10 +132,17 @@ def test_merge_shared_head_and_eval(ckpts, outs, capsys):
 
 def test_merge_separate_heads_and_eval_each_head(ckpts, outs, capsys):
     argv = ["merge", "--a", ckpts["a"], "--b", ckpts["b"], "--data", "digits", "--budget", 1.25,
-            "--matching", "weight", "--least-squares", "none", *MERGE, "--out", outs / "m"]
+            "--matching", "weight", "--least-squares", "none", "--unit-multiple", 2, *MERGE,
+            "--out", outs / "m"]
     rc, out, err = run(argv, capsys)
     assert rc == 0, err
     assert last_json(out)["heads"] == "separate"  # auto: different classes
+    meta = checkpoint.load_metadata(outs / "m")
+    assert meta["merge"]["unit_multiple"] == meta["report"]["unit_multiple"] == 2
+    module, _ = checkpoint.load(outs / "m")
+    assert module.splits
+    for _, ((_, ai, bi), (_, ao, bo)) in module.splits:
+        assert ai == bi and ao == bo and ai % 2 == 0 and ao % 2 == 0
     heads = checkpoint.load_heads(outs / "m")
     assert heads["a"]["kernel"].shape[1] == 5 and heads["b"]["kernel"].shape[1] == 5
     for head, data in (("a", "digits[0-4]"), ("b", "digits[5-9]")):
@@ -166,6 +173,7 @@ def test_merge_separate_heads_and_eval_each_head(ckpts, outs, capsys):
         ("merge-budget", r"budget must lie in \[1, 2\]"),
         ("merge-shared-different-classes", r"a shared head needs the same classes"),
         ("merge-report-dir", r"parent directory .*nodir does not exist"),
+        ("merge-unit-multiple", r"--unit-multiple must be positive, got 0"),
     ],
 )
 def test_bad_input_one_line_error_and_nothing_written(case, message, ckpts, outs, tmp_path, capsys):
@@ -187,6 +195,7 @@ def test_bad_input_one_line_error_and_nothing_written(case, message, ckpts, outs
         "merge-budget": [*merge[:8], 2.5, *merge[9:]],
         "merge-shared-different-classes": [*merge, "--heads", "shared"],
         "merge-report-dir": [*merge, "--report", tmp_path / "nodir" / "r.json"],
+        "merge-unit-multiple": [*merge, "--unit-multiple", 0],
     }[case]
     before = sorted(p.name for p in a.parent.iterdir())
     rc, out, err = run(argv, capsys)

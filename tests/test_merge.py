@@ -94,6 +94,21 @@ def test_report_and_budget():
     assert r.logits(x).shape == (8, 5)
 
 
+def test_unit_multiple_aligns_the_merged_widths():
+    (ma, va), (mb, vb), data, x = _pair("resnet20")
+    plain = merge((ma, va), (mb, vb), data, 1.5, matching="weight", progress=False).report
+    r = merge((ma, va), (mb, vb), data, 1.5, matching="weight", unit_multiple=2, progress=False)
+    rep = r.report
+    spec = derive_spec(ma, va, x[:1])
+    sep = {g: rep["widths"][g] - spec[g].size for g in spec}
+    assert any(plain["widths"][g] - spec[g].size != sep[g] for g in spec)  # it did something
+    assert all(s % 2 == 0 or s == spec[g].size for g, s in sep.items()), sep
+    assert rep["unit_multiple"] == 2
+    assert rep["achieved_budget"] <= plain["achieved_budget"] <= 1.5
+    assert abs(rep["xla_flops"] / rep["analytic_conv_flops"] - 1) < 0.1
+    assert np.all(np.isfinite(np.asarray(r.logits(x))))
+
+
 def _no_data():
     raise AssertionError("data was read before the inputs were checked")
 
@@ -109,6 +124,8 @@ def _no_data():
         ({"matching_dtype": "int8"}, "compute dtype must be floating"),
         ({"ls_precision": "fp16"}, "precision must be one of"),
         ({"matching_precision": "fp8"}, "precision must be one of"),
+        ({"unit_multiple": 0}, "unit_multiple must be a whole number"),
+        ({"unit_multiple": 2.5}, "unit_multiple must be a whole number"),
     ],
 )
 def test_bad_arguments_fail_before_work(kwargs, message):
