@@ -24,6 +24,8 @@
 #   EXTRA=0   skip bench/matching.py, bench/least_squares.py and bench/gram.py (run.py
 #             alone reports every figure the GPU targets name: activation statistics,
 #             weight matching, LS statistics + solve, the whole merge, peak memory)
+#   UNIT_MULTIPLE=8  run.py rounds separate-unit counts down to multiples of 8 (merged
+#             channel blocks that suit tensor cores; may spend a little less than the budget)
 #   WARM=1    run.py keeps compiled kernels between stages (much less compiling; the
 #             steady-state figures are the same, first-call figures understate compilation)
 #   ALLOW_CPU=1  skip the GPU check (a dry run of this script with tiny settings on a CPU)
@@ -42,8 +44,9 @@ STATISTICS=${STATISTICS:-per_merge}
 LS_PRECISION=${LS_PRECISION:-highest}
 MATCH_PRECISION=${MATCH_PRECISION:-highest}
 EXTRA=${EXTRA:-1}
-WARM_FLAG=()
-if [ "${WARM:-0}" = 1 ]; then WARM_FLAG=(--warm); fi
+RUN_FLAGS=()
+if [ -n "${UNIT_MULTIPLE:-}" ]; then RUN_FLAGS+=(--unit-multiple "$UNIT_MULTIPLE"); fi
+if [ "${WARM:-0}" = 1 ]; then RUN_FLAGS+=(--warm); fi
 OUT_DIR=${OUT_DIR:-$(mktemp -d)}
 mkdir -p "$OUT_DIR"
 log() { echo "gpu.sh: $*" >&2; }
@@ -134,12 +137,12 @@ run() {  # run NAME SCRIPT ARGS...: JSON of SCRIPT (its last stdout object) into
 # shellcheck disable=SC2086  # BUDGETS is a list
 run run bench/run.py --arch "$ARCH" --size "$SIZE" --images "$IMAGES" --batch-size "$BATCH" \
     --budgets $BUDGETS --statistics "$STATISTICS" --ls-precision "$LS_PRECISION" \
-    --matching-precision "$MATCH_PRECISION" ${WARM_FLAG[@]+"${WARM_FLAG[@]}"}
+    --matching-precision "$MATCH_PRECISION" ${RUN_FLAGS[@]+"${RUN_FLAGS[@]}"}
 if [ "$BF16" = 1 ]; then
     # shellcheck disable=SC2086
     run run_bf16 bench/run.py --arch "$ARCH" --size "$SIZE" --images "$IMAGES" \
         --batch-size "$BATCH" --budgets $BUDGETS --statistics "$STATISTICS" --dtype bfloat16 \
-        --ls-precision "$LS_PRECISION" ${WARM_FLAG[@]+"${WARM_FLAG[@]}"}
+        --ls-precision "$LS_PRECISION" ${RUN_FLAGS[@]+"${RUN_FLAGS[@]}"}
 fi
 if [ "$EXTRA" = 1 ]; then
     # The configurations the scripts' docstrings give for a GPU.
