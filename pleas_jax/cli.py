@@ -438,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="PLeaS model merging (permute, then least squares) in JAX/Flax.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--compile-cache", metavar="DIR", default=None,
+        help="keep compiled programs in DIR, so that a later run on models of the same shapes "
+             "skips most compilation (a directory only you can write; pleas_jax.compile_cache)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in SUBCOMMANDS:
         register(sub)
@@ -451,6 +456,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Recorded in the checkpoints a command writes, so they say how they were made.
     args.command_line = shlex.join([PROG, *argv])
     try:
+        if args.compile_cache is not None:
+            from pleas_jax import compile_cache
+
+            try:
+                compile_cache.enable(args.compile_cache)
+            except ValueError as e:
+                raise CommandError(str(e)) from e
         return args.func(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
