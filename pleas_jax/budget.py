@@ -439,10 +439,12 @@ def align_ratios(spec: Mapping[str, Any], ratios: Mapping[str, float], multiple:
     --warm`` on this project's CPU: the BatchNorm pass of a merged resnet18
     (its forward over 256 images) took 5.34 s at uniform ratios (blocks such as
     45/19, budget 1.499) and 2.40 s with ``multiple=8`` (48/16, budget 1.450);
-    the whole merge 40.5 s and 33.9 s. Each count is rounded *down* to a multiple (a fully
-    separate group keeps all ``n``), so compute and parameters never grow and
-    the result stays within any budget the input met; with ``n`` a multiple
-    too, all three blocks are aligned.
+    the whole merge 40.5 s and 33.9 s.
+
+    Each count is rounded *down* to a multiple (a fully separate group keeps
+    all ``n``), so compute and parameters never grow and the result stays
+    within any budget the input met; with ``n`` a multiple too, all three
+    blocks are aligned.
 
     Args:
       spec: permutation spec (group -> ``Group(size, axes)``).
