@@ -478,7 +478,8 @@ def run(args) -> dict:
         result, t = timed_twice(
             lambda b=b: merge(
                 (module, va), (module, vb), batches, b, matching=args.matching,
-                ratios=args.ratios, unit_multiple=args.unit_multiple, similarity=args.similarity, max_iter=args.max_iter,
+                ratios=args.ratios, unit_multiple=args.unit_multiple,
+                similarity=args.similarity, max_iter=args.max_iter,
                 matching_dtype=args.dtype, matching_precision=args.matching_precision,
                 ls_precision=args.ls_precision,
                 statistics=args.statistics, max_memory_bytes=bound,

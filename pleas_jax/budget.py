@@ -53,6 +53,7 @@ from pleas_jax.partial import n_separate
 __all__ = [
     "METHODS",
     "align_ratios",
+    "check_multiple",
     "Layer",
     "LayerTable",
     "ParamCount",
@@ -430,6 +431,14 @@ def optimized_ratios(
 
 
 # ----------------------------------------------------------------- alignment
+def check_multiple(multiple: Any, name: str = "multiple") -> int:
+    """``multiple`` as an int if it is a whole number >= 1, else a ``ValueError``
+    naming ``name``."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int | np.integer) or multiple < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {multiple!r}")
+    return int(multiple)
+
+
 def align_ratios(spec: Mapping[str, Any], ratios: Mapping[str, float], multiple: int) -> dict[str, float]:
     """Ratios whose separate-unit counts are whole multiples of ``multiple``.
 
@@ -455,12 +464,11 @@ def align_ratios(spec: Mapping[str, Any], ratios: Mapping[str, float], multiple:
       group -> ``k / n`` with ``k`` the aligned count (exact under
       :func:`pleas_jax.partial.n_separate`).
     """
-    if isinstance(multiple, bool) or not isinstance(multiple, int | np.integer) or multiple < 1:
-        raise ValueError(f"multiple must be a whole number >= 1, got {multiple!r}")
+    multiple = check_multiple(multiple)
     out = {}
     for g, s in separate_units(spec, ratios).items():  # checks the ratios
         n = int(spec[g].size)
-        k = s if s == n else s - s % int(multiple)
+        k = s if s == n else s - s % multiple
         out[g] = float(k) / float(n) if n else 0.0
     return out
 

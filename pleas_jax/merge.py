@@ -252,10 +252,8 @@ def merge(
         )
     if isinstance(ratios, str) and ratios not in RATIOS:
         raise ValueError(f"ratios must be one of {RATIOS} or a dict of group ratios, got {ratios!r}")
-    if unit_multiple is not None and (
-        isinstance(unit_multiple, bool) or not isinstance(unit_multiple, int) or unit_multiple < 1
-    ):
-        raise ValueError(f"unit_multiple must be a whole number >= 1 or None, got {unit_multiple!r}")
+    if unit_multiple is not None:
+        budget_lib.check_multiple(unit_multiple, "unit_multiple")
     (module_a, va), (module_b, vb) = model_a, model_b
     _check_models(module_a, module_b, heads)
     if matching_dtype is not None:

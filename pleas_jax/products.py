@@ -61,18 +61,27 @@ def split_bf16(x):
     return hi, lo
 
 
+def _split_einsum(spec: str, a, b, *, tails: bool):
+    """``a·b`` from the bf16 splits of both operands, summed in fp32: head ×
+    head plus the two cross products, plus tail × tail with ``tails``."""
+    (ah, al), (bh, bl) = split_bf16(a), split_bf16(b)
+
+    def dot(x, y):
+        return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+
+    # The small terms first, then the head product, so that their
+    # contribution is not rounded away against it.
+    small = dot(ah, bl) + dot(al, bh)
+    if tails:
+        small = small + dot(al, bl)
+    return dot(ah, bh) + small
+
+
 def einsum(spec: str, a, b, precision: Any = "highest"):
     """``jnp.einsum(spec, a, b)`` of fp32 operands at a precision mode (module
     docstring); the result is fp32."""
     if precision == "bf16_3x":
-        (ah, al), (bh, bl) = split_bf16(a), split_bf16(b)
-
-        def dot(x, y):
-            return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
-
-        # The two small cross terms first, then the head product, so that
-        # their contribution is not rounded away against it.
-        return dot(ah, bh) + (dot(ah, bl) + dot(al, bh))
+        return _split_einsum(spec, a, b, tails=False)
     if precision == "bfloat16":
         return jnp.einsum(spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
                           preferred_element_type=jnp.float32)
@@ -102,12 +111,7 @@ def gram_einsum(spec: str, a, b, precision: Any = "highest"):
     """
     if precision != "bf16_3x":
         return einsum(spec, a, b, precision)
-    (ah, al), (bh, bl) = split_bf16(a), split_bf16(b)
-
-    def dot(x, y):
-        return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
-
-    return dot(ah, bh) + ((dot(ah, bl) + dot(al, bh)) + dot(al, bl))
+    return _split_einsum(spec, a, b, tails=True)
 
 
 def gram_matrix(x, precision: Any = "highest"):
