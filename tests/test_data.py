@@ -49,6 +49,29 @@ def test_npz_and_errors(tmp_path):
         data.load(f"npz:{tmp_path / 'd.npz'}[1,7]")
 
 
+def test_npz_with_keras_names_grayscale_and_a_test_split(tmp_path):
+    rng = np.random.default_rng(1)
+    xtr = rng.integers(0, 255, size=(30, 12, 12), dtype=np.uint8)  # [N, H, W], as Keras's mnist.npz
+    ytr = np.repeat(np.arange(3), 10)
+    xte, yte = xtr[:6] // 2, ytr[:6]
+    np.savez(tmp_path / "k.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    d = data.load(f"npz:{tmp_path / 'k.npz'}", image_size=12)
+    assert d.x_train.shape == (30, 12, 12, 1) and d.x_test.shape == (6, 12, 12, 1)
+    np.testing.assert_array_equal(d.y_test, yte)
+    # The test images keep their own (halved) values under the training normalisation.
+    mean, std = xtr.mean() / 255.0, xtr.std() / 255.0
+    np.testing.assert_allclose(d.x_test[..., 0], (xte / 255.0 - mean) / std, rtol=1e-4, atol=1e-4)
+    np.savez(tmp_path / "half.npz", x_train=xtr, y_train=ytr, x_test=xte)
+    with pytest.raises(data.DataError, match="has 'x_test' but lacks 'y_test'"):
+        data.load(f"npz:{tmp_path / 'half.npz'}")
+    np.savez(tmp_path / "shape.npz", x=xtr, y=ytr, x_test=xte[:, :6], y_test=yte)
+    with pytest.raises(data.DataError, match="test images"):
+        data.load(f"npz:{tmp_path / 'shape.npz'}")
+    np.savez(tmp_path / "flat.npz", x=xtr.reshape(30, -1), y=ytr)
+    with pytest.raises(data.DataError, match=r"x must be \[N, H, W, C\] or \[N, H, W\]"):
+        data.load(f"npz:{tmp_path / 'flat.npz'}")
+
+
 def test_folder(tmp_path):
     from PIL import Image
 
