@@ -44,7 +44,7 @@ from converters.torch_to_flax import (
 from converters.torch_to_flax import (
     verify as verify_logits,
 )
-from pleas_jax import checkpoint, models
+from pleas_jax import checkpoint, models, workflow
 
 SOURCE_NAME = "model.pth"
 MODEL_TYPES = {"rn18": "resnet18", "rn50": "resnet50", "rn101": "resnet101"}
@@ -185,8 +185,10 @@ def convert_checkpoint(
       overwrite: replace a pleas-jax checkpoint at ``dst_dir`` even when it was
         converted from this file or another one.
       tolerance: see ``verify``.
-      image_size: ``S`` of the verification batch (default 224 for ImageNet stems,
-        32 for CIFAR ones).
+      image_size: the side of the images the model reads, recorded in the
+        metadata for merge and eval, and ``S`` of the verification batch
+        (default 224 for ImageNet stems, 32 for CIFAR ones; with the input
+        normalisation of :func:`pleas_jax.workflow.input_convention`).
       release: the release-layout fields of the file (:func:`describe_path`); a
         ``model_type`` of rn18/rn50/rn101 must match the inferred architecture.
         Stored in the metadata under ``release``.
@@ -223,16 +225,18 @@ def convert_checkpoint(
             f"(stages {list(module.stage_sizes)}, {module.block} blocks) but lies under "
             f"{model_type}/, which means {MODEL_TYPES[model_type]}"
         )
+    size, norm = workflow.input_convention(module)
+    size = image_size or size
     record = None
     if verify:
-        report = verify_logits(module, conv.variables, conv.state_dict, image_size=image_size)
+        report = verify_logits(module, conv.variables, conv.state_dict, image_size=size)
         if not report.max_rel <= tolerance:  # NaN fails too
             raise ConversionError(
                 f"{src_pth}: verification failed: torch and Flax logits differ by "
                 f"{report.max_rel:.3e} of the largest |logit| (tolerance {tolerance:g}); "
                 "nothing written"
             )
-        record = _verification_record(report, image_size)
+        record = _verification_record(report, size)
 
     created = _make_parents(dst_dir.parent)
     try:
@@ -248,6 +252,8 @@ def convert_checkpoint(
             source=str(src_pth.resolve()),
             source_sha256=conv.source_sha256,
             ema=False,
+            image_size=size,
+            normalization=norm,
             # As `pleas-jax convert` keeps it: the reverse conversion is then bit-exact.
             torch_num_batches_tracked=(
                 counts.pop() if len(counts) == 1 else conv.num_batches_tracked

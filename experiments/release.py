@@ -54,8 +54,11 @@ DOMAINNET_PAIRS = (
     ("infograph", "real"),
 )
 ORDERS = (("v1a", "v1b"), ("v1b", "v1a"))
-# ImageNet statistics: the release's torchvision models were trained on inputs
-# normalised with them, and converted checkpoints do not record it.
+# The release's torchvision models were trained on 224 px inputs normalised
+# with ImageNet's statistics (what `pleas-jax convert` records for an ImageNet
+# stem, and assumes for checkpoints converted before it did).
+# Spelled out, not imported: this module imports no JAX (pleas_jax does); a
+# test holds them equal to pleas_jax.data's.
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 RELEASE_IMAGE_SIZE = 224
 RESULT_FILE = "result.json"

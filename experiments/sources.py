@@ -114,9 +114,10 @@ def load_source(path: str | os.PathLike, image_size: int | None = None) -> wf.Mo
     """A source checkpoint as a :class:`pleas_jax.workflow.Model` whose metadata
     says how to read its inputs.
 
-    A checkpoint converted from the release records neither image size nor input
-    normalisation; its models were trained on ImageNet-normalised 224 px images,
-    so those are filled in. ``image_size`` overrides the checkpoint's.
+    The release's models were trained on ImageNet-normalised 224 px images;
+    a conversion that does not record its inputs (one made before
+    ``pleas-jax convert`` recorded them) gets those filled in, whatever its
+    stem. ``image_size`` overrides the checkpoint's.
 
     Raises:
       ExperimentError: not a checkpoint (with how to get one).

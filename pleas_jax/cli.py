@@ -61,7 +61,8 @@ def _register_convert(sub: argparse._SubParsersAction) -> None:
             "Convert a torchvision-layout ResNet checkpoint (.pth/.pt or .safetensors; a bare "
             "state_dict, {'model': ...} or {'state_dict': ...}, DataParallel 'module.' "
             "prefixes, EMA copies) into a pleas-jax orbax checkpoint directory OUT with "
-            "metadata (arch, widths, num_classes, source sha256). The file is loaded with "
+            "metadata (arch, widths, num_classes, source sha256, the input size and "
+            "normalisation that merge and eval use). The file is loaded with "
             "torch.load(weights_only=True): pickled code is refused."
         ),
     )
@@ -86,6 +87,16 @@ def _register_convert(sub: argparse._SubParsersAction) -> None:
         default=1e-4,
         help="largest allowed |torch - flax| relative to the largest |logit| (default 1e-4)",
     )
+    p.add_argument(
+        "--image-size", type=int, default=None,
+        help="side of the images the model reads, recorded for merge and eval and used by "
+        "--verify (default 224 for torchvision's ImageNet stem, 32 for a CIFAR stem)",
+    )
+    p.add_argument(
+        "--normalization", choices=("imagenet", "data"), default=None,
+        help="input normalisation to record: ImageNet's mean and std, or each data spec's "
+        "own training statistics (default imagenet for an ImageNet stem, data for a CIFAR stem)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_convert)
 
@@ -99,7 +110,10 @@ def _print_verification(report) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from pleas_jax import checkpoint
+    from pleas_jax import checkpoint, workflow
+    from pleas_jax.data import IMAGENET_NORMALIZATION
+
+    _positive(args, "image_size")
 
     out = Path(args.output)
     # Fail before the (slow) conversion, and never leave a half-written OUT.
@@ -117,8 +131,12 @@ def _convert(args: argparse.Namespace) -> int:
         f"converted {args.input}: {models.arch_name(module) or 'custom ResNet'}, "
         f"{module.block} blocks {list(module.stage_sizes)}, {head}"
     )
+    size, norm = workflow.input_convention(module)
+    size = args.image_size or size
+    if args.normalization is not None:
+        norm = IMAGENET_NORMALIZATION if args.normalization == "imagenet" else None
     if args.verify:
-        report = converters.verify(module, conv.variables, conv.state_dict)
+        report = converters.verify(module, conv.variables, conv.state_dict, image_size=size)
         _print_verification(report)
         if not report.max_rel <= args.tolerance:  # NaN fails too
             print(
@@ -137,6 +155,9 @@ def _convert(args: argparse.Namespace) -> int:
         source=str(Path(args.input).resolve()),
         source_sha256=conv.source_sha256,
         ema=bool(args.ema),
+        # How merge and eval read data for it (None: the data's own statistics).
+        image_size=size,
+        normalization=norm,
         # Kept so the reverse conversion can reproduce the state_dict bit for bit.
         torch_num_batches_tracked=counts.pop() if len(counts) == 1 else conv.num_batches_tracked,
     )
@@ -294,6 +315,8 @@ def _register_merge(sub: argparse._SubParsersAction) -> None:
                    help="auto: separate heads when A and B were trained on different classes")
     p.add_argument("--images", type=int, default=1000, help="training images used (default 1000)")
     p.add_argument("--batch-size", type=int, default=250, help="(default 250)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="read the images at this size instead of the one the checkpoints record")
     p.add_argument("--gd-steps", type=int, default=400, help="steps of --least-squares gd (default 400)")
     p.add_argument("--matching-dtype", default=None, choices=("float32", "bfloat16"),
                    help="compute dtype of the activation-matching pass (default: the models' own; "
@@ -313,12 +336,12 @@ def _register_merge(sub: argparse._SubParsersAction) -> None:
 def _merge(args: argparse.Namespace) -> int:
     from pleas_jax import workflow
 
-    _positive(args, "images", "batch_size", "gd_steps", "unit_multiple")
+    _positive(args, "images", "batch_size", "gd_steps", "unit_multiple", "image_size")
     report = workflow.merge_checkpoints(
         args.a, args.b, args.out, data=args.data, budget=args.budget, matching=args.matching,
         ratios=args.ratios, unit_multiple=args.unit_multiple,
         least_squares=None if args.least_squares == "none" else args.least_squares,
-        heads=args.heads, images=args.images, batch_size=args.batch_size,
+        heads=args.heads, images=args.images, batch_size=args.batch_size, image_size=args.image_size,
         gd_steps=args.gd_steps, matching_dtype=args.matching_dtype,
         matching_precision=args.matching_precision, ls_precision=args.ls_precision,
         report=args.report, overwrite=args.overwrite, progress=True,

@@ -29,6 +29,10 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_SIZE = 32
+# torchvision's ImageNet input statistics (images in [0, 1]): what its ResNets,
+# and the PLeaS release's, were trained on.
+IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+IMAGENET_SIZE = 224
 TEST_FRACTION = 0.2
 
 

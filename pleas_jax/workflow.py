@@ -74,19 +74,47 @@ class Model:
 
     @property
     def image_size(self) -> int:
-        """Image side the model was trained on (32 when the checkpoint does not say)."""
-        return int(self.metadata.get("image_size", data_lib.DEFAULT_SIZE))
+        """Image side the model reads: the checkpoint's ``image_size``, else
+        :func:`input_convention`'s for a converted checkpoint, else 32."""
+        if "image_size" in self.metadata:
+            return int(self.metadata["image_size"])
+        if self.metadata.get("converted_from") == "torch":
+            return input_convention(self.module)[0]
+        return data_lib.DEFAULT_SIZE
 
     @property
     def normalization(self) -> tuple[list[float], list[float]] | None:
-        """``(mean, std)`` per channel of its training inputs, if recorded."""
-        norm = self.metadata.get("normalization")
-        return None if norm is None else (norm["mean"], norm["std"])
+        """``(mean, std)`` per channel of its training inputs: the checkpoint's
+        ``normalization`` (``None`` recorded: the data's own statistics), else
+        :func:`input_convention`'s for a converted checkpoint, else ``None``."""
+        if "normalization" in self.metadata:
+            norm = self.metadata["normalization"]
+        elif self.metadata.get("converted_from") == "torch":
+            norm = input_convention(self.module)[1]
+        else:
+            norm = None
+        return None if norm is None else (list(norm["mean"]), list(norm["std"]))
 
     @property
     def channels(self) -> int:
         """Image channels the stem conv reads."""
         return int(self.variables["params"]["conv1"]["kernel"].shape[-2])
+
+
+def input_convention(module) -> tuple[int, dict[str, list[float]] | None]:
+    """How a torchvision-layout ResNet reads its inputs when its checkpoint does
+    not say: ``(image_size, normalization)``.
+
+    An ImageNet stem (7x7/2 conv, max-pool) means torchvision's recipe: 224 px
+    images normalised with ImageNet's statistics
+    (:data:`pleas_jax.data.IMAGENET_NORMALIZATION`). A CIFAR stem means 32 px
+    and no recorded statistics (``None``: each data spec's own). ``pleas-jax
+    convert`` records these unless told otherwise; checkpoints converted before
+    it did fall back to them.
+    """
+    if getattr(module, "stem", None) == "imagenet":
+        return data_lib.IMAGENET_SIZE, data_lib.IMAGENET_NORMALIZATION
+    return data_lib.DEFAULT_SIZE, None
 
 
 # ------------------------------------------------------------------ helpers
@@ -310,9 +338,10 @@ def merge_batches(
     )
 
 
-def check_pair(a: Model, b: Model) -> None:
+def check_pair(a: Model, b: Model, *, image_size: int | None = None) -> None:
     """Raise :class:`RunError` unless ``a`` and ``b`` can be merged: the same
-    architecture and widths, the same input channels and image size."""
+    architecture and widths, the same input channels, and the same image size
+    unless ``image_size`` overrides both."""
     ca, cb = dict(a.module.config()), dict(b.module.config())
     for c in (ca, cb):
         c.pop("num_classes")
@@ -326,7 +355,7 @@ def check_pair(a: Model, b: Model) -> None:
         raise RunError(
             f"cannot merge {a.name} and {b.name}: {a.channels}- and {b.channels}-channel inputs"
         )
-    if a.image_size != b.image_size:
+    if image_size is None and a.image_size != b.image_size:
         raise RunError(
             f"cannot merge {a.name} and {b.name}: trained on {a.image_size}px and "
             f"{b.image_size}px images"
@@ -361,6 +390,7 @@ def merge_checkpoints(
     heads: str = "auto",
     images: int | None = 1000,
     batch_size: int = 250,
+    image_size: int | None = None,
     gd_steps: int = 400,
     matching_dtype: str | None = None,
     matching_precision: str = "highest",
@@ -373,7 +403,8 @@ def merge_checkpoints(
     """Merge checkpoints ``a`` and ``b`` with :func:`pleas_jax.merge` into ``out``.
 
     The merge sees ``images`` training images of ``data`` (a seeded shuffle),
-    read at A's image size with A's input normalisation. ``out`` holds the
+    read at A's image size (or ``image_size``) with A's input normalisation
+    (:attr:`Model.image_size`, :attr:`Model.normalization`). ``out`` holds the
     merged model (a backbone plus heads ``"a"``/``"b"`` for separate label
     spaces) and metadata: the sources, data, settings and the merge report.
     Nothing is written unless the merge completes; ``report`` (a JSON file)
@@ -393,7 +424,7 @@ def merge_checkpoints(
     if not 1.0 <= budget <= 2.0 or math.isnan(budget):
         raise RunError(f"budget must lie in [1, 2] (compute relative to one model), got {budget}")
     model_a, model_b = load_model(a), load_model(b)
-    check_pair(model_a, model_b)
+    check_pair(model_a, model_b, image_size=image_size)
     mode = heads_mode(model_a, model_b, heads)
     if mode == "shared" and heads_mode(model_a, model_b) != "shared":
         ka, kb = (_classes(m) or m.module.num_classes for m in (model_a, model_b))
@@ -401,7 +432,7 @@ def merge_checkpoints(
             f"a shared head needs the same classes, but {a} was trained on {ka} and {b} on "
             f"{kb}; use --heads separate"
         )
-    dataset = dataset_for(model_a, data)
+    dataset = dataset_for(model_a, data, image_size=image_size)
     batches = merge_batches(dataset, images, batch_size)
     result = merge(
         (model_a.module, model_a.variables), (model_b.module, model_b.variables), batches,
@@ -418,7 +449,7 @@ def merge_checkpoints(
         "merged_from": {"a": source(model_a), "b": source(model_b)},
         "data": data,
         "images": sum(len(x) for x in batches),
-        "image_size": model_a.image_size,
+        "image_size": image_size or model_a.image_size,
         "merge": {
             "budget": float(budget), "matching": matching, "ratios": ratios,
             "unit_multiple": unit_multiple, "least_squares": least_squares, "heads": mode, "gd_steps": gd_steps,
@@ -429,7 +460,8 @@ def merge_checkpoints(
         **metadata,
     }
     if model_a.normalization is not None:
-        info["normalization"] = model_a.metadata["normalization"]
+        mean, std = model_a.normalization
+        info["normalization"] = {"mean": mean, "std": std}
     if mode == "shared" and _classes(model_a) is not None:
         info["classes"] = list(_classes(model_a))
     if mode == "separate":

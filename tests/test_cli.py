@@ -18,8 +18,9 @@ import torchvision
 from safetensors.torch import save_file
 
 from converters import TorchResNet, randomize_batch_norm, state_dict_to_flax
-from pleas_jax import checkpoint, models
+from pleas_jax import checkpoint, models, workflow
 from pleas_jax.cli import main
+from pleas_jax.data import IMAGENET_NORMALIZATION as IMAGENET
 
 TOLERANCE = 1e-4
 
@@ -84,13 +85,19 @@ def test_convert_auto_resnet50_dataparallel_37_classes(files, outs, capsys):
     assert meta["arch"] == "resnet50" and meta["num_classes"] == 37
     assert meta["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     assert meta["config"]["stream_widths"] == [256, 512, 1024, 2048]
+    # How merge and eval will read inputs: torchvision's ImageNet recipe.
+    assert meta["image_size"] == 224 and meta["normalization"] == IMAGENET
     np.testing.assert_array_equal(
         np.asarray(variables["params"]["fc"]["kernel"]), files["r50"]["fc.weight"].numpy().T
     )
 
-    # The same weights saved as a plain state_dict give the same checkpoint arrays.
-    rc, out, err = run(["convert", files["dir"] / "plain.pth", outs / "plain"], capsys)
+    # The same weights saved as a plain state_dict give the same checkpoint arrays;
+    # the recorded inputs follow the flags.
+    rc, out, err = run(["convert", files["dir"] / "plain.pth", outs / "plain", "--verify",
+                        "--image-size", "96", "--normalization", "data"], capsys)
     assert rc == 0, err
+    model = workflow.load_model(outs / "plain")
+    assert model.image_size == 96 and model.normalization is None
     _, plain = checkpoint.load(outs / "plain")
     _, expect = state_dict_to_flax(files["r50"])
     for coll in ("params", "batch_stats"):
@@ -131,6 +138,9 @@ def test_convert_ema(files, outs, capsys, tmp_path):
 def test_existing_output_needs_overwrite(files, outs, capsys):
     src = files["dir"] / "r20.pth"
     assert run(["convert", src, outs / "r20"], capsys)[0] == 0
+    # A CIFAR stem: 32 px, and each data spec's own normalisation.
+    meta = checkpoint.load_metadata(outs / "r20")
+    assert meta["image_size"] == 32 and meta["normalization"] is None
     rc, _, err = run(["convert", src, outs / "r20"], capsys)
     assert rc == 2 and "already exists" in err
     assert run(["convert", src, outs / "r20", "--overwrite"], capsys)[0] == 0

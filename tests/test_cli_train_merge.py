@@ -17,8 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from pleas_jax import checkpoint, models
+from pleas_jax import budget, checkpoint, models
 from pleas_jax.cli import main
+from pleas_jax.spec import derive_spec
 
 TRAIN = ["--width", "4", "--image-size", "16", "--epochs", "2", "--batch-size", "64", "--lr", "0.1"]
 MERGE = ["--images", "200", "--batch-size", "100"]
@@ -131,13 +132,22 @@ def test_merge_shared_head_and_eval(ckpts, outs, capsys):
 
 
 def test_merge_separate_heads_and_eval_each_head(ckpts, outs, capsys):
+    # --image-size: read the data at 12 px, not the 16 px the checkpoints record.
     argv = ["merge", "--a", ckpts["a"], "--b", ckpts["b"], "--data", "digits", "--budget", 1.25,
             "--matching", "weight", "--least-squares", "none", "--unit-multiple", 2, *MERGE,
-            "--out", outs / "m"]
+            "--image-size", 12, "--out", outs / "m"]
     rc, out, err = run(argv, capsys)
     assert rc == 0, err
-    assert last_json(out)["heads"] == "separate"  # auto: different classes
+    summary = last_json(out)
+    assert summary["heads"] == "separate"  # auto: different classes
+    module_a, va = checkpoint.load(ckpts["a"])
+    spec = derive_spec(module_a, va, np.zeros((1, 16, 16, 1), np.float32))
+    source_macs = {s: budget.macs(budget.layer_table(module_a, va, spec, (s, s, 1)), spec, 0.0)
+                   for s in (12, 16)}
+    head_macs = va["params"]["fc"]["kernel"].size  # separate heads: the backbone is counted
+    assert summary["macs_source"] == source_macs[12] - head_macs != source_macs[16] - head_macs
     meta = checkpoint.load_metadata(outs / "m")
+    assert meta["image_size"] == 12
     assert meta["merge"]["unit_multiple"] == meta["report"]["unit_multiple"] == 2
     module, _ = checkpoint.load(outs / "m")
     assert module.splits

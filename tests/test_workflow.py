@@ -7,7 +7,9 @@ import stat
 import numpy as np
 import pytest
 
-from pleas_jax.workflow import write_json
+from pleas_jax import models
+from pleas_jax.data import IMAGENET_NORMALIZATION
+from pleas_jax.workflow import Model, write_json
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -23,3 +25,21 @@ def test_write_json_is_atomic_and_gets_a_plain_files_mode(tmp_path, umask):
     assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode
     # Nothing but the two files: the temp file was renamed, not copied.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "r.json"]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet20"])
+def test_converted_checkpoints_without_input_metadata_read_torchvisions_inputs(arch):
+    """Checkpoints converted before ``convert`` recorded their inputs: an ImageNet
+    stem reads 224 px ImageNet-normalised images, a CIFAR stem 32 px with the
+    data's statistics; recorded values (``None`` included) and trained models win."""
+    module = models.resnet(arch, num_classes=10)
+    imagenet = arch == "resnet18"
+    old = Model(module, {}, metadata={"converted_from": "torch"})
+    assert old.image_size == (224 if imagenet else 32)
+    expected = (IMAGENET_NORMALIZATION["mean"], IMAGENET_NORMALIZATION["std"]) if imagenet else None
+    assert old.normalization == expected
+    recorded = Model(module, {}, metadata={"converted_from": "torch", "image_size": 64,
+                                           "normalization": None})
+    assert recorded.image_size == 64 and recorded.normalization is None
+    trained = Model(module, {}, metadata={"normalization": {"mean": [0.5], "std": [0.25]}})
+    assert trained.image_size == 32 and trained.normalization == ([0.5], [0.25])
