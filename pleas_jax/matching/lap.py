@@ -56,16 +56,18 @@ def reduced_costs(scores: np.ndarray) -> np.ndarray:
     2048 x 2048, 0.70 -> 0.56.
 
     Args:
-      scores: ``[n, n]`` float64, to be maximised.
+      scores: ``[n, n]``, to be maximised (read as float64).
 
     Returns:
       ``[n, n]`` float64 costs, to be minimised, with the same optimal
       permutations (up to ties within rounding): every entry at least 0,
       every column's minimum exactly 0.
     """
+    # In float32 the reductions would round away score differences.
+    scores = np.asarray(scores, dtype=np.float64)
     n = scores.shape[0]
     if n == 0:
-        return np.array(scores, dtype=np.float64)
+        return scores.copy()
     centred = scores
     if n > 1:
         flat = scores.reshape(-1)

@@ -201,14 +201,17 @@ def test_compute_dtype_errors():
         activation_statistics(module, va, module, vb, spec, [images(2, 16)], dtype="bfloat17")
 
 
-def _float64_moments(module, variables_a, variables_b, batches, pt):
-    """Cross moment, sums and per-batch distances of one point, in float64 numpy."""
+def _recorded(module, variables, batches):
+    """Per batch, every recorded feature of the model (path -> array)."""
+    return [flatten(module.apply(variables, x, mutable=[FEATURES])[1][FEATURES]) for x in batches]
+
+
+def _float64_moments(recorded_a, recorded_b, pt):
+    """Cross moment, sums and per-batch distances of one point, in float64 numpy,
+    from :func:`_recorded` features of the two models."""
     truth = {"cross": 0.0, "sum_a": 0.0, "sum_b": 0.0, "sq_a": 0.0, "sq_b": 0.0, "neg_dist": 0.0}
-    for x in batches:
-        a, b = (
-            np.asarray(flatten(module.apply(v, x, mutable=[FEATURES])[1][FEATURES])[pt], np.float64)
-            for v in (variables_a, variables_b)
-        )
+    for fa, fb in zip(recorded_a, recorded_b, strict=True):
+        a, b = (np.asarray(f[pt], np.float64) for f in (fa, fb))
         a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
         cross, sq_a, sq_b = a.T @ b, (a * a).sum(0), (b * b).sum(0)
         batch = {"cross": cross, "sum_a": a.sum(0), "sum_b": b.sum(0), "sq_a": sq_a, "sq_b": sq_b,
@@ -247,8 +250,9 @@ def test_normalisation_outputs_are_derived_from_their_inputs_exactly():
     # Every bottleneck's three BNs and every shortcut BN (16 + 4 blocks' worth).
     assert len(derived) == len(norm_points) == 53
     worst = 0.0
+    recorded_a, recorded_b = _recorded(module, va, batches), _recorded(module, vb, batches)
     for key in norm_points:
-        truth = _float64_moments(module, va, vb, batches, points[key])
+        truth = _float64_moments(recorded_a, recorded_b, points[key])
         for name, v in truth.items():
             err = np.max(np.abs(stats[key][name] - v)) / np.max(np.abs(v))
             worst = max(worst, float(err))
