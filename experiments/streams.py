@@ -11,8 +11,9 @@ lazily instead:
   labels keep the dataset's own ids, so a model sees its whole label space even
   where a chunk lacks some classes. ``tfds:NAME:SPLIT`` serves that one split
   (as merge data, e.g. ``--matching-data tfds:imagenet_v2:test``).
-- any other spec (``folder:``, ``npz:``, label subsets) is read once with
-  :func:`pleas_jax.data.load` and then served the same way.
+- any other spec (``folder:``, ``npz:``, label subsets) is read with
+  :func:`pleas_jax.data.load` and then served the same way (a large folder
+  lazily, image by image as indexed; others whole, once).
 
 Images come out raw, ``[N, S, S, C]`` float32 in ``[0, 1]``; each model
 normalises them its own way with :func:`prepare`.
@@ -100,8 +101,13 @@ class Images:
                 relabel = classes
             else:
                 relabel = np.arange(ds.num_classes)
-            # Undo the spec's own normalisation: each model applies its own.
-            raw = lambda x: (x * ds.std + ds.mean).astype(np.float32)  # noqa: E731
+            # Undo the spec's own normalisation: each model applies its own. A
+            # large folder stays lazy (read by index, as tfds sources are).
+            def raw(x):
+                if isinstance(x, data.LazyImages):
+                    return x.normalized(None, None)
+                return (x * ds.std + ds.mean).astype(np.float32)
+
             self._arrays = {
                 "train": (raw(ds.x_train), relabel[ds.y_train].astype(np.int32)),
                 "test": (raw(ds.x_test), relabel[ds.y_test].astype(np.int32)),

@@ -7,7 +7,9 @@ A data spec is a string:
 - ``npz:PATH``: arrays ``x [N, H, W, C]`` (uint8 or float; ``[N, H, W]`` is
   one channel) and ``y [N]``, or Keras's names ``x_train``/``y_train``;
   optional ``x_test``/``y_test``, else a deterministic split.
-- ``folder:PATH``: one sub-folder of images per class (sorted names), resized.
+- ``folder:PATH``: one sub-folder of images per class (sorted names), resized;
+  a large folder is read lazily (:class:`LazyImages`: only the images a
+  merge, an evaluation or a training batch uses are decoded, when it uses them).
 - ``tfds:NAME[/CONFIG][:SPLIT]``: a TensorFlow Datasets source read with
   ``tfds.data_source`` (no TensorFlow needed; imported only here).
 
@@ -34,6 +36,14 @@ DEFAULT_SIZE = 32
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 IMAGENET_SIZE = 224
 TEST_FRACTION = 0.2
+# A folder whose images would take more than this as float32 is read lazily
+# (:class:`LazyImages`): a merge then decodes only the images it uses, e.g.
+# 1,000 of ImageNet's 1.28M (~770 GB as float32 at 224 px).
+EAGER_BYTES = 1 << 30
+# The per-channel statistics of a lazily read training split come from this
+# many of its images (a seeded sample; all of them when it has fewer).
+STATS_IMAGES = 2048
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,16 +51,17 @@ class Dataset:
     """Train/test arrays of one data spec.
 
     Attributes:
-      x_train, x_test: ``[N, H, W, C]`` float32, normalised.
+      x_train, x_test: ``[N, H, W, C]`` float32, normalised: numpy arrays, or
+        for a large ``folder:`` spec :class:`LazyImages` (read when indexed).
       y_train, y_test: ``[N]`` int32 labels in ``[0, num_classes)``.
       classes: original label of each class index.
       name: the spec it came from.
       mean, std: ``[C]`` normalisation applied to both splits.
     """
 
-    x_train: np.ndarray
+    x_train: np.ndarray | LazyImages
     y_train: np.ndarray
-    x_test: np.ndarray
+    x_test: np.ndarray | LazyImages
     y_test: np.ndarray
     classes: tuple[int, ...]
     name: str
@@ -64,6 +75,99 @@ class Dataset:
 
 class DataError(ValueError):
     """A data spec that cannot be read; the message says why."""
+
+
+def _read_image(path: Path, size: int) -> np.ndarray:
+    """One image file as float32 ``[size, size, 3]`` in ``[0, 1]`` (RGB, bilinear)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            out = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+    except Exception as e:  # PIL raises several kinds for a bad file
+        raise DataError(f"cannot read image {path}: {e}") from None
+    return out.astype(np.float32) / 255.0
+
+
+def _read_images(paths: Sequence[Path], size: int) -> np.ndarray:
+    """Image files as float32 ``[n, size, size, 3]``, decoded on a few threads
+    (PIL releases the GIL while it decodes and resizes)."""
+    if not paths:
+        return np.zeros((0, size, size, 3), np.float32)
+    workers = min(len(paths), os.cpu_count() or 1, 8)
+    if workers == 1:
+        return np.stack([_read_image(p, size) for p in paths])
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return np.stack(list(pool.map(lambda p: _read_image(p, size), paths)))
+
+
+class LazyImages:
+    """Images ``[N, S, S, 3]`` of a folder, read from their files when indexed.
+
+    It stands for the float32 array of the (normalised) images wherever this
+    package reads images: ``len(x)``, ``x.shape``, ``x[i]``, ``x[a:b]``,
+    ``x[int array]`` and ``x[bool mask]`` return numpy arrays and decode only
+    those images; ``np.asarray(x)`` decodes them all. :meth:`take` and
+    :meth:`normalized` return lazy views.
+
+    Args:
+      files: the image files.
+      size: side ``S`` the images are resized to.
+      index: which of ``files``, in order (default: all).
+      mean, std: ``[3]`` normalisation applied on reading, or ``None``.
+    """
+
+    ndim = 4
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, files: Sequence[Path], size: int, *, index=None, mean=None, std=None):
+        self._files = tuple(files)
+        self._size = int(size)
+        self._index = np.arange(len(self._files)) if index is None else np.asarray(index, np.int64)
+        self._mean, self._std = mean, std
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self._index), self._size, self._size, 3)
+
+    def __repr__(self) -> str:
+        return f"LazyImages(shape={self.shape}, normalised={self._mean is not None})"
+
+    def take(self, key) -> LazyImages:
+        """A lazy view of the images ``key`` selects (as ``x[key]`` would)."""
+        return LazyImages(self._files, self._size, index=self._index[key], mean=self._mean, std=self._std)
+
+    def normalized(self, mean, std) -> LazyImages:
+        """A lazy view whose images come out as ``(x - mean) / std``; with
+        ``None``, as read (in ``[0, 1]``)."""
+        if mean is None or std is None:
+            return LazyImages(self._files, self._size, index=self._index)
+        return LazyImages(self._files, self._size, index=self._index,
+                          mean=np.asarray(mean, np.float32), std=np.asarray(std, np.float32))
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, tuple):
+            raise TypeError("LazyImages index the first axis only; take x[i] and index the array")
+        if isinstance(key, int | np.integer):
+            return self[np.asarray([key])][0]
+        x = _read_images([self._files[i] for i in self._index[key]], self._size)
+        if self._mean is not None:
+            x = ((x - self._mean) / self._std).astype(np.float32)
+        return x
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        x = self[:]
+        return x if dtype is None else x.astype(dtype)
+
+
+def _rows(x, idx):
+    """``x[idx]``; a lazy view for :class:`LazyImages`, which would read them."""
+    return x.take(idx) if isinstance(x, LazyImages) else x[idx]
 
 
 _SUBSET = re.compile(r"^(?P<base>.*?)\[(?P<labels>[0-9,\- ]+)\]$")
@@ -111,8 +215,8 @@ def _split(x, y, seed: int = 0):
         k = int(round(len(idx) * TEST_FRACTION))
         test.extend(idx[len(idx) - k :])
         train.extend(idx[: len(idx) - k])
-    train, test = np.sort(train), np.sort(test)
-    return x[train], y[train], x[test], y[test]
+    train, test = np.sort(train).astype(np.int64), np.sort(test).astype(np.int64)
+    return _rows(x, train), y[train], _rows(x, test), y[test]
 
 
 def _digits():
@@ -175,26 +279,25 @@ def _npz(path: str):
     return tuple(out)
 
 
-def _folder(path: str, size: int):
+def _folder(path: str, size: int, lazy: bool | None):
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"no such folder: {path}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{path} has no class sub-folders")
-    from PIL import Image
-
-    xs, ys = [], []
+    files, ys = [], []
     for label, name in enumerate(classes):
         for f in sorted((root / name).iterdir()):
-            if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"):
-                continue
-            with Image.open(f) as im:
-                xs.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
-            ys.append(label)
-    if not xs:
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                ys.append(label)
+    if not files:
         raise DataError(f"{path} holds no images")
-    return _split(np.stack(xs).astype(np.float32) / 255.0, np.asarray(ys, np.int32))
+    if lazy is None:
+        lazy = len(files) * size * size * 3 * 4 > EAGER_BYTES
+    x = LazyImages(files, size) if lazy else _read_images(files, size)
+    return _split(x, np.asarray(ys, np.int32))
 
 
 def _tfds(rest: str, size: int, data_dir: str | None):
@@ -241,12 +344,19 @@ def load(
     image_size: int = DEFAULT_SIZE,
     data_dir: str | None = None,
     normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+    lazy: bool | None = None,
 ) -> Dataset:
     """Read a data spec (see the module docstring) into a :class:`Dataset`.
 
     Args:
       normalization: per-channel ``(mean [C], std [C])`` of images in ``[0, 1]``
-        to normalise with, instead of this training split's own statistics.
+        to normalise with, instead of this training split's own statistics
+        (for a lazily read split, those of :data:`STATS_IMAGES` of its images,
+        a seeded sample).
+      lazy: ``folder:`` specs only: serve :class:`LazyImages`, which decode
+        images when indexed (``True``), decode every image now (``False``), or
+        decide by size (``None``: lazily when the float32 images would exceed
+        :data:`EAGER_BYTES`). Other specs are read whole.
 
     Raises:
       DataError: unknown spec, missing file or folder, unreadable data, a
@@ -261,7 +371,7 @@ def load(
     elif base.startswith("npz:"):
         parts = _npz(base[4:])
     elif base.startswith("folder:"):
-        parts = _folder(base[7:], image_size)
+        parts = _folder(base[7:], image_size, lazy)
     elif base.startswith("tfds:"):
         parts = _tfds(base[5:], image_size, data_dir)
     else:
@@ -276,12 +386,19 @@ def load(
         raise DataError(f"{spec!r}: the data has no class {missing} (classes: {list(present)})")
     relabel = {c: i for i, c in enumerate(classes)}
     keep, keep_t = np.isin(y, classes), np.isin(yt, classes)
-    x, xt = resize(x[keep], image_size), resize(xt[keep_t], image_size)
+    x, xt = (a.take(k) if isinstance(a, LazyImages) else resize(a[k], image_size)
+             for a, k in ((x, keep), (xt, keep_t)))
     y = np.asarray([relabel[int(c)] for c in y[keep]], np.int32)
     yt = np.asarray([relabel[int(c)] for c in yt[keep_t]], np.int32)
     if normalization is None:
-        mean = x.mean(axis=(0, 1, 2))
-        std = x.std(axis=(0, 1, 2)) + 1e-6
+        sample = x
+        if isinstance(x, LazyImages):
+            if len(x) > STATS_IMAGES:
+                pick = np.random.default_rng(0).choice(len(x), STATS_IMAGES, replace=False)
+                sample = x.take(np.sort(pick))
+            sample = np.asarray(sample)
+        mean = sample.mean(axis=(0, 1, 2))
+        std = sample.std(axis=(0, 1, 2)) + 1e-6
     else:
         mean, std = (np.asarray(a, np.float32).reshape(-1) for a in normalization)
         if mean.shape != (x.shape[-1],) or std.shape != (x.shape[-1],):
@@ -289,7 +406,11 @@ def load(
                 f"{spec!r} has {x.shape[-1]}-channel images but the normalization has "
                 f"{mean.shape[0]} mean(s) and {std.shape[0]} std(s)"
             )
-    norm = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
+    def norm(a):
+        if isinstance(a, LazyImages):
+            return a.normalized(mean, std)
+        return ((a - mean) / std).astype(np.float32)
+
     return Dataset(norm(x), y, norm(xt), yt, classes, spec, mean, std)
 
 

@@ -84,6 +84,89 @@ def test_folder(tmp_path):
     assert len(d.y_train) + len(d.y_test) == 10
 
 
+def _image_folder(root, classes=("ant", "bee", "cat"), per_class=7, seed=0):
+    """Random RGB images of assorted sizes and formats, one sub-folder per class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir()
+        for i in range(per_class):
+            h, w = rng.integers(9, 30, size=2)
+            img = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+            img.save(root / c / f"{i}.{('png', 'bmp')[i % 2]}")
+        (root / c / "notes.txt").write_text("not an image")
+    return root
+
+
+def _count_reads(monkeypatch):
+    reads = []
+    original = data._read_image
+
+    def counting(path, size):
+        reads.append(path)
+        return original(path, size)
+
+    monkeypatch.setattr(data, "_read_image", counting)
+    return reads
+
+
+@pytest.mark.parametrize("spec", ["", "[0,2]"])
+def test_lazy_folder_serves_the_eager_arrays(tmp_path, monkeypatch, spec):
+    """Second implementation: the folder read whole. Same labels, statistics
+    and pixels, whatever the indexing."""
+    root = _image_folder(tmp_path)
+    eager = data.load(f"folder:{root}{spec}", image_size=12, lazy=False)
+    reads = _count_reads(monkeypatch)
+    lazy = data.load(f"folder:{root}{spec}", image_size=12, lazy=True)
+    assert isinstance(lazy.x_train, data.LazyImages) and isinstance(eager.x_train, np.ndarray)
+    n = len(eager.y_train)
+    assert len(reads) == n  # the training statistics read the split once (n < STATS_IMAGES)
+    np.testing.assert_array_equal(lazy.y_train, eager.y_train)
+    np.testing.assert_array_equal(lazy.y_test, eager.y_test)
+    np.testing.assert_array_equal(lazy.mean, eager.mean)
+    np.testing.assert_array_equal(lazy.std, eager.std)
+    assert lazy.x_train.shape == eager.x_train.shape and lazy.x_test.shape == eager.x_test.shape
+    rng = np.random.default_rng(1)
+    for key in (slice(2, 7), slice(None, None, 3), rng.permutation(n)[:5], rng.random(n) < 0.5, -1, 0):
+        np.testing.assert_array_equal(lazy.x_train[key], eager.x_train[key])
+    np.testing.assert_array_equal(np.asarray(lazy.x_test), eager.x_test)
+    for xb, eb in zip(data.batches(lazy.x_train, None, 4, shuffle=True, seed=2, limit=9),
+                      data.batches(eager.x_train, None, 4, shuffle=True, seed=2, limit=9), strict=True):
+        np.testing.assert_array_equal(xb, eb)
+    with pytest.raises(TypeError, match="first axis"):
+        lazy.x_train[:, 0]
+
+
+def test_large_folders_are_read_lazily_and_only_where_used(tmp_path, monkeypatch):
+    root = _image_folder(tmp_path, per_class=10)
+    monkeypatch.setattr(data, "EAGER_BYTES", 10 * 16 * 16 * 3 * 4)  # room for 10 images
+    monkeypatch.setattr(data, "STATS_IMAGES", 5)
+    reads = _count_reads(monkeypatch)
+    d = data.load(f"folder:{root}", image_size=16)
+    assert isinstance(d.x_train, data.LazyImages) and len(d.y_train) == 24
+    assert len(reads) == 5  # the statistics' sample
+    reads.clear()
+    given = data.load(f"folder:{root}", image_size=16, normalization=(d.mean, d.std))
+    assert not reads  # nothing decoded before it is used
+    batch = next(data.batches(given.x_train, None, 3, shuffle=True, seed=0))
+    assert batch.shape == (3, 16, 16, 3) and len(reads) == 3
+    np.testing.assert_allclose(batch.mean(), 0.0, atol=1.0)  # normalised on reading
+    # A small folder is still read whole.
+    monkeypatch.setattr(data, "EAGER_BYTES", 1 << 30)
+    assert isinstance(data.load(f"folder:{root}", image_size=16).x_train, np.ndarray)
+
+
+def test_a_bad_image_file_is_named(tmp_path):
+    root = _image_folder(tmp_path, per_class=3)
+    (root / "bee" / "1.bmp").write_bytes(b"not a bitmap")
+    lazy = data.load(f"folder:{root}", image_size=8, lazy=True, normalization=([0.5] * 3, [0.25] * 3))
+    with pytest.raises(data.DataError, match=r"cannot read image .*bee/1\.bmp"):
+        np.asarray(lazy.x_train), np.asarray(lazy.x_test)
+    with pytest.raises(data.DataError, match=r"cannot read image .*bee/1\.bmp"):
+        data.load(f"folder:{root}", image_size=8)
+
+
 def test_tfds_mock():
     import tensorflow_datasets as tfds
 

@@ -7,9 +7,9 @@ import stat
 import numpy as np
 import pytest
 
-from pleas_jax import models
+from pleas_jax import data, models
 from pleas_jax.data import IMAGENET_NORMALIZATION
-from pleas_jax.workflow import Model, write_json
+from pleas_jax.workflow import Model, dataset_for, merge_batches, write_json
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -43,3 +43,27 @@ def test_converted_checkpoints_without_input_metadata_read_torchvisions_inputs(a
     assert recorded.image_size == 64 and recorded.normalization is None
     trained = Model(module, {}, metadata={"normalization": {"mean": [0.5], "std": [0.25]}})
     assert trained.image_size == 32 and trained.normalization == ([0.5], [0.25])
+
+
+def test_a_merge_of_a_large_folder_decodes_only_the_images_it_uses(tmp_path, monkeypatch):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("n01", "n02", "n03"):
+        (tmp_path / c).mkdir()
+        for i in range(20):
+            Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.jpg")
+    monkeypatch.setattr(data, "EAGER_BYTES", 1 << 16)  # 48 training images at 64 px exceed it
+    reads = []
+    original = data._read_image
+    monkeypatch.setattr(data, "_read_image", lambda p, s: reads.append(p) or original(p, s))
+    # A converted torchvision model records its size and ImageNet normalisation:
+    # no statistics pass over the folder.
+    stem = {"params": {"conv1": {"kernel": np.zeros((7, 7, 3, 64), np.float32)}}}  # 3 channels
+    model = Model(models.resnet("resnet18", num_classes=3), stem,
+                  metadata={"converted_from": "torch", "image_size": 64})
+    dataset = dataset_for(model, f"folder:{tmp_path}")
+    assert isinstance(dataset.x_train, data.LazyImages) and not reads
+    batches = merge_batches(dataset, images=10, batch_size=4)
+    assert [b.shape for b in batches] == [(4, 64, 64, 3), (4, 64, 64, 3), (2, 64, 64, 3)]
+    assert len(reads) == 10 and len(set(reads)) == 10

@@ -117,6 +117,27 @@ def test_images_map_back_to_the_full_label_space(tmp_path):
         streams.Images(f"npz:{tmp_path / 'x.npz'}", SIZE).size("test")
 
 
+def test_a_large_folder_is_served_lazily_with_its_raw_pixels(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from pleas_jax import data
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    eager = streams.Images(f"folder:{tmp_path}", SIZE)
+    want = eager.read("train", [3, 0, 5])
+    monkeypatch.setattr(data, "EAGER_BYTES", 0)  # every folder is "large"
+    lazy = streams.Images(f"folder:{tmp_path}", SIZE)
+    assert isinstance(lazy._loaded()["train"][0], data.LazyImages)
+    got = lazy.read("train", [3, 0, 5])
+    np.testing.assert_array_equal(got[1], want[1])
+    # Raw pixels: the lazy view skips the normalisation the eager arrays undo.
+    np.testing.assert_allclose(got[0], want[0], atol=1e-6)
+
+
 def test_tfds_images_are_read_by_index_and_missing_ones_say_how_to_build(tmp_path):
     with common.maybe_mock_data(12):
         images = streams.Images("tfds:domainnet/real", 8, num_classes=345)
