@@ -8,7 +8,8 @@ A data spec is a string:
   one channel) and ``y [N]``, or Keras's names ``x_train``/``y_train``;
   optional ``x_test``/``y_test``, else a deterministic split.
 - ``folder:PATH``: one sub-folder of images per class (sorted names), resized;
-  a large folder is read lazily (:class:`LazyImages`: only the images a
+  or ImageNet's layout, ``train/`` and ``val/`` (or ``test/``) each holding
+  the class folders, as the two splits. A large folder is read lazily (:class:`LazyImages`: only the images a
   merge, an evaluation or a training batch uses are decoded, when it uses them).
 - ``tfds:NAME[/CONFIG][:SPLIT]``: a TensorFlow Datasets source read with
   ``tfds.data_source`` (no TensorFlow needed; imported only here).
@@ -279,25 +280,48 @@ def _npz(path: str):
     return tuple(out)
 
 
-def _folder(path: str, size: int, lazy: bool | None):
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"no such folder: {path}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"{path} has no class sub-folders")
+def _class_files(root: Path, classes: Sequence[str]) -> tuple[list[Path], list[int]]:
+    """Image files under ``root/<class>/`` for each class name, with labels."""
     files, ys = [], []
     for label, name in enumerate(classes):
+        if not (root / name).is_dir():
+            continue
         for f in sorted((root / name).iterdir()):
             if f.suffix.lower() in IMAGE_SUFFIXES:
                 files.append(f)
                 ys.append(label)
-    if not files:
-        raise DataError(f"{path} holds no images")
+    return files, ys
+
+
+def _folder(path: str, size: int, lazy: bool | None):
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"no such folder: {path}")
+    # ImageNet's layout: train/ and val/ (or test/) each hold the class folders.
+    test_dir = next((root / t for t in ("val", "test") if (root / t).is_dir()), None)
+    if (root / "train").is_dir() and test_dir is not None:
+        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        extra = sorted({p.name for p in test_dir.iterdir() if p.is_dir()} - set(classes))
+        if extra:
+            raise DataError(f"{test_dir} has classes that {root / 'train'} lacks: {extra[:5]}")
+        parts = [_class_files(root / "train", classes), _class_files(test_dir, classes)]
+        wheres = [root / "train", test_dir]
+    else:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        parts = [_class_files(root, classes)]
+        wheres = [path]
+    if not classes:
+        raise DataError(f"{path} has no class sub-folders")
+    for (files, _), where in zip(parts, wheres, strict=True):
+        if not files:
+            raise DataError(f"{where} holds no images")
     if lazy is None:
-        lazy = len(files) * size * size * 3 * 4 > EAGER_BYTES
-    x = LazyImages(files, size) if lazy else _read_images(files, size)
-    return _split(x, np.asarray(ys, np.int32))
+        lazy = sum(len(files) for files, _ in parts) * size * size * 3 * 4 > EAGER_BYTES
+    read = (lambda files: LazyImages(files, size)) if lazy else (lambda files: _read_images(files, size))
+    out = []
+    for files, ys in parts:
+        out += [read(files), np.asarray(ys, np.int32)]
+    return _split(*out) if len(parts) == 1 else tuple(out)
 
 
 def _tfds(rest: str, size: int, data_dir: str | None):

@@ -167,6 +167,24 @@ def test_a_bad_image_file_is_named(tmp_path):
         data.load(f"folder:{root}", image_size=8)
 
 
+@pytest.mark.parametrize("lazy", [False, True])
+def test_imagenet_layout_gives_the_splits(tmp_path, lazy):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    _image_folder(tmp_path / "train", per_class=4)
+    _image_folder(tmp_path / "val", classes=("ant", "cat"), per_class=2, seed=1)
+    d = data.load(f"folder:{tmp_path}", image_size=8, lazy=lazy)
+    # Labels follow train/'s sorted class names; val/ may lack some (bee).
+    np.testing.assert_array_equal(d.y_train, np.repeat([0, 1, 2], 4))
+    np.testing.assert_array_equal(d.y_test, [0, 0, 2, 2])
+    assert d.x_test.shape == (4, 8, 8, 3)
+    sub = data.load(f"folder:{tmp_path}[1,2]", image_size=8, lazy=lazy)
+    np.testing.assert_array_equal(sub.y_test, [1, 1])
+    (tmp_path / "val" / "dog").mkdir()
+    with pytest.raises(data.DataError, match=r"val has classes that .*train lacks: \['dog'\]"):
+        data.load(f"folder:{tmp_path}", image_size=8, lazy=lazy)
+
+
 def test_tfds_mock():
     import tensorflow_datasets as tfds
 
