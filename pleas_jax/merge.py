@@ -11,12 +11,24 @@ first merge's matching (``precomputed_matching``) and least-squares sums
 (``statistics="pair"``, then ``statistics=result.pair_statistics``) to the
 next ones: only ratios, the partial merge, the solve and BatchNorm are redone.
 
-Example::
+Example: two ResNet-20s (base width 4, different seeds) merged at 1.5 times
+the compute of one, from 32 random images (run by
+``tests/test_docstrings.py``; with checkpoints, ``a = pleas_jax.load(path)``).
 
-    a, b = pleas_jax.load("ckpt/a"), pleas_jax.load("ckpt/b")
-    batches = list(pleas_jax.data.batches(images, batch_size=128))
-    result = pleas_jax.merge(a, b, batches, budget=1.5)
-    logits = result.module.apply(result.variables, images[:8])
+>>> import jax, jax.numpy as jnp, numpy as np
+>>> from pleas_jax import models
+>>> model = models.resnet("resnet20", num_classes=10, width=4)
+>>> images = np.asarray(jax.random.normal(jax.random.key(2), (32, 8, 8, 3)))
+>>> a = (model, model.init(jax.random.key(0), images[:1]))
+>>> b = (model, model.init(jax.random.key(1), images[:1]))
+>>> batches = [images[:16], images[16:]]
+>>> result = merge(a, b, batches, budget=1.5, progress=False)
+>>> round(result.report["achieved_budget"], 2)   # groups of 4 to 16 units round down
+1.46
+>>> result.logits(images[:4]).shape
+(4, 10)
+>>> sorted(result.report["seconds"])
+['batch norm', 'heads', 'least squares', 'matching', 'ratios', 'report', 'spec']
 """
 
 from __future__ import annotations

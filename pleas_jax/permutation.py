@@ -9,11 +9,21 @@ new unit ``i`` is old unit ``perm[g][i]``. After matching model B to model A,
 Every function is pure and works on numpy arrays, jax arrays and tracers, so it
 can run inside ``jax.jit`` with the index arrays as traced arguments.
 
-Example::
+Example (run by ``tests/test_docstrings.py``):
 
-    perm = random(spec, seed=0)
-    permuted = apply_permutation(variables, spec, perm)
-    back = apply_permutation(permuted, spec, invert(perm))   # == variables
+>>> import jax, jax.numpy as jnp, numpy as np
+>>> from pleas_jax import models, derive_spec
+>>> model = models.resnet("resnet20", num_classes=10, width=4)
+>>> x = jnp.ones((2, 8, 8, 3))
+>>> variables = model.init(jax.random.key(0), x)
+>>> spec = derive_spec(model, variables, x[:1])
+>>> perm = random(spec, seed=0)
+>>> permuted = apply_permutation(variables, spec, perm)
+>>> bool(jnp.allclose(model.apply(permuted, x), model.apply(variables, x), atol=1e-5))
+True
+>>> back = apply_permutation(permuted, spec, invert(perm))
+>>> all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(variables)))
+True
 """
 
 from __future__ import annotations

@@ -17,13 +17,17 @@ axis some primitive cannot permute, such as a conv's spatial axes) is a group.
 unchanged. :func:`spec_from_dict` and the small editing helpers below write or
 repair a spec by hand.
 
-Example::
+Example (a ResNet-20 of base width 4; run by ``tests/test_docstrings.py``):
 
-    model = models.resnet18(num_classes=10)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    spec = derive_spec(model, variables, jnp.zeros((1, 32, 32, 3)))
-    spec["params/layer1_0/conv1/kernel:3"].size          # 64
-    check_spec(model, variables, spec, jnp.ones((2, 32, 32, 3)))
+>>> import jax, jax.numpy as jnp
+>>> from pleas_jax import models
+>>> model = models.resnet("resnet20", num_classes=10, width=4)
+>>> x = jnp.zeros((1, 8, 8, 3))
+>>> variables = model.init(jax.random.key(0), x)
+>>> spec = derive_spec(model, variables, x)
+>>> len(spec), spec["params/layer1_0/conv1/kernel:3"].size
+(12, 4)
+>>> check_spec(model, variables, spec, jnp.ones((2, 8, 8, 3)))  # raises, naming a wrong group
 """
 
 from __future__ import annotations

@@ -5,6 +5,12 @@ permutation maximising ``sum_i scores[i, perm[i]]``. :func:`solve` validates
 the input and calls the solver, so a GPU or approximate solver can be plugged in
 without repeating the checks; :func:`solve_all` solves independent problems
 (one per group) on several threads.
+
+>>> import numpy as np
+>>> solve(np.array([[1.0, 5.0, 0.0],
+...                 [4.0, 2.0, 1.0],
+...                 [0.0, 3.0, 2.0]]))          # 5 + 4 + 2: the best total
+array([1, 0, 2])
 """
 
 from __future__ import annotations

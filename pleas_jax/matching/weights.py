@@ -9,6 +9,22 @@ a time, in a seeded random order, until a whole sweep improves nothing.
 Scores are kept in B's original coordinates: ``costs[g][i, j]`` compares A's
 unit i with B's unit j as stored in B, so ``costs[g][i, perm[g][i]]`` is the
 score of the pair that was matched.
+
+Example: B is A with every group's units shuffled; matching finds the shuffle
+(run by ``tests/test_docstrings.py``).
+
+>>> import jax, jax.numpy as jnp, numpy as np
+>>> from pleas_jax import models, derive_spec, apply_permutation, invert, permutation
+>>> model = models.resnet("resnet20", num_classes=10, width=4)
+>>> x = jnp.zeros((1, 8, 8, 3))
+>>> variables_a = model.init(jax.random.key(0), x)
+>>> spec = derive_spec(model, variables_a, x)
+>>> shuffle = permutation.random(spec, seed=1)
+>>> variables_b = apply_permutation(variables_a, spec, shuffle)
+>>> perm, costs = weight_matching(spec, variables_a, variables_b)
+>>> all(np.array_equal(perm[g], invert(shuffle)[g]) for g in spec)
+True
+>>> aligned = apply_permutation(variables_b, spec, perm)   # B's units in A's order
 """
 
 from __future__ import annotations
