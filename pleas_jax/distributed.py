@@ -100,6 +100,54 @@ def batch_sum(
     )
 
 
+def map_programs(
+    fn: Callable[[Any], Any], items: Sequence[Any], *, cost: Callable[[Any], float] | None = None,
+    threads: int | None = None,
+) -> list:
+    """``[fn(item) for item in items]`` for independent compiled programs, on a
+    CPU backend run from several threads.
+
+    XLA:CPU runs one program's LAPACK calls (the least-squares Cholesky and
+    eigh) on one core (OpenBLAS is kept to one thread, see
+    :mod:`pleas_jax`), and programs dispatched from one thread run one after
+    another. Dispatched from a pool, independent programs (one solve per
+    layer) use every core: four 3072-wide Cholesky solves took 1.22 s in a
+    loop and 0.73 s from two threads on this project's 2-core CPU. On GPUs and
+    TPUs asynchronous dispatch already queues them, and the plain loop keeps
+    device memory at one program's temporaries, so they keep the loop.
+
+    Args:
+      fn: called once per item; returns arrays (or a pytree of them). Called
+        from several threads at once on a CPU backend; jitted functions are
+        safe, but JAX's configuration contexts (``jax.default_matmul_precision``)
+        are per thread, so ``fn`` must enter any it relies on.
+      items: its arguments.
+      cost: an item's expected run time (any scale): with threads, the
+        costliest start first, so that the longest does not start last.
+      threads: most programs at once on a CPU backend (default: the CPU count,
+        at most 8); ``1`` gives the plain loop.
+
+    Returns:
+      the results in the order of ``items`` (on CPU, computed); the first
+      error a call raised is raised.
+    """
+    items = list(items)
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    workers = 1 if jax.default_backend() != "cpu" else threads or min(os.cpu_count() or 1, 8)
+    workers = min(workers, len(items))
+    if workers <= 1:
+        return [fn(item) for item in items]
+    import concurrent.futures
+
+    order = range(len(items)) if cost is None else sorted(range(len(items)), key=lambda i: -cost(items[i]))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        # Each worker waits for its program: dispatch alone returns at once,
+        # and the programs would then queue up behind each other again.
+        futures = {i: pool.submit(lambda item: jax.block_until_ready(fn(item)), items[i]) for i in order}
+        return [futures[i].result() for i in range(len(items))]
+
+
 def _check_address(address: str) -> None:
     # A missing port would otherwise surface as a gRPC connect timeout minutes
     # later, on every process.

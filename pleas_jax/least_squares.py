@@ -235,21 +235,29 @@ def solve(
     if ridge_centre not in (*RIDGE_CENTRES, None):
         raise ValueError(f"ridge_centre must be one of {RIDGE_CENTRES}, got {ridge_centre!r}")
     out = {}
+    problems = []
+    for name, s in stats.items():
+        layer = s["layer"]
+        relative = "init" in s
+        centre = ridge_centre or ("init" if relative else "zero")
+        if centre == "init" and not relative:
+            raise ValueError(f"layer {name}: ridge_centre='init' needs statistics taken with init")
+        sets = tuple((lo, hi, tuple(int(i) for i in idx)) for lo, hi, idx in _allowed_sets(layer))
+        args = (None, s["init"], s["init_grad"]) if relative else (s["cross"], None, None)
+        problems.append((name, layer, s["gram"], args, sets, centre))
+
+    def cholesky(p):
+        _, _, gram, args, sets, centre = p
+        with jax.default_matmul_precision("highest"):
+            return _solve_matrix(gram, *args, sets, float(ridge), centre, "cholesky")
+
     with jax.default_matmul_precision("highest"):
         # Every layer's Cholesky solve is dispatched before any result is
-        # read, and their finiteness comes back in one transfer: waiting on
-        # each layer in turn would leave an accelerator idle between solves.
-        pending = []
-        for name, s in stats.items():
-            layer = s["layer"]
-            relative = "init" in s
-            centre = ridge_centre or ("init" if relative else "zero")
-            if centre == "init" and not relative:
-                raise ValueError(f"layer {name}: ridge_centre='init' needs statistics taken with init")
-            sets = tuple((lo, hi, tuple(int(i) for i in idx)) for lo, hi, idx in _allowed_sets(layer))
-            args = (None, s["init"], s["init_grad"]) if relative else (s["cross"], None, None)
-            w, finite = _solve_matrix(s["gram"], *args, sets, float(ridge), centre, "cholesky")
-            pending.append((name, layer, s["gram"], args, sets, centre, w, finite))
+        # read (on a CPU from several threads, one core each), and their
+        # finiteness comes back in one transfer: waiting on each layer in
+        # turn would leave an accelerator idle between solves.
+        solved = distributed.map_programs(cholesky, problems, cost=lambda p: p[1].dim ** 3)
+        pending = [(*p, w, finite) for p, (w, finite) in zip(problems, solved, strict=True)]
         finite = jax.device_get([p[-1] for p in pending])
         for (name, layer, gram, args, sets, centre, w, _), ok in zip(pending, finite, strict=True):
             # NaN from Cholesky means the matrix is not positive definite (no

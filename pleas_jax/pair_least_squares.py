@@ -66,6 +66,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pleas_jax import distributed
+
 # Names, not the module: the package re-exports the function least_squares
 # under the module's name.
 from pleas_jax.least_squares import (
@@ -368,19 +370,23 @@ def fit(
             )
             results = {n: (params[n], before[n], after[n], False) for n in problems}
         else:
-            results = {}
-            for n, p in problems.items():
-                out = _solve_layer(stats.sums[n], p.args, float(ridge), ridge_centre, "cholesky")
-                # NaN from Cholesky: not positive definite (no ridge on a
-                # rank-deficient Gram); the pseudo-inverse then gives the
-                # least-squares solution of smallest norm.
-                fb = not bool(jnp.all(jnp.isfinite(out[0])))
-                if fb:
-                    out = _solve_layer(stats.sums[n], p.args, float(ridge), ridge_centre, "eigh")
-                # To the host at once: the device then holds the sums and one
-                # layer's projection and factorisation, never every solution.
-                results[n] = (*jax.device_get(out), fb)
-                del out
+            def one(n):
+                with jax.default_matmul_precision("highest"):
+                    args = (stats.sums[n], problems[n].args, float(ridge), ridge_centre)
+                    out = _solve_layer(*args, "cholesky")
+                    # NaN from Cholesky: not positive definite (no ridge on a
+                    # rank-deficient Gram); the pseudo-inverse then gives the
+                    # least-squares solution of smallest norm.
+                    fb = not bool(jnp.all(jnp.isfinite(out[0])))
+                    if fb:
+                        out = _solve_layer(*args, "eigh")
+                    # To the host at once: the device then holds the sums and
+                    # one layer's projection and factorisation (on a CPU, one
+                    # per thread), never every solution.
+                    return (*jax.device_get(out), fb)
+
+            solved = distributed.map_programs(one, list(problems), cost=lambda n: problems[n].layer.dim ** 3)
+            results = dict(zip(problems, solved, strict=True))
     for n, (w, before, after, fb) in results.items():
         layer = problems[n].layer
         w = np.asarray(w)[: layer.dim, : layer.c_out]

@@ -55,3 +55,49 @@ def test_multihost_args():
         args = distributed.multihost_args({**env, "JAX_COORDINATOR_ADDRESS": good})
         assert args["coordinator_address"] == good
     assert distributed.initialize_multihost({}) is False
+
+
+def test_map_programs_runs_on_threads_in_cost_order_and_returns_in_item_order():
+    import threading
+
+    import jax
+
+    solve = jax.jit(lambda g, b: jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(g), b))
+    rng = np.random.default_rng(0)
+    items = []
+    for n in (3, 40, 7, 120, 1):
+        a = rng.normal(size=(n, n + 2)).astype(np.float32)
+        items.append((a @ a.T + n * np.eye(n, dtype=np.float32), rng.normal(size=(n, 2)).astype(np.float32)))
+    started, threads = [], set()
+    both = threading.Barrier(2, timeout=30)  # the two costliest must run at once
+
+    def fn(item):
+        started.append(len(item[0]))
+        threads.add(threading.get_ident())
+        if len(item[0]) in (40, 120) and both is not None:
+            both.wait()
+        return solve(*item)
+
+    # Second implementation: numpy's solver, item by item.
+    want = [np.linalg.solve(g.astype(np.float64), b) for g, b in items]
+    out = distributed.map_programs(fn, items, cost=lambda it: len(it[0]), threads=2)
+    for got, w in zip(out, want, strict=True):
+        np.testing.assert_allclose(np.asarray(got), w, rtol=1e-3, atol=1e-4)
+    assert sorted(started[:2]) == [40, 120] and len(threads) == 2  # the costliest first, together
+    started.clear()
+    threads.clear()
+    both = None
+    loop = distributed.map_programs(fn, items, threads=1)
+    assert started == [3, 40, 7, 120, 1] and len(threads) == 1
+    for a, b in zip(loop, out, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    def fails(item):
+        if len(item[0]) == 7:
+            raise ValueError("layer 7 failed")
+        return solve(*item)
+
+    with pytest.raises(ValueError, match="layer 7 failed"):
+        distributed.map_programs(fails, items, threads=2)
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        distributed.map_programs(fn, items, threads=0)
