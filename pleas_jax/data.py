@@ -9,8 +9,9 @@ A data spec is a string:
   optional ``x_test``/``y_test``, else a deterministic split.
 - ``folder:PATH``: one sub-folder of images per class (sorted names), resized;
   or ImageNet's layout, ``train/`` and ``val/`` (or ``test/``) each holding
-  the class folders, as the two splits. A large folder is read lazily (:class:`LazyImages`: only the images a
-  merge, an evaluation or a training batch uses are decoded, when it uses them).
+  the class folders, as the two splits. A large folder is read lazily
+  (:class:`LazyImages`: only the images a merge, an evaluation or a training
+  batch uses are decoded, when it uses them).
 - ``tfds:NAME[/CONFIG][:SPLIT]``: a TensorFlow Datasets source read with
   ``tfds.data_source`` (no TensorFlow needed; imported only here).
 
