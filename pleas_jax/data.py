@@ -32,6 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+# DataError and LazyImages belong to this module's API; image_files (below) defines them.
+from pleas_jax.image_files import DataError, LazyImages, read_images
+
 DEFAULT_SIZE = 32
 # torchvision's ImageNet input statistics (images in [0, 1]): what its ResNets,
 # and the PLeaS release's, were trained on.
@@ -73,98 +76,6 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-
-class DataError(ValueError):
-    """A data spec that cannot be read; the message says why."""
-
-
-def _read_image(path: Path, size: int) -> np.ndarray:
-    """One image file as float32 ``[size, size, 3]`` in ``[0, 1]`` (RGB, bilinear)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            out = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
-    except Exception as e:  # PIL raises several kinds for a bad file
-        raise DataError(f"cannot read image {path}: {e}") from None
-    return out.astype(np.float32) / 255.0
-
-
-def _read_images(paths: Sequence[Path], size: int) -> np.ndarray:
-    """Image files as float32 ``[n, size, size, 3]``, decoded on a few threads
-    (PIL releases the GIL while it decodes and resizes)."""
-    if not paths:
-        return np.zeros((0, size, size, 3), np.float32)
-    workers = min(len(paths), os.cpu_count() or 1, 8)
-    if workers == 1:
-        return np.stack([_read_image(p, size) for p in paths])
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return np.stack(list(pool.map(lambda p: _read_image(p, size), paths)))
-
-
-class LazyImages:
-    """Images ``[N, S, S, 3]`` of a folder, read from their files when indexed.
-
-    It stands for the float32 array of the (normalised) images wherever this
-    package reads images: ``len(x)``, ``x.shape``, ``x[i]``, ``x[a:b]``,
-    ``x[int array]`` and ``x[bool mask]`` return numpy arrays and decode only
-    those images; ``np.asarray(x)`` decodes them all. :meth:`take` and
-    :meth:`normalized` return lazy views.
-
-    Args:
-      files: the image files.
-      size: side ``S`` the images are resized to.
-      index: which of ``files``, in order (default: all).
-      mean, std: ``[3]`` normalisation applied on reading, or ``None``.
-    """
-
-    ndim = 4
-    dtype = np.dtype(np.float32)
-
-    def __init__(self, files: Sequence[Path], size: int, *, index=None, mean=None, std=None):
-        self._files = tuple(files)
-        self._size = int(size)
-        self._index = np.arange(len(self._files)) if index is None else np.asarray(index, np.int64)
-        self._mean, self._std = mean, std
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (len(self._index), self._size, self._size, 3)
-
-    def __repr__(self) -> str:
-        return f"LazyImages(shape={self.shape}, normalised={self._mean is not None})"
-
-    def take(self, key) -> LazyImages:
-        """A lazy view of the images ``key`` selects (as ``x[key]`` would)."""
-        return LazyImages(self._files, self._size, index=self._index[key], mean=self._mean, std=self._std)
-
-    def normalized(self, mean, std) -> LazyImages:
-        """A lazy view whose images come out as ``(x - mean) / std``; with
-        ``None``, as read (in ``[0, 1]``)."""
-        if mean is None or std is None:
-            return LazyImages(self._files, self._size, index=self._index)
-        return LazyImages(self._files, self._size, index=self._index,
-                          mean=np.asarray(mean, np.float32), std=np.asarray(std, np.float32))
-
-    def __getitem__(self, key) -> np.ndarray:
-        if isinstance(key, tuple):
-            raise TypeError("LazyImages index the first axis only; take x[i] and index the array")
-        if isinstance(key, int | np.integer):
-            return self[np.asarray([key])][0]
-        x = _read_images([self._files[i] for i in self._index[key]], self._size)
-        if self._mean is not None:
-            x = ((x - self._mean) / self._std).astype(np.float32)
-        return x
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        x = self[:]
-        return x if dtype is None else x.astype(dtype)
 
 
 def _rows(x, idx):
@@ -318,7 +229,7 @@ def _folder(path: str, size: int, lazy: bool | None):
             raise DataError(f"{where} holds no images")
     if lazy is None:
         lazy = sum(len(files) for files, _ in parts) * size * size * 3 * 4 > EAGER_BYTES
-    read = (lambda files: LazyImages(files, size)) if lazy else (lambda files: _read_images(files, size))
+    read = (lambda files: LazyImages(files, size)) if lazy else (lambda files: read_images(files, size))
     out = []
     for files, ys in parts:
         out += [read(files), np.asarray(ys, np.int32)]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pleas_jax import data
+from pleas_jax import data, image_files
 
 
 def test_parse_subset():
@@ -101,13 +101,13 @@ def _image_folder(root, classes=("ant", "bee", "cat"), per_class=7, seed=0):
 
 def _count_reads(monkeypatch):
     reads = []
-    original = data._read_image
+    original = image_files.read_image
 
     def counting(path, size):
         reads.append(path)
         return original(path, size)
 
-    monkeypatch.setattr(data, "_read_image", counting)
+    monkeypatch.setattr(image_files, "read_image", counting)
     return reads
 
 

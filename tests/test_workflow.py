@@ -7,7 +7,7 @@ import stat
 import numpy as np
 import pytest
 
-from pleas_jax import data, models
+from pleas_jax import data, image_files, models
 from pleas_jax.data import IMAGENET_NORMALIZATION
 from pleas_jax.workflow import Model, dataset_for, merge_batches, write_json
 
@@ -55,8 +55,8 @@ def test_a_merge_of_a_large_folder_decodes_only_the_images_it_uses(tmp_path, mon
             Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.jpg")
     monkeypatch.setattr(data, "EAGER_BYTES", 1 << 16)  # 48 training images at 64 px exceed it
     reads = []
-    original = data._read_image
-    monkeypatch.setattr(data, "_read_image", lambda p, s: reads.append(p) or original(p, s))
+    original = image_files.read_image
+    monkeypatch.setattr(image_files, "read_image", lambda p, s: reads.append(p) or original(p, s))
     # A converted torchvision model records its size and ImageNet normalisation:
     # no statistics pass over the folder.
     stem = {"params": {"conv1": {"kernel": np.zeros((7, 7, 3, 64), np.float32)}}}  # 3 channels
