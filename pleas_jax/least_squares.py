@@ -257,9 +257,9 @@ def solve(
         # finiteness comes back in one transfer: waiting on each layer in
         # turn would leave an accelerator idle between solves.
         solved = distributed.map_programs(cholesky, problems, cost=lambda p: p[1].dim ** 3)
-        pending = [(*p, w, finite) for p, (w, finite) in zip(problems, solved, strict=True)]
-        finite = jax.device_get([p[-1] for p in pending])
-        for (name, layer, gram, args, sets, centre, w, _), ok in zip(pending, finite, strict=True):
+        finite = jax.device_get([ok for _, ok in solved])
+        for problem, (w, _), ok in zip(problems, solved, finite, strict=True):
+            name, layer, gram, args, sets, centre = problem
             # NaN from Cholesky means the matrix is not positive definite (no
             # ridge on a rank-deficient Gram, or round-off); the pseudo-inverse
             # then gives the least-squares solution of smallest norm.
