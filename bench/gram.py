@@ -41,8 +41,11 @@ def _measure(layer, x, y, mask, precisions, repeat):
     seconds, errors = {}, {}
     for prec in precisions:
         for gram in ("patches", "shifts", "auto"):
-            fn = jax.jit(lambda x, y, m, gram=gram, prec=prec:
-                         batch_sums(layer, x, y, m, gram=gram, precision=prec))
+            fn = jax.jit(
+                lambda x, y, m, gram=gram, prec=prec: batch_sums(
+                    layer, x, y, m, gram=gram, precision=prec
+                )
+            )
             key = f"{gram}/{prec}"
             seconds[key] = best_of(lambda fn=fn: fn(x, y, mask), repeat)[2]
             g = np.asarray(fn(x, y, mask)["gram"], np.float64)
@@ -64,8 +67,19 @@ def main(argv=None):
     rows = []
     for c_one, down in SHAPES:
         c, hw = int(round(c_one * a.budget)), max(a.size // down, 1)
-        layer = Layer("c", "conv", (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), False, None, None,
-                      (c, 0, 0), (c, 0, 0))
+        layer = Layer(
+            "c",
+            "conv",
+            (3, 3),
+            (1, 1),
+            ((1, 1), (1, 1)),
+            (1, 1),
+            False,
+            None,
+            None,
+            (c, 0, 0),
+            (c, 0, 0),
+        )
         x = jnp.asarray(np.maximum(rng.normal(size=(a.batch_size, hw, hw, c)), 0), jnp.float32)
         y = jnp.asarray(rng.normal(size=(a.batch_size, hw, hw, c)), jnp.float32)
         mask = jnp.ones((a.batch_size,), jnp.float32)
@@ -74,8 +88,13 @@ def main(argv=None):
         row["seconds"], row["gram_error"] = _measure(layer, x, y, mask, a.precision, a.repeat)
         print(f"gram.py: {c} channels, {hw}x{hw}: {row['seconds']}", file=sys.stderr)
         rows.append(row)
-    out = {"device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-           "jax_version": jax.__version__, "config": vars(a), "layers": rows}
+    out = {
+        "device_kind": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(),
+        "jax_version": jax.__version__,
+        "config": vars(a),
+        "layers": rows,
+    }
     print(json.dumps(out, indent=1))
 
 

@@ -68,8 +68,12 @@ def main(argv=None):
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--budgets", type=float, nargs="+", default=[1.0, 1.5])
     p.add_argument("--repeat", type=int, default=1, help="timed calls after the first")
-    p.add_argument("--gram", default="auto", choices=["auto", "patches", "shifts"],
-                   help="how conv Grams are formed")
+    p.add_argument(
+        "--gram",
+        default="auto",
+        choices=["auto", "patches", "shifts"],
+        help="how conv Grams are formed",
+    )
     p.add_argument("--gd-steps", type=int, default=0, help="also time the gradient mode")
     a = p.parse_args(argv)
 

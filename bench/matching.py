@@ -31,7 +31,9 @@ def _model(arch, classes, size, seed):
     m = models.resnet(arch, num_classes=classes)
     v = m.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))
     rng = np.random.default_rng(seed)
-    stats = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape), a.dtype), v["batch_stats"])
+    stats = jax.tree.map(
+        lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape), a.dtype), v["batch_stats"]
+    )
     return m, {"params": v["params"], "batch_stats": stats}
 
 
@@ -43,8 +45,12 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--similarity", default="distance")
-    p.add_argument("--precision", default="highest", choices=["highest", "bf16_3x", "bfloat16"],
-                   help="matmul precision of the cross moments (pleas_jax.products)")
+    p.add_argument(
+        "--precision",
+        default="highest",
+        choices=["highest", "bf16_3x", "bfloat16"],
+        help="matmul precision of the cross moments (pleas_jax.products)",
+    )
     p.add_argument("--repeat", type=int, default=2)
     a = p.parse_args(argv)
 
@@ -57,8 +63,9 @@ def main(argv=None):
     _, wm_first, wm_best = best_of(lambda: weight_matching(spec, va, vb), a.repeat)
 
     def stats():
-        s = activation_statistics(ma, va, mb, vb, spec, batches, a.similarity,
-                                  precision=a.precision)
+        s = activation_statistics(
+            ma, va, mb, vb, spec, batches, a.similarity, precision=a.precision
+        )
         return jax.block_until_ready(s)
 
     _, st_first, st_best = best_of(stats, a.repeat)

@@ -48,53 +48,98 @@ def parse_args(argv=None) -> argparse.Namespace:
     in the environment when JAX starts)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="resnet18", choices=ARCHS)
-    p.add_argument("--width", type=int, default=None,
-                   help="base width (default: 64 for ImageNet ResNets, 16 for resnet20)")
-    p.add_argument("--classes", type=int, default=None,
-                   help="classifier outputs (default: 1000, resnet20: 10)")
+    p.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="base width (default: 64 for ImageNet ResNets, 16 for resnet20)",
+    )
+    p.add_argument(
+        "--classes", type=int, default=None, help="classifier outputs (default: 1000, resnet20: 10)"
+    )
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--budgets", type=float, nargs="+", default=[1.0, 1.5])
-    p.add_argument("--models", default="random", choices=["random", "perturbed"],
-                   help="two seeds, or model A and A plus relative noise --perturbation")
-    p.add_argument("--perturbation", type=float, default=0.1,
-                   help="noise std relative to each parameter leaf's std (--models perturbed)")
-    p.add_argument("--matching", default="activation", choices=["activation", "weight"],
-                   help="the matching the per-stage pipeline and the whole merge use")
+    p.add_argument(
+        "--models",
+        default="random",
+        choices=["random", "perturbed"],
+        help="two seeds, or model A and A plus relative noise --perturbation",
+    )
+    p.add_argument(
+        "--perturbation",
+        type=float,
+        default=0.1,
+        help="noise std relative to each parameter leaf's std (--models perturbed)",
+    )
+    p.add_argument(
+        "--matching",
+        default="activation",
+        choices=["activation", "weight"],
+        help="the matching the per-stage pipeline and the whole merge use",
+    )
     p.add_argument("--ratios", default="uniform", choices=["uniform", "zip", "optimized"])
-    p.add_argument("--unit-multiple", type=int, default=None,
-                   help="round separate-unit counts down to multiples of this "
-                        "(pleas_jax.budget.align_ratios, merge(unit_multiple=...))")
-    p.add_argument("--similarity", default="distance",
-                   choices=["distance", "correlation", "inner"])
+    p.add_argument(
+        "--unit-multiple",
+        type=int,
+        default=None,
+        help="round separate-unit counts down to multiples of this "
+        "(pleas_jax.budget.align_ratios, merge(unit_multiple=...))",
+    )
+    p.add_argument("--similarity", default="distance", choices=["distance", "correlation", "inner"])
     p.add_argument("--max-iter", type=int, default=100, help="weight matching sweeps")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="compute dtype of the models in the activation statistics stage and "
-                        "merge()'s matching (accumulation stays fp32); bfloat16 also reports "
-                        "the deviation from fp32 statistics")
-    p.add_argument("--matching-precision", default="highest",
-                   choices=["highest", "bf16_3x", "bfloat16"],
-                   help="matmul precision of the activation statistics' cross moments of fp32 "
-                        "features (pleas_jax.products); not highest also reports the deviation "
-                        "from highest")
-    p.add_argument("--ls-precision", default="highest", choices=["highest", "bf16_3x", "bfloat16"],
-                   help="matmul precision of the least-squares sums (pleas_jax.products): fp32, "
-                        "three bf16 products per fp32 product, or one")
-    p.add_argument("--max-memory-bytes", type=int, default=-1,
-                   help="least-squares statistics bound per pass, passed to least_squares and "
-                        "merge (-1: the library's default; 0: no bound, one pass)")
-    p.add_argument("--statistics", default="per_merge", choices=["per_merge", "pair"],
-                   help="merge()'s least-squares statistics (the per-stage least squares is "
-                        "always per merge)")
-    p.add_argument("--xla-flops", action="store_true",
-                   help="let merge() cross-check FLOPs with XLA (off: not part of merging)")
-    p.add_argument("--warm", action="store_true",
-                   help="do not clear JAX's compilation caches before each stage: a first "
-                        "call then compiles only what no earlier stage compiled (quicker, "
-                        "for smoke tests; first-call figures understate compilation)")
-    p.add_argument("--devices", type=int, default=None,
-                   help="run on this many simulated CPU devices")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="compute dtype of the models in the activation statistics stage and "
+        "merge()'s matching (accumulation stays fp32); bfloat16 also reports "
+        "the deviation from fp32 statistics",
+    )
+    p.add_argument(
+        "--matching-precision",
+        default="highest",
+        choices=["highest", "bf16_3x", "bfloat16"],
+        help="matmul precision of the activation statistics' cross moments of fp32 "
+        "features (pleas_jax.products); not highest also reports the deviation "
+        "from highest",
+    )
+    p.add_argument(
+        "--ls-precision",
+        default="highest",
+        choices=["highest", "bf16_3x", "bfloat16"],
+        help="matmul precision of the least-squares sums (pleas_jax.products): fp32, "
+        "three bf16 products per fp32 product, or one",
+    )
+    p.add_argument(
+        "--max-memory-bytes",
+        type=int,
+        default=-1,
+        help="least-squares statistics bound per pass, passed to least_squares and "
+        "merge (-1: the library's default; 0: no bound, one pass)",
+    )
+    p.add_argument(
+        "--statistics",
+        default="per_merge",
+        choices=["per_merge", "pair"],
+        help="merge()'s least-squares statistics (the per-stage least squares is always per merge)",
+    )
+    p.add_argument(
+        "--xla-flops",
+        action="store_true",
+        help="let merge() cross-check FLOPs with XLA (off: not part of merging)",
+    )
+    p.add_argument(
+        "--warm",
+        action="store_true",
+        help="do not clear JAX's compilation caches before each stage: a first "
+        "call then compiles only what no earlier stage compiled (quicker, "
+        "for smoke tests; first-call figures understate compilation)",
+    )
+    p.add_argument(
+        "--devices", type=int, default=None, help="run on this many simulated CPU devices"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
@@ -114,8 +159,11 @@ def configure_devices(n: int | None) -> None:
     if n is None:
         return
     flag = f"--xla_force_host_platform_device_count={n}"
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     os.environ["XLA_FLAGS"] = " ".join([*flags, flag])
     os.environ["JAX_PLATFORMS"] = "cpu"
     if "jax" in sys.modules:
@@ -226,8 +274,11 @@ def forward_times(module, va, vb, batches, mesh) -> dict:
     _, t = timed_twice(from_host, name="forward")
     resident = [distributed.shard_batch(xb, mesh)[0] for xb in batches]
     jax.block_until_ready(resident)
-    _, t_res = timed_twice(lambda: [(f(va, x), f(vb, x)) for x in resident], cold=False,
-                          name="forward, device-resident")
+    _, t_res = timed_twice(
+        lambda: [(f(va, x), f(vb, x)) for x in resident],
+        cold=False,
+        name="forward, device-resident",
+    )
     return {**t, "device_resident_s": t_res["steady_s"]}
 
 
@@ -242,8 +293,19 @@ def memory_bound(args):
     return args.max_memory_bytes or None
 
 
-def least_squares_stage(module, va, vb, spec, blocks, merged_module, merged, batches, mesh,
-                        max_memory_bytes, precision="highest"):
+def least_squares_stage(
+    module,
+    va,
+    vb,
+    spec,
+    blocks,
+    merged_module,
+    merged,
+    batches,
+    mesh,
+    max_memory_bytes,
+    precision="highest",
+):
     """Least squares exactly as :func:`pleas_jax.merge.merge` calls it with
     per-merge statistics (closed form, default ridge, the data as a callable
     returning the batches); the one place to adapt when its internals change.
@@ -254,8 +316,19 @@ def least_squares_stage(module, va, vb, spec, blocks, merged_module, merged, bat
     from pleas_jax.least_squares import least_squares
 
     variables, report = least_squares(
-        module, va, module, vb, spec, blocks, merged_module, merged, lambda: batches,
-        mode="closed_form", max_memory_bytes=max_memory_bytes, mesh=mesh, precision=precision,
+        module,
+        va,
+        module,
+        vb,
+        spec,
+        blocks,
+        merged_module,
+        merged,
+        lambda: batches,
+        mode="closed_form",
+        max_memory_bytes=max_memory_bytes,
+        mesh=mesh,
+        precision=precision,
         progress=False,
     )
     seconds = {k: float(v) for k, v in report.get("seconds", {}).items()}
@@ -294,8 +367,11 @@ def gram_bytes(table, spec, ratios) -> dict:
         c_in = la.c_in + (sep[la.in_group] if la.in_group is not None else 0)
         dim = c_in * math.prod(la.kernel_size) + int(la.bias)
         sizes.append(4 * dim * dim)
-    return {"gram_bytes": int(sum(sizes)), "largest_gram_bytes": int(max(sizes)),
-            "layers": len(sizes)}
+    return {
+        "gram_bytes": int(sum(sizes)),
+        "largest_gram_bytes": int(max(sizes)),
+        "layers": len(sizes),
+    }
 
 
 # ---------------------------------------------------------------------- main
@@ -333,11 +409,11 @@ def run(args) -> dict:
         stages[name] = {**t, "over_forward": t["steady_s"] / fw, **extra}
         return stages[name]
 
-    spec, t = timed_twice(lambda: derive_spec(module, va, example), sync=lambda s: 0,
-                           name="spec")
+    spec, t = timed_twice(lambda: derive_spec(module, va, example), sync=lambda s: 0, name="spec")
     record("spec", t, groups=len(spec))
     table, t = timed_twice(
-        lambda: budget.layer_table(module, va, spec, example.shape[1:]), sync=lambda s: 0,
+        lambda: budget.layer_table(module, va, spec, example.shape[1:]),
+        sync=lambda s: 0,
         name="layer table",
     )
     record("layer_table", t)
@@ -359,25 +435,40 @@ def run(args) -> dict:
     record("weight_matching", t, assignments=len(host_lap), assignment_s=sum(host_lap))
     # The same with one group at a time: what solving independent groups in
     # threads saves where the host has cores to spare.
-    _, t = timed_twice(lambda: weight_matching(spec, va, vb, max_iter=args.max_iter, threads=1),
-                       name="weight matching, one thread")
+    _, t = timed_twice(
+        lambda: weight_matching(spec, va, vb, max_iter=args.max_iter, threads=1),
+        name="weight matching, one thread",
+    )
     record("weight_matching_one_thread", t)
 
     stats, t = timed_twice(
-        lambda: activation_statistics(module, va, module, vb, spec, batches, args.similarity,
-                                      mesh=mesh, dtype=args.dtype,
-                                      precision=args.matching_precision),
+        lambda: activation_statistics(
+            module,
+            va,
+            module,
+            vb,
+            spec,
+            batches,
+            args.similarity,
+            mesh=mesh,
+            dtype=args.dtype,
+            precision=args.matching_precision,
+        ),
         name="activation statistics",
     )
-    record("activation_statistics", t, dtype=args.dtype, precision=args.matching_precision,
-           steady_s_per_1000_images=t["steady_s"] * 1000.0 / args.images)
+    record(
+        "activation_statistics",
+        t,
+        dtype=args.dtype,
+        precision=args.matching_precision,
+        steady_s_per_1000_images=t["steady_s"] * 1000.0 / args.images,
+    )
 
     def assign(st):
         scores = statistics_to_scores(st, args.similarity)
         return lap.solve_all({g: scores[g] for g in spec}), scores
 
-    (perm_act, scores), t = timed_twice(lambda: assign(stats), sync=lambda r: 0,
-                                        name="assignment")
+    (perm_act, scores), t = timed_twice(lambda: assign(stats), sync=lambda r: 0, name="assignment")
     record("assignment", t)
 
     matching_check = None
@@ -385,17 +476,22 @@ def run(args) -> dict:
         # bf16 compute or products must leave the matching within tolerance
         # of fp32's.
         stats32, t = timed_twice(
-            lambda: activation_statistics(module, va, module, vb, spec, batches, args.similarity,
-                                          mesh=mesh),
+            lambda: activation_statistics(
+                module, va, module, vb, spec, batches, args.similarity, mesh=mesh
+            ),
             name="activation statistics fp32",
         )
         record("activation_statistics_fp32", t, dtype="float32")
         perm32, scores32 = assign(stats32)
-        rel = max(float(np.max(np.abs(scores[g] - scores32[g])) / max(np.max(np.abs(scores32[g])),
-                                                                       1e-12)) for g in spec)
+        rel = max(
+            float(np.max(np.abs(scores[g] - scores32[g])) / max(np.max(np.abs(scores32[g])), 1e-12))
+            for g in spec
+        )
         agree = sum(int(np.sum(perm_act[g] == perm32[g])) for g in spec)
-        matching_check = {"max_relative_score_difference": rel,
-                      "permutation_agreement": agree / sum(spec[g].size for g in spec)}
+        matching_check = {
+            "max_relative_score_difference": rel,
+            "permutation_agreement": agree / sum(spec[g].size for g in spec),
+        }
     if args.dtype == "bfloat16":
         m_fw = module.clone(dtype=jnp.bfloat16)
         forward["bfloat16_steady_s"] = forward_times(m_fw, va, vb, batches, mesh)["steady_s"]
@@ -412,12 +508,26 @@ def run(args) -> dict:
         from pleas_jax.pair_least_squares import pair_statistics
 
         pair_stats, t = timed_twice(
-            lambda: pair_statistics(module, va, module, vb, spec, batches, mesh=mesh,
-                                    precision=args.ls_precision, max_memory_bytes=bound),
-            sync=lambda r: r.sums, name="pair statistics",
+            lambda: pair_statistics(
+                module,
+                va,
+                module,
+                vb,
+                spec,
+                batches,
+                mesh=mesh,
+                precision=args.ls_precision,
+                max_memory_bytes=bound,
+            ),
+            sync=lambda r: r.sums,
+            name="pair statistics",
         )
-        record("pair_statistics", t, bytes=pair_stats.nbytes,
-               steady_s_per_1000_images=t["steady_s"] * 1000.0 / args.images)
+        record(
+            "pair_statistics",
+            t,
+            bytes=pair_stats.nbytes,
+            steady_s_per_1000_images=t["steady_s"] * 1000.0 / args.images,
+        )
     rows = []
     for i, b in enumerate(args.budgets):
         row: dict = {"budget": b}
@@ -444,10 +554,20 @@ def run(args) -> dict:
         split: list[dict] = []  # what least squares reports, first and second call
         ls_mem: list = []
 
-        def ls(merged_module=merged_module, merged=merged, blocks=blocks, split=split,
-               ls_mem=ls_mem):
+        def ls(
+            merged_module=merged_module, merged=merged, blocks=blocks, split=split, ls_mem=ls_mem
+        ):
             out, seconds, mem = least_squares_stage(
-                module, va, vb, spec, blocks, merged_module, merged, batches, mesh, bound,
+                module,
+                va,
+                vb,
+                spec,
+                blocks,
+                merged_module,
+                merged,
+                batches,
+                mesh,
+                bound,
                 args.ls_precision,
             )
             split.append(seconds)
@@ -458,39 +578,60 @@ def run(args) -> dict:
         # Time least squares spends outside its own statistics and solve
         # (layer discovery, geometry checks, residuals, writing the solution).
         other = t["steady_s"] - sum(split[1].values())
-        row["least_squares"] = {**t, "over_forward": t["steady_s"] / fw,
-                                "reported_first_call": split[0], "reported_steady": split[1],
-                                "steady_outside_reported_s": other,
-                                "reported_memory": ls_mem[-1]}
+        row["least_squares"] = {
+            **t,
+            "over_forward": t["steady_s"] / fw,
+            "reported_first_call": split[0],
+            "reported_steady": split[1],
+            "steady_outside_reported_s": other,
+            "reported_memory": ls_mem[-1],
+        }
         if pair_stats is not None:
             from pleas_jax.pair_least_squares import fit
 
-            _, t = timed_twice(lambda blocks=blocks, merged=merged: fit(pair_stats, blocks, merged),
-                               sync=lambda r: r[0], name=f"budget {b}: pair fit")
+            _, t = timed_twice(
+                lambda blocks=blocks, merged=merged: fit(pair_stats, blocks, merged),
+                sync=lambda r: r[0],
+                name=f"budget {b}: pair fit",
+            )
             row["pair_fit"] = {**t, "over_forward": t["steady_s"] / fw}
         _, t = timed_twice(
-            lambda mm=merged_module, fitted=fitted: recompute_batch_norm(mm, fitted, batches,
-                                                                          mesh=mesh),
+            lambda mm=merged_module, fitted=fitted: recompute_batch_norm(
+                mm, fitted, batches, mesh=mesh
+            ),
             name=f"budget {b}: batch norm",
         )
         row["batch_norm"] = {**t, "over_forward": t["steady_s"] / fw}
 
         result, t = timed_twice(
             lambda b=b: merge(
-                (module, va), (module, vb), batches, b, matching=args.matching,
-                ratios=args.ratios, unit_multiple=args.unit_multiple,
-                similarity=args.similarity, max_iter=args.max_iter,
-                matching_dtype=args.dtype, matching_precision=args.matching_precision,
+                (module, va),
+                (module, vb),
+                batches,
+                b,
+                matching=args.matching,
+                ratios=args.ratios,
+                unit_multiple=args.unit_multiple,
+                similarity=args.similarity,
+                max_iter=args.max_iter,
+                matching_dtype=args.dtype,
+                matching_precision=args.matching_precision,
                 ls_precision=args.ls_precision,
-                statistics=args.statistics, max_memory_bytes=bound,
-                count_xla_flops=args.xla_flops, mesh=mesh, progress=False,
+                statistics=args.statistics,
+                max_memory_bytes=bound,
+                count_xla_flops=args.xla_flops,
+                mesh=mesh,
+                progress=False,
             ),
             sync=lambda r: r.variables,
             name=f"budget {b}: merge",
         )
-        row["merge"] = {**t, "over_forward": t["steady_s"] / fw,
-                        "first_call_over_forward": t["first_call_s"] / fw,
-                        "stage_seconds_steady": result.report["seconds"]}
+        row["merge"] = {
+            **t,
+            "over_forward": t["steady_s"] / fw,
+            "first_call_over_forward": t["first_call_s"] / fw,
+            "stage_seconds_steady": result.report["seconds"],
+        }
         row["achieved_budget"] = float(result.report["achieved_budget"])
         row["macs"] = int(result.report["macs"])
         row["macs_source"] = int(result.report["macs_source"])

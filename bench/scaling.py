@@ -29,8 +29,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _run_args(a) -> list[str]:
     """The ``bench/run.py`` arguments that describe the models and data."""
-    out = ["--arch", a.arch, "--size", str(a.size), "--images", str(a.images),
-           "--batch-size", str(a.batch_size), "--similarity", a.similarity, "--seed", str(a.seed)]
+    out = [
+        "--arch",
+        a.arch,
+        "--size",
+        str(a.size),
+        "--images",
+        str(a.images),
+        "--batch-size",
+        str(a.batch_size),
+        "--similarity",
+        a.similarity,
+        "--seed",
+        str(a.seed),
+    ]
     if a.width is not None:
         out += ["--width", str(a.width)]
     return out
@@ -54,12 +66,17 @@ def worker(a) -> dict:
     spec = derive_spec(module, va, batches[0][:1])
     forward = run.forward_times(module, va, vb, batches, mesh)
     _, t = run.timed_twice(
-        lambda: activation_statistics(module, va, module, vb, spec, batches, a.similarity,
-                                      mesh=mesh)
+        lambda: activation_statistics(
+            module, va, module, vb, spec, batches, a.similarity, mesh=mesh
+        )
     )
-    return {"devices": len(jax.devices()), "device_kind": jax.devices()[0].device_kind,
-            "statistics": t, "forward": forward,
-            "statistics_over_forward": t["steady_s"] / forward["steady_s"]}
+    return {
+        "devices": len(jax.devices()),
+        "device_kind": jax.devices()[0].device_kind,
+        "statistics": t,
+        "forward": forward,
+        "statistics_over_forward": t["steady_s"] / forward["steady_s"],
+    }
 
 
 def main(argv=None) -> dict:
@@ -84,8 +101,11 @@ def main(argv=None) -> dict:
     rows = []
     for n in a.device_counts:
         env = dict(os.environ, JAX_PLATFORMS="cpu")
-        flags = [f for f in env.get("XLA_FLAGS", "").split()
-                 if not f.startswith("--xla_force_host_platform_device_count")]
+        flags = [
+            f
+            for f in env.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")
+        ]
         env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
         passed = sys.argv[1:] if argv is None else list(argv)
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", *passed]

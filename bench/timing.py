@@ -62,8 +62,11 @@ def timed_twice(fn, sync=None, cold: bool | None = None, name: str | None = None
         jax.block_until_ready(sync(out))
         times.append(time.perf_counter() - t0)
     if name:
-        print(f"bench: {name}: first call {times[0]:.3f} s, steady {times[1]:.3f} s",
-              file=sys.stderr, flush=True)
+        print(
+            f"bench: {name}: first call {times[0]:.3f} s, steady {times[1]:.3f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     return out, {"first_call_s": times[0], "steady_s": times[1]}
 
 

@@ -88,8 +88,12 @@ def describe_path(rel: str | os.PathLike) -> dict[str, str]:
     if len(parts) == 3:
         info = {"model_type": parts[0], "dataset": parts[1], "variant": parts[2]}
     elif len(parts) == 4 and parts[1] == DOMAINNET:
-        info = {"model_type": parts[0], "dataset": DOMAINNET, "domain": parts[2],
-                "variant": parts[3]}
+        info = {
+            "model_type": parts[0],
+            "dataset": DOMAINNET,
+            "domain": parts[2],
+            "variant": parts[3],
+        }
     elif parts and parts[0] in MODEL_TYPES:
         info = {"model_type": parts[0]}
     return info
@@ -212,8 +216,9 @@ def convert_checkpoint(
     sha = sha256_file(src_pth)
     done = _existing(dst_dir, sha, overwrite)
     if done is not None:
-        return _row(src_pth, dst_dir, "skipped", **_from_metadata(done),
-                    seconds=time.perf_counter() - t0)
+        return _row(
+            src_pth, dst_dir, "skipped", **_from_metadata(done), seconds=time.perf_counter() - t0
+        )
 
     conv = convert_file(src_pth)
     module = conv.module
@@ -265,8 +270,11 @@ def convert_checkpoint(
         _remove_empty(created)
         raise
     return _row(
-        src_pth, dst_dir, "converted",
-        arch=arch, num_classes=module.num_classes,
+        src_pth,
+        dst_dir,
+        "converted",
+        arch=arch,
+        num_classes=module.num_classes,
         max_abs=None if record is None else record["max_abs"],
         max_rel=None if record is None else record["max_rel"],
         seconds=time.perf_counter() - t0,
@@ -325,15 +333,24 @@ def iter_convert_tree(
             t0 = time.perf_counter()
             try:
                 row = convert_checkpoint(
-                    src_pth, dst_dir, verify=verify, overwrite=overwrite,
-                    tolerance=tolerance, image_size=image_size, release=release,
+                    src_pth,
+                    dst_dir,
+                    verify=verify,
+                    overwrite=overwrite,
+                    tolerance=tolerance,
+                    image_size=image_size,
+                    release=release,
                 )
             except (ConversionError, checkpoint.CheckpointError, OSError) as e:
-                row = _row(src_pth, dst_dir, "failed", reason=" ".join(str(e).split()),
-                           seconds=time.perf_counter() - t0)
+                row = _row(
+                    src_pth,
+                    dst_dir,
+                    "failed",
+                    reason=" ".join(str(e).split()),
+                    seconds=time.perf_counter() - t0,
+                )
             row["path"] = str(rel.parent)
-            row.update({k: release.get(k) for k in ("model_type", "dataset", "domain",
-                                                     "variant")})
+            row.update({k: release.get(k) for k in ("model_type", "dataset", "domain", "variant")})
             yield row
     finally:
         bar.close()
@@ -375,10 +392,17 @@ def convert_tree(
     Raises:
       ConversionError: ``src`` is not a directory, holds no ``model.pth``, or is ``dst``.
     """
-    return list(iter_convert_tree(
-        src, dst, verify=verify, overwrite=overwrite, tolerance=tolerance,
-        image_size=image_size, progress=progress,
-    ))
+    return list(
+        iter_convert_tree(
+            src,
+            dst,
+            verify=verify,
+            overwrite=overwrite,
+            tolerance=tolerance,
+            image_size=image_size,
+            progress=progress,
+        )
+    )
 
 
 def format_summary(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -35,8 +35,9 @@ def dataset_spec(name: str, overrides: Mapping[str, str], data_dir: str | None) 
     if name in DOMAINS:
         return f"tfds:{DOMAINNET}/{name}"
     if name not in FINE_GRAINED:
-        raise ExperimentError(f"unknown dataset {name!r}; choose from "
-                              f"{', '.join([*FINE_GRAINED, *DOMAINS])}")
+        raise ExperimentError(
+            f"unknown dataset {name!r}; choose from {', '.join([*FINE_GRAINED, *DOMAINS])}"
+        )
     if FINE_GRAINED[name] is not None:
         return f"tfds:{FINE_GRAINED[name]}"
     candidates = []
@@ -70,8 +71,10 @@ def _mock_source(examples: int):
         rng = np.random.default_rng(seed)
         k = builder.info.features["label"].num_classes
         size = (MOCK_IMAGE_SIZE, MOCK_IMAGE_SIZE, 3)
-        return [{"image": rng.integers(0, 256, size, dtype=np.uint8),
-                 "label": int(rng.integers(k))} for _ in range(examples)]
+        return [
+            {"image": rng.integers(0, 256, size, dtype=np.uint8), "label": int(rng.integers(k))}
+            for _ in range(examples)
+        ]
 
     return as_data_source
 
@@ -86,6 +89,5 @@ def maybe_mock_data(examples: int | None) -> Iterator[None]:
         return
     import tensorflow_datasets as tfds
 
-    with tfds.testing.mock_data(num_examples=examples,
-                                as_data_source_fn=_mock_source(examples)):
+    with tfds.testing.mock_data(num_examples=examples, as_data_source_fn=_mock_source(examples)):
         yield

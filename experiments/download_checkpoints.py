@@ -87,8 +87,7 @@ def include_patterns(
     Raises:
       ValueError: a name that is not a plain path component.
     """
-    for kind, names in (("model type", model_types), ("dataset", datasets),
-                        ("domain", domains)):
+    for kind, names in (("model type", model_types), ("dataset", datasets), ("domain", domains)):
         for name in names:
             if not _NAME.fullmatch(name) or name in (".", ".."):
                 raise ValueError(f"{kind} {name!r} is not a plain directory name")
@@ -187,8 +186,7 @@ def download(
         raise DownloadError(_no_aws_message(out), EXIT_ERROR)
     if out.exists() and not out.is_dir():
         raise DownloadError(f"{out}: exists and is not a directory", EXIT_ERROR)
-    cmd = build_command(out, model_types=model_types, datasets=datasets, domains=domains,
-                        aws=aws)
+    cmd = build_command(out, model_types=model_types, datasets=datasets, domains=domains, aws=aws)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -219,20 +217,49 @@ def build_parser() -> argparse.ArgumentParser:
             "is missing. Convert it ahead of time with `pleas-jax convert-tree DIR DST`."
         ),
     )
-    p.add_argument("dir", nargs="?", default=None, metavar="DIR",
-                   help=f"where to put the tree (default {DEFAULT_DIR})")
-    p.add_argument("--output-dir", default=None, metavar="DIR",
-                   help="same as DIR (the original script's spelling)")
-    p.add_argument("--model-type", "--model_type", action="append", default=[],
-                   choices=MODEL_TYPES, dest="model_types",
-                   help="only this model type (repeatable; default all)")
-    p.add_argument("--dataset", action="append", default=[], dest="datasets",
-                   metavar="NAME",
-                   help=f"only this dataset, e.g. {', '.join(DATASETS)} (repeatable; default all)")
-    p.add_argument("--domain", action="append", default=[], dest="domains", metavar="NAME",
-                   help=f"only this DomainNet domain, e.g. {', '.join(DOMAINS)} (repeatable)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the aws command (and the export line) without running it")
+    p.add_argument(
+        "dir",
+        nargs="?",
+        default=None,
+        metavar="DIR",
+        help=f"where to put the tree (default {DEFAULT_DIR})",
+    )
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        metavar="DIR",
+        help="same as DIR (the original script's spelling)",
+    )
+    p.add_argument(
+        "--model-type",
+        "--model_type",
+        action="append",
+        default=[],
+        choices=MODEL_TYPES,
+        dest="model_types",
+        help="only this model type (repeatable; default all)",
+    )
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        dest="datasets",
+        metavar="NAME",
+        help=f"only this dataset, e.g. {', '.join(DATASETS)} (repeatable; default all)",
+    )
+    p.add_argument(
+        "--domain",
+        action="append",
+        default=[],
+        dest="domains",
+        metavar="NAME",
+        help=f"only this DomainNet domain, e.g. {', '.join(DOMAINS)} (repeatable)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the aws command (and the export line) without running it",
+    )
     return p
 
 
@@ -254,23 +281,38 @@ def main(
         parser.error(str(e))
     if args.dry_run:
         out = Path(output_dir).expanduser().absolute()
-        print(shlex.join(build_command(out, model_types=args.model_types,
-                                       datasets=args.datasets, domains=args.domains)))
+        print(
+            shlex.join(
+                build_command(
+                    out, model_types=args.model_types, datasets=args.datasets, domains=args.domains
+                )
+            )
+        )
         print(export_line(out))
         return 0
     try:
-        out = download(output_dir, model_types=args.model_types, datasets=args.datasets,
-                       domains=args.domains, which=which, run=run)
+        out = download(
+            output_dir,
+            model_types=args.model_types,
+            datasets=args.datasets,
+            domains=args.domains,
+            which=which,
+            run=run,
+        )
     except DownloadError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; rerun to resume (sync fetches only what is missing)",
-              file=sys.stderr)
+        print(
+            f"{PROG}: interrupted; rerun to resume (sync fetches only what is missing)",
+            file=sys.stderr,
+        )
         return 130
     n = sum(1 for _ in out.rglob("model.pth"))
-    print(f"downloaded into {out} ({n} model.pth files); to convert ahead of time: "
-          f"pleas-jax convert-tree {shlex.quote(str(out))} {shlex.quote(str(out) + '_flax')}")
+    print(
+        f"downloaded into {out} ({n} model.pth files); to convert ahead of time: "
+        f"pleas-jax convert-tree {shlex.quote(str(out))} {shlex.quote(str(out) + '_flax')}"
+    )
     print(export_line(out))
     return 0
 

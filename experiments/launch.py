@@ -78,60 +78,145 @@ def parser(
     p = argparse.ArgumentParser(
         prog=prog,
         description="Run a grid of the paper's experiments (dataset pairs x model orders x "
-                    "budgets x methods), one process, directory and result.json per run; "
-                    "finished runs are skipped.",
+        "budgets x methods), one process, directory and result.json per run; "
+        "finished runs are skipped.",
     )
     if experiment is None:
         p.add_argument("experiment", choices=EXPERIMENTS, help="which experiment's grid")
     else:
         p.set_defaults(experiment=experiment)
     g = p.add_argument_group("grid")
-    g.add_argument("--model-type", "--model_type", default="rn18",
-                   choices=sorted(common.MODEL_TYPES),
-                   help="rn18, rn50 or rn101 (default rn18); sets the paper's budgets")
-    g.add_argument("--merging", "--methods", type=common.csv_list, default=["pleas_activation"],
-                   metavar="M[,M...]",
-                   help=f"merging methods, among {', '.join(common.METHODS)} (default "
-                        "pleas_activation); each is its own run")
-    g.add_argument("--budgets", type=common.float_list, default=None, metavar="B[,B...]",
-                   help="budgets (default: the paper's for --model-type)")
-    g.add_argument("--pairs", type=pair_list, default=None, metavar="A:B[,A:B...]",
-                   help="dataset pairs (default: the paper's pairs of the experiment)")
-    g.add_argument("--orders", type=pair_list, default=list(common.ORDERS), metavar="VA:VB[,...]",
-                   help="model orders (default v1a:v1b,v1b:v1a)")
+    g.add_argument(
+        "--model-type",
+        "--model_type",
+        default="rn18",
+        choices=sorted(common.MODEL_TYPES),
+        help="rn18, rn50 or rn101 (default rn18); sets the paper's budgets",
+    )
+    g.add_argument(
+        "--merging",
+        "--methods",
+        type=common.csv_list,
+        default=["pleas_activation"],
+        metavar="M[,M...]",
+        help=f"merging methods, among {', '.join(common.METHODS)} (default "
+        "pleas_activation); each is its own run",
+    )
+    g.add_argument(
+        "--budgets",
+        type=common.float_list,
+        default=None,
+        metavar="B[,B...]",
+        help="budgets (default: the paper's for --model-type)",
+    )
+    g.add_argument(
+        "--pairs",
+        type=pair_list,
+        default=None,
+        metavar="A:B[,A:B...]",
+        help="dataset pairs (default: the paper's pairs of the experiment)",
+    )
+    g.add_argument(
+        "--orders",
+        type=pair_list,
+        default=list(common.ORDERS),
+        metavar="VA:VB[,...]",
+        help="model orders (default v1a:v1b,v1b:v1a)",
+    )
     g = p.add_argument_group("merging")
-    g.add_argument("--ratios", type=common.csv_list, default=["optimized"], metavar="R[,R...]",
-                   help="ratio allocations: uniform, zip, optimized (default optimized)")
-    g.add_argument("--use_zip_ratios", "--use-zip-ratios", action="store_true",
-                   help="the release's switch: --ratios zip")
-    g.add_argument("--least-squares", "--least_squares", default="closed_form",
-                   choices=common.LEAST_SQUARES, help="least-squares mode (default closed_form)")
-    g.add_argument("--max_steps", "--max-steps", "--gd-steps", dest="gd_steps", type=int,
-                   default=400, help="steps of --least-squares gd (default 400)")
+    g.add_argument(
+        "--ratios",
+        type=common.csv_list,
+        default=["optimized"],
+        metavar="R[,R...]",
+        help="ratio allocations: uniform, zip, optimized (default optimized)",
+    )
+    g.add_argument(
+        "--use_zip_ratios",
+        "--use-zip-ratios",
+        action="store_true",
+        help="the release's switch: --ratios zip",
+    )
+    g.add_argument(
+        "--least-squares",
+        "--least_squares",
+        default="closed_form",
+        choices=common.LEAST_SQUARES,
+        help="least-squares mode (default closed_form)",
+    )
+    g.add_argument(
+        "--max_steps",
+        "--max-steps",
+        "--gd-steps",
+        dest="gd_steps",
+        type=int,
+        default=400,
+        help="steps of --least-squares gd (default 400)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of each run (default 0)")
     g.add_argument("--images", type=int, default=1000, help="merge images per run (default 1000)")
     g.add_argument("--batch-size", type=int, default=100, help="batch size (default 100)")
-    g.add_argument("--matching-data", default=None, metavar="SPEC",
-                   help="PLeaS-free: merge images from this data spec")
-    g.add_argument("--probe-epochs", type=int, default=50,
-                   help="linear-probe epochs of different_label_space (default 50)")
+    g.add_argument(
+        "--matching-data",
+        default=None,
+        metavar="SPEC",
+        help="PLeaS-free: merge images from this data spec",
+    )
+    g.add_argument(
+        "--probe-epochs",
+        type=int,
+        default=50,
+        help="linear-probe epochs of different_label_space (default 50)",
+    )
     g = p.add_argument_group("data and checkpoints")
-    g.add_argument("--checkpoints", default=None, metavar="DIR",
-                   help=f"checkpoint tree (default ${common.ENV_CHECKPOINTS})")
-    g.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None, metavar="DIR",
-                   help="tfds data_dir; NABirds is looked for in DIR/nabirds/images")
-    g.add_argument("--image-size", type=int, default=None, help="image side (default 224 for "
-                   "the release's checkpoints)")
-    g.add_argument("--spec", action="append", default=[], metavar="NAME=SPEC",
-                   help="read dataset NAME from this data spec (repeatable)")
+    g.add_argument(
+        "--checkpoints",
+        default=None,
+        metavar="DIR",
+        help=f"checkpoint tree (default ${common.ENV_CHECKPOINTS})",
+    )
+    g.add_argument(
+        "--data_dir",
+        "--data-dir",
+        dest="data_dir",
+        default=None,
+        metavar="DIR",
+        help="tfds data_dir; NABirds is looked for in DIR/nabirds/images",
+    )
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="image side (default 224 for the release's checkpoints)",
+    )
+    g.add_argument(
+        "--spec",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="read dataset NAME from this data spec (repeatable)",
+    )
     g.add_argument("--mock-data", type=int, default=None, help=argparse.SUPPRESS)
     g = p.add_argument_group("output")
-    g.add_argument("--output_dir", "--output-dir", dest="output_dir", default="experiment_runs",
-                   metavar="DIR", help="root of the runs' directories (default experiment_runs)")
-    g.add_argument("--dry-run", "--dry_run", action="store_true",
-                   help="print the grid's N commands and run nothing")
-    g.add_argument("--wandb", action="store_true",
-                   help="also log each finished run to Weights & Biases (if wandb is installed)")
+    g.add_argument(
+        "--output_dir",
+        "--output-dir",
+        dest="output_dir",
+        default="experiment_runs",
+        metavar="DIR",
+        help="root of the runs' directories (default experiment_runs)",
+    )
+    g.add_argument(
+        "--dry-run",
+        "--dry_run",
+        action="store_true",
+        help="print the grid's N commands and run nothing",
+    )
+    g.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log each finished run to Weights & Biases (if wandb is installed)",
+    )
     g.add_argument("--wandb-project", default="pleas-jax", help="W&B project (default pleas-jax)")
     g.add_argument("--python", default=sys.executable, help="interpreter for the runs")
     return p
@@ -142,23 +227,28 @@ def _check(args: argparse.Namespace) -> None:
         args.ratios = ["zip"]
     bad = [m for m in args.merging if m not in common.METHODS]
     if bad or not args.merging:
-        raise common.ExperimentError(f"unknown merging {bad[0] if bad else '(none)'}; choose "
-                                     f"from {', '.join(common.METHODS)}")
+        raise common.ExperimentError(
+            f"unknown merging {bad[0] if bad else '(none)'}; choose "
+            f"from {', '.join(common.METHODS)}"
+        )
     bad = [r for r in args.ratios if r not in common.RATIOS]
     if bad or not args.ratios:
-        raise common.ExperimentError(f"unknown ratios {bad[0] if bad else '(none)'}; choose "
-                                     f"from {', '.join(common.RATIOS)}")
+        raise common.ExperimentError(
+            f"unknown ratios {bad[0] if bad else '(none)'}; choose from {', '.join(common.RATIOS)}"
+        )
     names = common.DOMAINS if args.experiment == "shared_label_space" else common.FINE_GRAINED
     for pair in args.pairs or []:
         for name in pair:
             if name not in names:
-                raise common.ExperimentError(f"unknown dataset {name!r} in --pairs; choose "
-                                             f"from {', '.join(names)}")
+                raise common.ExperimentError(
+                    f"unknown dataset {name!r} in --pairs; choose from {', '.join(names)}"
+                )
     for order in args.orders:
         for v in order:
             if v not in common.VARIANTS:
-                raise common.ExperimentError(f"unknown variant {v!r} in --orders; choose from "
-                                             f"{', '.join(common.VARIANTS)}")
+                raise common.ExperimentError(
+                    f"unknown variant {v!r} in --orders; choose from {', '.join(common.VARIANTS)}"
+                )
     for b in args.budgets or []:
         if not 1.0 <= b <= 2.0:
             raise common.ExperimentError(f"budget {b} is outside [1, 2]")
@@ -167,8 +257,18 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _settings_hash(args: argparse.Namespace) -> str:
-    keys = ("seed", "images", "batch_size", "matching_data", "image_size", "data_dir",
-            "checkpoints", "spec", "mock_data", "gd_steps")
+    keys = (
+        "seed",
+        "images",
+        "batch_size",
+        "matching_data",
+        "image_size",
+        "data_dir",
+        "checkpoints",
+        "spec",
+        "mock_data",
+        "gd_steps",
+    )
     if args.experiment == "different_label_space":
         keys += ("probe_epochs",)
     text = json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True, default=str)
@@ -191,21 +291,51 @@ def grid(args: argparse.Namespace) -> list[Run]:
                 ls = args.least_squares if common.METHODS[method].least_squares else "nols"
                 tag = f"{method}_{own or ratios}_{ls}_{digest}"
                 for b in budgets:
-                    where = (out / args.experiment / args.model_type / f"{da}-{db}" / f"{va}-{vb}"
-                             / tag / f"budget-{b:g}")
+                    where = (
+                        out
+                        / args.experiment
+                        / args.model_type
+                        / f"{da}-{db}"
+                        / f"{va}-{vb}"
+                        / tag
+                        / f"budget-{b:g}"
+                    )
                     cmd = [
-                        args.python, "-m", f"experiments.{args.experiment}",
-                        "--domains" if shared else "--datasets", f"{da},{db}",
-                        "--model-type", args.model_type, "--variants", f"{va},{vb}",
-                        "--methods", method, "--ratios", ratios,
-                        "--least-squares", args.least_squares, "--gd-steps", str(args.gd_steps),
-                        "--budgets", f"{b:g}", "--images", str(args.images),
-                        "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-                        "--matching-cache", str(out / CACHE_DIR), "--output-dir", str(where),
+                        args.python,
+                        "-m",
+                        f"experiments.{args.experiment}",
+                        "--domains" if shared else "--datasets",
+                        f"{da},{db}",
+                        "--model-type",
+                        args.model_type,
+                        "--variants",
+                        f"{va},{vb}",
+                        "--methods",
+                        method,
+                        "--ratios",
+                        ratios,
+                        "--least-squares",
+                        args.least_squares,
+                        "--gd-steps",
+                        str(args.gd_steps),
+                        "--budgets",
+                        f"{b:g}",
+                        "--images",
+                        str(args.images),
+                        "--batch-size",
+                        str(args.batch_size),
+                        "--seed",
+                        str(args.seed),
+                        "--matching-cache",
+                        str(out / CACHE_DIR),
+                        "--output-dir",
+                        str(where),
                     ]
                     optional = {
-                        "--checkpoints": args.checkpoints, "--data-dir": args.data_dir,
-                        "--image-size": args.image_size, "--matching-data": args.matching_data,
+                        "--checkpoints": args.checkpoints,
+                        "--data-dir": args.data_dir,
+                        "--image-size": args.image_size,
+                        "--matching-data": args.matching_data,
                         "--mock-data": args.mock_data,
                     }
                     if not shared:
@@ -288,8 +418,7 @@ def launch(args: argparse.Namespace) -> int:
             result = common.read_result(run.out)
             if proc.returncode != 0 or result is None:
                 counts["failed"] += 1
-                print(f"{head}: FAILED (exit status {proc.returncode}; see {log_path})",
-                      flush=True)
+                print(f"{head}: FAILED (exit status {proc.returncode}; see {log_path})", flush=True)
                 continue
             counts["done"] += 1
             print(f"{head}: done in {seconds:.0f} s", flush=True)
@@ -298,8 +427,11 @@ def launch(args: argparse.Namespace) -> int:
                     _wandb_log(result, run, args.wandb_project)
                 except Exception as e:  # W&B trouble must not stop the grid
                     print(f"  wandb logging failed: {e}", flush=True)
-    print(f"{n} runs: {counts['done']} done, {counts['skipped']} skipped (finished), "
-          f"{counts['failed']} failed; log: {log_path}", flush=True)
+    print(
+        f"{n} runs: {counts['done']} done, {counts['skipped']} skipped (finished), "
+        f"{counts['failed']} failed; log: {log_path}",
+        flush=True,
+    )
     return 1 if counts["failed"] else 0
 
 

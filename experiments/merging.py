@@ -142,16 +142,29 @@ def merge_grid(
     for budget in args.budgets:
         for name, ratios in runs:
             method = METHODS[name]
-            key = {**cache_key, "matching": method.matching, "heads": heads,
-                   "a": checkpoint_key(Path(a.name)), "b": checkpoint_key(Path(b.name))}
+            key = {
+                **cache_key,
+                "matching": method.matching,
+                "heads": heads,
+                "a": checkpoint_key(Path(a.name)),
+                "b": checkpoint_key(Path(b.name)),
+            }
             cached = cache.get(key)
             timer = Timer()
             result = merge(
-                (a.module, a.variables), (b.module, b.variables), batches, float(budget),
-                matching=method.matching, ratios=ratios,
+                (a.module, a.variables),
+                (b.module, b.variables),
+                batches,
+                float(budget),
+                matching=method.matching,
+                ratios=ratios,
                 least_squares=args.least_squares if method.least_squares else None,
-                heads=heads, gd_steps=args.gd_steps, seed=args.seed,
-                precomputed_matching=cached, count_xla_flops=False, progress=args.progress,
+                heads=heads,
+                gd_steps=args.gd_steps,
+                seed=args.seed,
+                precomputed_matching=cached,
+                count_xla_flops=False,
+                progress=args.progress,
                 **({"statistics": statistics} if method.least_squares else {}),
             )
             if getattr(result, "pair_statistics", None) is not None:
@@ -159,18 +172,29 @@ def merge_grid(
             if cached is None:
                 cache.put(key, result.perm, result.costs)
                 matching_seconds[method.matching] = result.report["seconds"]["matching"]
-            merged = wf.Model(result.module, result.variables, result.heads,
-                              name=f"{name}/{ratios}@{budget:g}")
+            merged = wf.Model(
+                result.module, result.variables, result.heads, name=f"{name}/{ratios}@{budget:g}"
+            )
             metrics = score(merged)
             rep = result.report
-            rows.append({
-                "method": name, "ratios": ratios, "budget": float(budget),
-                "matching": method.matching,
-                "least_squares": args.least_squares if method.least_squares else None,
-                "achieved_budget": rep["achieved_budget"], "macs": rep["macs"],
-                "macs_source": rep["macs_source"], "params": rep["params"],
-                **metrics, "merge_seconds": rep["seconds"], "seconds": timer(),
-            })
-            log(f"{name} ({ratios}) @ {budget:g}: accuracy {metrics['accuracy']:.4f} "
-                f"({timer():.0f} s)")
+            rows.append(
+                {
+                    "method": name,
+                    "ratios": ratios,
+                    "budget": float(budget),
+                    "matching": method.matching,
+                    "least_squares": args.least_squares if method.least_squares else None,
+                    "achieved_budget": rep["achieved_budget"],
+                    "macs": rep["macs"],
+                    "macs_source": rep["macs_source"],
+                    "params": rep["params"],
+                    **metrics,
+                    "merge_seconds": rep["seconds"],
+                    "seconds": timer(),
+                }
+            )
+            log(
+                f"{name} ({ratios}) @ {budget:g}: accuracy {metrics['accuracy']:.4f} "
+                f"({timer():.0f} s)"
+            )
     return rows, matching_seconds

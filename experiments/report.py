@@ -80,25 +80,35 @@ def flatten(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for res in results:
         base = {
-            "file": res.get("_file"), "experiment": res["experiment"],
-            "model_type": res["model_type"], "pair": "-".join(res["pair"]),
+            "file": res.get("_file"),
+            "experiment": res["experiment"],
+            "model_type": res["model_type"],
+            "pair": "-".join(res["pair"]),
             "variants": "-".join(res["variants"]),
             "matching_data": res.get("settings", {}).get("matching_data"),
         }
         for who in SOURCES:
             s = res["sources"][who]
             name = "ensemble" if who == "ensemble" else f"source_{who}"
-            row = {**base, "method": name, "label": {"a": "model A", "b": "model B"}.get(
-                who, "ensemble"), "budget": None}
+            row = {
+                **base,
+                "method": name,
+                "label": {"a": "model A", "b": "model B"}.get(who, "ensemble"),
+                "budget": None,
+            }
             row.update(_metrics(s))
             rows.append(row)
         for r in res["results"]:
             row = {
-                **base, "method": r["method"], "ratios": r["ratios"],
+                **base,
+                "method": r["method"],
+                "ratios": r["ratios"],
                 "least_squares": r["least_squares"],
                 "label": _label(r["method"], r["ratios"], r["least_squares"]),
-                "budget": r["budget"], "achieved_budget": r["achieved_budget"],
-                "macs": r.get("macs"), "seconds": r.get("seconds"),
+                "budget": r["budget"],
+                "achieved_budget": r["achieved_budget"],
+                "macs": r.get("macs"),
+                "seconds": r.get("seconds"),
             }
             row.update(_metrics(r))
             rows.append(row)
@@ -152,8 +162,12 @@ def markdown(rows: Sequence[Mapping[str, Any]], metric: str = "accuracy") -> str
         title = f"### {exp}, {mt}, {pair.replace('-', ' + ')}: {metric.replace('_', ' ')} (%)"
         if free:
             title += f", PLeaS-free (merge data {free})"
-        lines += [title, "", "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |",
-                  "|---|" + "---:|" * len(budgets)]
+        lines += [
+            title,
+            "",
+            "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |",
+            "|---|" + "---:|" * len(budgets),
+        ]
         counts = {len(v) for per in methods.values() for v in per.values()}
         for label, per in methods.items():
             if None in per:
@@ -166,14 +180,18 @@ def markdown(rows: Sequence[Mapping[str, Any]], metric: str = "accuracy") -> str
                     cell += f" ({len(vals)})"
                 cells.append(cell)
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        refs = [f"{label} {100 * np.mean(per[None]):.2f}" for label, per in methods.items()
-                if None in per]
+        refs = [
+            f"{label} {100 * np.mean(per[None]):.2f}"
+            for label, per in methods.items()
+            if None in per
+        ]
         lines += ["", "References: " + ", ".join(refs) + ".", ""]
     return "\n".join(lines)
 
 
-def plot(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
-         metric: str = "accuracy") -> list[Path]:
+def plot(
+    rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, metric: str = "accuracy"
+) -> list[Path]:
     """Accuracy (%) against budget: one PNG per experiment and model type, one
     panel per pair, one line per method; the ensemble dashed.
 
@@ -203,12 +221,17 @@ def plot(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
             for label, per in methods.items():
                 if None in per:
                     if label == "ensemble":
-                        ax.axhline(100 * np.mean(per[None]), color="black", ls="--", lw=1,
-                                   label="ensemble")
+                        ax.axhline(
+                            100 * np.mean(per[None]), color="black", ls="--", lw=1, label="ensemble"
+                        )
                     continue
                 budgets = sorted(per)
-                ax.plot(budgets, [100 * np.mean(per[b]) for b in budgets],
-                        marker=markers[i % len(markers)], label=label)
+                ax.plot(
+                    budgets,
+                    [100 * np.mean(per[b]) for b in budgets],
+                    marker=markers[i % len(markers)],
+                    label=label,
+                )
                 i += 1
             ax.set_title(pair.replace("-", " + "), fontsize=10)
             ax.set_xlabel("budget (compute relative to one model)")
@@ -225,8 +248,9 @@ def plot(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
     return paths
 
 
-def report(paths: Sequence[str | os.PathLike], out: str | os.PathLike,
-           metrics: Sequence[str] = METRICS) -> dict[str, Any]:
+def report(
+    paths: Sequence[str | os.PathLike], out: str | os.PathLike, metrics: Sequence[str] = METRICS
+) -> dict[str, Any]:
     """Write ``results.csv``, ``report.md`` and the plots into ``out`` (created).
 
     Returns:
@@ -238,7 +262,8 @@ def report(paths: Sequence[str | os.PathLike], out: str | os.PathLike,
     results = collect(paths)
     if not results:
         raise common.ExperimentError(
-            f"no finished {common.RESULT_FILE} under {', '.join(map(str, paths))}")
+            f"no finished {common.RESULT_FILE} under {', '.join(map(str, paths))}"
+        )
     rows = flatten(results)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -255,12 +280,18 @@ def report(paths: Sequence[str | os.PathLike], out: str | os.PathLike,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: prints the markdown tables and the files written."""
-    p = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split(
-        "\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.report", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("paths", nargs="+", help="run directories or result.json files")
     p.add_argument("--out", default=None, help="output directory (default: PATHS[0]/report)")
-    p.add_argument("--metric", choices=METRICS, action="append", default=None,
-                   help="metric(s) to tabulate and plot (default: every metric present)")
+    p.add_argument(
+        "--metric",
+        choices=METRICS,
+        action="append",
+        default=None,
+        help="metric(s) to tabulate and plot (default: every metric present)",
+    )
     args = p.parse_args(argv)
     out = args.out or Path(args.paths[0]) / "report"
     try:

@@ -49,8 +49,11 @@ class Timer:
         return time.perf_counter() - self.t0
 
 
-def run_main(fn: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
-             argv: Sequence[str] | None) -> int:
+def run_main(
+    fn: Callable[[argparse.Namespace], Any],
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+) -> int:
     """Parse ``argv``, run ``fn(args)``; user errors become one line on stderr
     (exit status 2), as the ``pleas-jax`` command does."""
     checkpoint, data_lib, wf = _pleas()
@@ -67,9 +70,22 @@ def run_main(fn: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentP
 
 def settings(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     """The run's settings for its JSON."""
-    keys = ("model_type", "variants", "methods", "budgets", "ratios", "least_squares",
-            "gd_steps", "images", "batch_size", "matching_data", "seed", "data_dir",
-            "image_size", "mock_data")
+    keys = (
+        "model_type",
+        "variants",
+        "methods",
+        "budgets",
+        "ratios",
+        "least_squares",
+        "gd_steps",
+        "images",
+        "batch_size",
+        "matching_data",
+        "seed",
+        "data_dir",
+        "image_size",
+        "mock_data",
+    )
     return {**{k: getattr(args, k) for k in keys}, "specs": dict(args.spec), **extra}
 
 
@@ -104,7 +120,9 @@ def finish_run(
 
 
 def experiment_main(
-    run: Callable[..., dict[str, Any]], parser: argparse.ArgumentParser, module: str,
+    run: Callable[..., dict[str, Any]],
+    parser: argparse.ArgumentParser,
+    module: str,
     argv: Sequence[str] | None,
 ) -> int:
     """An experiment's command-line entry point: run it with progress on
@@ -113,8 +131,11 @@ def experiment_main(
     def go(args):
         args.command = command_line(argv, module)
         result = run(args, log=lambda s: print(s, flush=True))
-        print(f"wrote {args.output_dir}/{RESULT_FILE} ({len(result['results'])} merges, "
-              f"{result['seconds']:.0f} s)", flush=True)
+        print(
+            f"wrote {args.output_dir}/{RESULT_FILE} ({len(result['results'])} merges, "
+            f"{result['seconds']:.0f} s)",
+            flush=True,
+        )
 
     return run_main(go, parser, argv)
 

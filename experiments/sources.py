@@ -74,7 +74,11 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def resolve_checkpoint(
-    root: Path, model_type: str, dataset: str, variant: str, *,
+    root: Path,
+    model_type: str,
+    dataset: str,
+    variant: str,
+    *,
     log: Callable[[str], None] = lambda s: None,
 ) -> Path:
     """The pleas-jax checkpoint of one model of the release's tree, converting
@@ -139,8 +143,10 @@ def load_source(path: str | os.PathLike, image_size: int | None = None) -> wf.Mo
     elif "image_size" not in meta and converted:
         meta["image_size"] = RELEASE_IMAGE_SIZE
     if model.module.num_classes is None:
-        raise ExperimentError(f"{path}: a backbone without classifier; experiments merge "
-                              "source models with their heads")
+        raise ExperimentError(
+            f"{path}: a backbone without classifier; experiments merge "
+            "source models with their heads"
+        )
     return dataclasses.replace(model, metadata=meta)
 
 
@@ -160,6 +166,7 @@ def features_model(model: wf.Model) -> wf.Model:
     """A source model without its classifier: it returns pooled features ``[N, C]``."""
     params = {k: v for k, v in model.variables["params"].items() if k != "fc"}
     return dataclasses.replace(
-        model, module=model.module.clone(num_classes=None),
+        model,
+        module=model.module.clone(num_classes=None),
         variables={**model.variables, "params": params},
     )

@@ -47,8 +47,13 @@ class Images:
         mapped back when they are a subset of that range).
     """
 
-    def __init__(self, spec: str, image_size: int, data_dir: str | None = None,
-                 num_classes: int | None = None):
+    def __init__(
+        self,
+        spec: str,
+        image_size: int,
+        data_dir: str | None = None,
+        num_classes: int | None = None,
+    ):
         from pleas_jax import data
 
         self.spec, self.image_size, self.data_dir = spec, int(image_size), data_dir
@@ -101,6 +106,7 @@ class Images:
                 relabel = classes
             else:
                 relabel = np.arange(ds.num_classes)
+
             # Undo the spec's own normalisation: each model applies its own. A
             # large folder stays lazy (read by index, as tfds sources are).
             def raw(x):
@@ -135,8 +141,11 @@ class Images:
         source = self._tfds(self._split or split)
         idx = [int(i) for i in indices]
         # Array-record sources read a batch of records in one call.
-        examples = source.__getitems__(idx) if hasattr(source, "__getitems__") else [
-            source[i] for i in idx]
+        examples = (
+            source.__getitems__(idx)
+            if hasattr(source, "__getitems__")
+            else [source[i] for i in idx]
+        )
         xs, ys = [], []
         for ex in examples:
             xs.append(_resize(np.asarray(ex["image"]), self.image_size))
@@ -211,8 +220,9 @@ def prepare(model: wf.Model, x: np.ndarray) -> np.ndarray:
         or images with other channels than the model reads.
     """
     if x.shape[-1] != model.channels:
-        raise ExperimentError(f"{model.name} reads {model.channels}-channel images but the data "
-                              f"has {x.shape[-1]}")
+        raise ExperimentError(
+            f"{model.name} reads {model.channels}-channel images but the data has {x.shape[-1]}"
+        )
     if model.normalization is None:
         raise ExperimentError(f"{model.name}: no input normalisation recorded")
     mean, std = (np.asarray(v, np.float32) for v in model.normalization)
@@ -220,7 +230,9 @@ def prepare(model: wf.Model, x: np.ndarray) -> np.ndarray:
 
 
 def collect(
-    images: Images, split: str, fns: Mapping[str, Callable[[np.ndarray], np.ndarray]],
+    images: Images,
+    split: str,
+    fns: Mapping[str, Callable[[np.ndarray], np.ndarray]],
     chunk: int = CHUNK,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Stream ``split`` once through every function of ``fns`` (raw images ``[b, S,
@@ -249,8 +261,9 @@ def merge_sample(sets: Sequence[Images], images: int, seed: int) -> np.ndarray:
     """``images`` raw training images drawn evenly from ``sets`` (a seeded sample
     of each), interleaved by a seeded shuffle so that every batch mixes the tasks."""
     share = [images // len(sets) + (i < images % len(sets)) for i in range(len(sets))]
-    parts = [s.sample("train", k, seed + i) for i, (s, k) in enumerate(zip(sets, share,
-                                                                          strict=True))]
+    parts = [
+        s.sample("train", k, seed + i) for i, (s, k) in enumerate(zip(sets, share, strict=True))
+    ]
     x = np.concatenate(parts)
     return x[np.random.default_rng(seed).permutation(len(x))]
 

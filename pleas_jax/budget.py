@@ -439,7 +439,9 @@ def check_multiple(multiple: Any, name: str = "multiple") -> int:
     return int(multiple)
 
 
-def align_ratios(spec: Mapping[str, Any], ratios: Mapping[str, float], multiple: int) -> dict[str, float]:
+def align_ratios(
+    spec: Mapping[str, Any], ratios: Mapping[str, float], multiple: int
+) -> dict[str, float]:
     """Ratios whose separate-unit counts are whole multiples of ``multiple``.
 
     A group of ``n`` units with ``s`` kept separate gives its layers channel

@@ -50,7 +50,13 @@ METADATA_FILE = "pleas_jax.json"
 ARRAYS_DIR = "arrays"
 HEADS = "heads"  # the arrays' collection (and metadata field) holding separate heads
 _RESERVED = (
-    "format", "format_version", "pleas_jax_version", "arch", "config", "num_classes", HEADS
+    "format",
+    "format_version",
+    "pleas_jax_version",
+    "arch",
+    "config",
+    "num_classes",
+    HEADS,
 )
 # Shapes are traced at this input size; parameters do not depend on it.
 _TRACE_SIZE = 64
@@ -343,6 +349,8 @@ def _restore(path: str | os.PathLike) -> tuple[models.ResNet, dict, dict | None]
         )
     if head_leaves:
         _check_heads(str(path), module, head_leaves)
-    arrays = jax.tree.map(jnp.asarray, to_dict(checkpointer.restore((path / ARRAYS_DIR).absolute())))
+    arrays = jax.tree.map(
+        jnp.asarray, to_dict(checkpointer.restore((path / ARRAYS_DIR).absolute()))
+    )
     heads = arrays.pop(HEADS, None)
     return module, arrays, heads

@@ -88,12 +88,16 @@ def _register_convert(sub: argparse._SubParsersAction) -> None:
         help="largest allowed |torch - flax| relative to the largest |logit| (default 1e-4)",
     )
     p.add_argument(
-        "--image-size", type=int, default=None,
+        "--image-size",
+        type=int,
+        default=None,
         help="side of the images the model reads, recorded for merge and eval and used by "
         "--verify (default 224 for torchvision's ImageNet stem, 32 for a CIFAR stem)",
     )
     p.add_argument(
-        "--normalization", choices=("imagenet", "data"), default=None,
+        "--normalization",
+        choices=("imagenet", "data"),
+        default=None,
         help="input normalisation to record: ImageNet's mean and std, or each data spec's "
         "own training statistics (default imagenet for an ImageNet stem, data for a CIFAR stem)",
     )
@@ -184,17 +188,32 @@ def _register_convert_tree(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("src", metavar="SRC", help="root of the tree of PyTorch checkpoints")
     p.add_argument("dst", metavar="DST", help="root of the tree of orbax checkpoints to write")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the torch-vs-Flax logit check")
-    p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="largest allowed |torch - flax| relative to the largest |logit| "
-                   "(default 1e-4)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="side of the random verification images (default 224; 32 for CIFAR stems)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="convert again even where DST already holds a checkpoint")
-    p.add_argument("--json", default=None, metavar="FILE",
-                   help="also write the summary rows to this JSON file")
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the torch-vs-Flax logit check",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest allowed |torch - flax| relative to the largest |logit| (default 1e-4)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="side of the random verification images (default 224; 32 for CIFAR stems)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="convert again even where DST already holds a checkpoint",
+    )
+    p.add_argument(
+        "--json", default=None, metavar="FILE", help="also write the summary rows to this JSON file"
+    )
     p.set_defaults(func=_convert_tree)
 
 
@@ -209,8 +228,13 @@ def _convert_tree(args: argparse.Namespace) -> int:
 
     rows = []
     for row in tree.iter_convert_tree(
-        args.src, args.dst, verify=args.verify, overwrite=args.overwrite,
-        tolerance=args.tolerance, image_size=args.image_size, progress=True,
+        args.src,
+        args.dst,
+        verify=args.verify,
+        overwrite=args.overwrite,
+        tolerance=args.tolerance,
+        image_size=args.image_size,
+        progress=True,
     ):
         if row["status"] == "failed":
             # One line per bad file as it happens (above the progress bar); the run goes on.
@@ -239,12 +263,20 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--arch", default="resnet20", choices=ARCHITECTURES, help="(default resnet20)")
-    p.add_argument("--width", type=int, default=None,
-                   help="base width (default: 16 for resnet20, 64 for the ImageNet ResNets)")
+    p.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="base width (default: 16 for resnet20, 64 for the ImageNet ResNets)",
+    )
     p.add_argument("--data", required=True, help="data spec, e.g. 'mnist5k[0-4]'")
-    p.add_argument("--image-size", type=int, default=32, help="images are resized to this (default 32)")
+    p.add_argument(
+        "--image-size", type=int, default=32, help="images are resized to this (default 32)"
+    )
     p.add_argument("--epochs", type=int, default=8, help="(default 8)")
-    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)"
+    )
     p.add_argument("--batch-size", type=int, default=128, help="(default 128)")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default 0.05)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="(default 5e-4)")
@@ -266,15 +298,29 @@ def _train(args: argparse.Namespace) -> int:
 
     _positive(args, "width", "image_size", "epochs", "batch_size")
     info = workflow.train_checkpoint(
-        args.out, data=args.data, arch=args.arch, width=args.width, epochs=args.epochs,
-        seed=args.seed, batch_size=args.batch_size, learning_rate=args.lr,
-        weight_decay=args.weight_decay, augment=args.augment, image_size=args.image_size,
-        overwrite=args.overwrite, progress=True, command=args.command_line,
+        args.out,
+        data=args.data,
+        arch=args.arch,
+        width=args.width,
+        epochs=args.epochs,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        augment=args.augment,
+        image_size=args.image_size,
+        overwrite=args.overwrite,
+        progress=True,
+        command=args.command_line,
     )
-    _print_json({
-        "checkpoint": args.out, "data": args.data, "test_accuracy": round(info["test_accuracy"], 6),
-        "test_examples": info["test_examples"],
-    })
+    _print_json(
+        {
+            "checkpoint": args.out,
+            "data": args.data,
+            "test_accuracy": round(info["test_accuracy"], 6),
+            "test_examples": info["test_examples"],
+        }
+    )
     return 0
 
 
@@ -300,33 +346,76 @@ def _register_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--a", required=True, metavar="DIR", help="checkpoint of model A")
     p.add_argument("--b", required=True, metavar="DIR", help="checkpoint of model B")
     p.add_argument("--data", required=True, help="data spec whose training images the merge sees")
-    p.add_argument("--budget", type=float, required=True,
-                   help="compute relative to one model, in [1, 2] (1: fully merged, 2: ensemble)")
-    p.add_argument("--matching", default="activation", choices=("activation", "weight", "identity"),
-                   help="activation statistics, Git Re-Basin weight matching, or none (default activation)")
-    p.add_argument("--ratios", default="uniform", choices=("uniform", "zip", "optimized"),
-                   help="how the budget is spread over groups (default uniform)")
-    p.add_argument("--unit-multiple", type=int, default=None, metavar="M",
-                   help="round each group's separate units down to a multiple of M (8 suits CPUs "
-                        "and tensor cores; may spend less than the budget)")
-    p.add_argument("--least-squares", default="closed_form", choices=("closed_form", "gd", "none"),
-                   help="refit layers in closed form, by gradient descent, or not (default closed_form)")
-    p.add_argument("--heads", default="auto", choices=("auto", "shared", "separate"),
-                   help="auto: separate heads when A and B were trained on different classes")
+    p.add_argument(
+        "--budget",
+        type=float,
+        required=True,
+        help="compute relative to one model, in [1, 2] (1: fully merged, 2: ensemble)",
+    )
+    p.add_argument(
+        "--matching",
+        default="activation",
+        choices=("activation", "weight", "identity"),
+        help="activation statistics, Git Re-Basin weight matching, or none (default activation)",
+    )
+    p.add_argument(
+        "--ratios",
+        default="uniform",
+        choices=("uniform", "zip", "optimized"),
+        help="how the budget is spread over groups (default uniform)",
+    )
+    p.add_argument(
+        "--unit-multiple",
+        type=int,
+        default=None,
+        metavar="M",
+        help="round each group's separate units down to a multiple of M (8 suits CPUs "
+        "and tensor cores; may spend less than the budget)",
+    )
+    p.add_argument(
+        "--least-squares",
+        default="closed_form",
+        choices=("closed_form", "gd", "none"),
+        help="refit layers in closed form, by gradient descent, or not (default closed_form)",
+    )
+    p.add_argument(
+        "--heads",
+        default="auto",
+        choices=("auto", "shared", "separate"),
+        help="auto: separate heads when A and B were trained on different classes",
+    )
     p.add_argument("--images", type=int, default=1000, help="training images used (default 1000)")
     p.add_argument("--batch-size", type=int, default=250, help="(default 250)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="read the images at this size instead of the one the checkpoints record")
-    p.add_argument("--gd-steps", type=int, default=400, help="steps of --least-squares gd (default 400)")
-    p.add_argument("--matching-dtype", default=None, choices=("float32", "bfloat16"),
-                   help="compute dtype of the activation-matching pass (default: the models' own; "
-                        "bfloat16 accumulates in float32)")
-    p.add_argument("--matching-precision", default="highest", choices=("highest", "bf16_3x", "bfloat16"),
-                   help="matmul precision of the activation-matching moments (default highest; "
-                        "bf16_3x as for --ls-precision)")
-    p.add_argument("--ls-precision", default="highest", choices=("highest", "bf16_3x", "bfloat16"),
-                   help="matmul precision of the least-squares sums (default highest: fp32; "
-                        "bf16_3x: bf16 tensor-core products with ~fp32 accuracy, for GPUs/TPUs)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="read the images at this size instead of the one the checkpoints record",
+    )
+    p.add_argument(
+        "--gd-steps", type=int, default=400, help="steps of --least-squares gd (default 400)"
+    )
+    p.add_argument(
+        "--matching-dtype",
+        default=None,
+        choices=("float32", "bfloat16"),
+        help="compute dtype of the activation-matching pass (default: the models' own; "
+        "bfloat16 accumulates in float32)",
+    )
+    p.add_argument(
+        "--matching-precision",
+        default="highest",
+        choices=("highest", "bf16_3x", "bfloat16"),
+        help="matmul precision of the activation-matching moments (default highest; "
+        "bf16_3x as for --ls-precision)",
+    )
+    p.add_argument(
+        "--ls-precision",
+        default="highest",
+        choices=("highest", "bf16_3x", "bfloat16"),
+        help="matmul precision of the least-squares sums (default highest: fp32; "
+        "bf16_3x: bf16 tensor-core products with ~fp32 accuracy, for GPUs/TPUs)",
+    )
     p.add_argument("--out", required=True, help="merged checkpoint directory to create")
     p.add_argument("--report", default=None, help="also write the merge report to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a checkpoint")
@@ -338,23 +427,41 @@ def _merge(args: argparse.Namespace) -> int:
 
     _positive(args, "images", "batch_size", "gd_steps", "unit_multiple", "image_size")
     report = workflow.merge_checkpoints(
-        args.a, args.b, args.out, data=args.data, budget=args.budget, matching=args.matching,
-        ratios=args.ratios, unit_multiple=args.unit_multiple,
+        args.a,
+        args.b,
+        args.out,
+        data=args.data,
+        budget=args.budget,
+        matching=args.matching,
+        ratios=args.ratios,
+        unit_multiple=args.unit_multiple,
         least_squares=None if args.least_squares == "none" else args.least_squares,
-        heads=args.heads, images=args.images, batch_size=args.batch_size,
+        heads=args.heads,
+        images=args.images,
+        batch_size=args.batch_size,
         image_size=args.image_size,
-        gd_steps=args.gd_steps, matching_dtype=args.matching_dtype,
-        matching_precision=args.matching_precision, ls_precision=args.ls_precision,
-        report=args.report, overwrite=args.overwrite, progress=True,
+        gd_steps=args.gd_steps,
+        matching_dtype=args.matching_dtype,
+        matching_precision=args.matching_precision,
+        ls_precision=args.ls_precision,
+        report=args.report,
+        overwrite=args.overwrite,
+        progress=True,
         command=args.command_line,
     )
-    _print_json({
-        "checkpoint": args.out, "heads": report["heads"], "budget": report["budget"],
-        "achieved_budget": round(report["achieved_budget"], 4), "macs": report["macs"],
-        "macs_source": report["macs_source"], "params": report["params"],
-        "seconds": round(sum(report["seconds"].values()), 2),
-        **({"report": args.report} if args.report else {}),
-    })
+    _print_json(
+        {
+            "checkpoint": args.out,
+            "heads": report["heads"],
+            "budget": report["budget"],
+            "achieved_budget": round(report["achieved_budget"], 4),
+            "macs": report["macs"],
+            "macs_source": report["macs_source"],
+            "params": report["params"],
+            "seconds": round(sum(report["seconds"].values()), 2),
+            **({"report": args.report} if args.report else {}),
+        }
+    )
     return 0
 
 
@@ -371,10 +478,15 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory")
     p.add_argument("--data", required=True, help="data spec, e.g. 'mnist5k[5-9]'")
-    p.add_argument("--head", choices=("a", "b"), default=None,
-                   help="which source model's head reads a merged backbone")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="override the checkpoint's image size")
+    p.add_argument(
+        "--head",
+        choices=("a", "b"),
+        default=None,
+        help="which source model's head reads a merged backbone",
+    )
+    p.add_argument(
+        "--image-size", type=int, default=None, help="override the checkpoint's image size"
+    )
     p.add_argument("--batch-size", type=int, default=250, help="(default 250)")
     p.set_defaults(func=_eval)
 
@@ -386,10 +498,15 @@ def _eval(args: argparse.Namespace) -> int:
     model = workflow.load_model(args.checkpoint)
     dataset = workflow.dataset_for(model, args.data, image_size=args.image_size)
     acc = workflow.evaluate(model, dataset, head=args.head, batch_size=args.batch_size)
-    _print_json({
-        "checkpoint": args.checkpoint, "data": args.data, "head": args.head,
-        "accuracy": round(acc, 6), "examples": len(dataset.y_test),
-    })
+    _print_json(
+        {
+            "checkpoint": args.checkpoint,
+            "data": args.data,
+            "head": args.head,
+            "accuracy": round(acc, 6),
+            "examples": len(dataset.y_test),
+        }
+    )
     return 0
 
 
@@ -408,14 +525,22 @@ def _register_demo(sub: argparse._SubParsersAction) -> None:
             "results.json and accuracy_vs_budget.png to --out."
         ),
     )
-    p.add_argument("--retrain", action="store_true",
-                   help="train the four source models from scratch (into --cache)")
+    p.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train the four source models from scratch (into --cache)",
+    )
     p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
-    p.add_argument("--cache", default=None,
-                   help="cache directory (default $PLEAS_JAX_CACHE or ~/.cache/pleas-jax)")
-    p.add_argument("--checkpoints", default=None,
-                   help="directory of shipped source checkpoints (default the repository's "
-                   "demo/checkpoints)")
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="cache directory (default $PLEAS_JAX_CACHE or ~/.cache/pleas-jax)",
+    )
+    p.add_argument(
+        "--checkpoints",
+        default=None,
+        help="directory of shipped source checkpoints (default the repository's demo/checkpoints)",
+    )
     p.set_defaults(func=_demo)
 
 
@@ -429,16 +554,21 @@ def _demo(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CommandError(f"{out}: exists and is not a directory")
     results = demo.run(
-        demo.DemoConfig(), out=out,
+        demo.DemoConfig(),
+        out=out,
         shipped=args.checkpoints or demo.REPO_CHECKPOINTS,
-        cache=args.cache, retrain=args.retrain, progress=True,
+        cache=args.cache,
+        retrain=args.retrain,
+        progress=True,
         log=lambda s: print(f"demo: {s}", flush=True),
     )
     print()
     print(demo.format_table(results), end="")
     print()
-    print(f"demo: wrote {results['files']['results']} and {results['files']['plot']} "
-          f"({time.perf_counter() - t0:.0f} s)")
+    print(
+        f"demo: wrote {results['files']['results']} and {results['files']['plot']} "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
     return 0
 
 
@@ -463,9 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
-        "--compile-cache", metavar="DIR", default=None,
+        "--compile-cache",
+        metavar="DIR",
+        default=None,
         help="keep compiled programs in DIR, so that a later run on models of the same shapes "
-             "skips most compilation (a directory only you can write; pleas_jax.compile_cache)",
+        "skips most compilation (a directory only you can write; pleas_jax.compile_cache)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in SUBCOMMANDS:

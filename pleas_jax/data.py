@@ -171,8 +171,10 @@ def _npz(path: str):
     train = ("x_train", "y_train") if keras else ("x", "y")
     for k in train:
         if k not in arrays:
-            raise DataError(f"{path} lacks the array {k!r} (needs x [N,H,W,C] and y [N], "
-                            "or x_train and y_train)")
+            raise DataError(
+                f"{path} lacks the array {k!r} (needs x [N,H,W,C] and y [N], "
+                "or x_train and y_train)"
+            )
     if ("x_test" in arrays) != ("y_test" in arrays):
         have, lack = ("x_test", "y_test") if "x_test" in arrays else ("y_test", "x_test")
         raise DataError(f"{path} has {have!r} but lacks {lack!r}")
@@ -182,13 +184,17 @@ def _npz(path: str):
     out = []
     for x, y, (kx, ky) in pairs:
         if x.ndim not in (3, 4) or y.shape != (x.shape[0],):
-            raise DataError(f"{path}: {kx} must be [N, H, W, C] or [N, H, W] and {ky} [N], "
-                            f"got {x.shape} and {y.shape}")
+            raise DataError(
+                f"{path}: {kx} must be [N, H, W, C] or [N, H, W] and {ky} [N], "
+                f"got {x.shape} and {y.shape}"
+            )
         out += [_images(x), y.astype(np.int32)]
     if len(out) == 2:
         return _split(*out)
     if out[0].shape[1:] != out[2].shape[1:]:
-        raise DataError(f"{path}: training images are {out[0].shape[1:]} but test images {out[2].shape[1:]}")
+        raise DataError(
+            f"{path}: training images are {out[0].shape[1:]} but test images {out[2].shape[1:]}"
+        )
     return tuple(out)
 
 
@@ -229,7 +235,11 @@ def _folder(path: str, size: int, lazy: bool | None):
             raise DataError(f"{where} holds no images")
     if lazy is None:
         lazy = sum(len(files) for files, _ in parts) * size * size * 3 * 4 > EAGER_BYTES
-    read = (lambda files: LazyImages(files, size)) if lazy else (lambda files: read_images(files, size))
+    read = (
+        (lambda files: LazyImages(files, size))
+        if lazy
+        else (lambda files: read_images(files, size))
+    )
     out = []
     for files, ys in parts:
         out += [read(files), np.asarray(ys, np.int32)]
@@ -241,7 +251,9 @@ def _tfds(rest: str, size: int, data_dir: str | None):
     try:
         import tensorflow_datasets as tfds
     except ImportError:
-        raise DataError("tfds: sources need tensorflow-datasets: pip install 'pleas-jax[tfds]'") from None
+        raise DataError(
+            "tfds: sources need tensorflow-datasets: pip install 'pleas-jax[tfds]'"
+        ) from None
 
     def read(split_name):
         try:
@@ -322,8 +334,10 @@ def load(
         raise DataError(f"{spec!r}: the data has no class {missing} (classes: {list(present)})")
     relabel = {c: i for i, c in enumerate(classes)}
     keep, keep_t = np.isin(y, classes), np.isin(yt, classes)
-    x, xt = (a.take(k) if isinstance(a, LazyImages) else resize(a[k], image_size)
-             for a, k in ((x, keep), (xt, keep_t)))
+    x, xt = (
+        a.take(k) if isinstance(a, LazyImages) else resize(a[k], image_size)
+        for a, k in ((x, keep), (xt, keep_t))
+    )
     y = np.asarray([relabel[int(c)] for c in y[keep]], np.int32)
     yt = np.asarray([relabel[int(c)] for c in yt[keep_t]], np.int32)
     if normalization is None:
@@ -342,6 +356,7 @@ def load(
                 f"{spec!r} has {x.shape[-1]}-channel images but the normalization has "
                 f"{mean.shape[0]} mean(s) and {std.shape[0]} std(s)"
             )
+
     def norm(a):
         if isinstance(a, LazyImages):
             return a.normalized(mean, std)

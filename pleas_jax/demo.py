@@ -102,15 +102,20 @@ METHODS = (
 
 PAIRS = (
     Pair(
-        "same_task", "one task, two seeds (mnist5k, 10 classes)",
-        Source("mnist5k_seed0", "mnist5k", 0), Source("mnist5k_seed1", "mnist5k", 1),
-        "mnist5k", "shared",
+        "same_task",
+        "one task, two seeds (mnist5k, 10 classes)",
+        Source("mnist5k_seed0", "mnist5k", 0),
+        Source("mnist5k_seed1", "mnist5k", 1),
+        "mnist5k",
+        "shared",
     ),
     Pair(
-        "split_labels", "different label spaces (digits 0-4 vs 5-9)",
+        "split_labels",
+        "different label spaces (digits 0-4 vs 5-9)",
         Source("mnist5k_0-4_seed0", "mnist5k[0-4]", 0),
         Source("mnist5k_5-9_seed1", "mnist5k[5-9]", 1),
-        "mnist5k", "separate",
+        "mnist5k",
+        "separate",
     ),
 )
 
@@ -149,9 +154,14 @@ class DemoConfig:
     def recipe(self, source: Source) -> dict[str, Any]:
         """The training metadata a checkpoint of ``source`` must carry to be reused."""
         return {
-            "arch": self.arch, "width": self.width, "epochs": self.epochs, "seed": source.seed,
-            "batch_size": self.batch_size, "learning_rate": self.learning_rate,
-            "weight_decay": 5e-4, "augment": False,
+            "arch": self.arch,
+            "width": self.width,
+            "epochs": self.epochs,
+            "seed": source.seed,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "weight_decay": 5e-4,
+            "augment": False,
         }
 
     def train_command(self, source: Source, out: str | os.PathLike) -> str:
@@ -210,10 +220,17 @@ def source_checkpoints(
             log(f"training {name}: {config.train_command(source, found)}")
             t0 = time.perf_counter()
             info = wf.train_checkpoint(
-                found, data=source.data, arch=config.arch, width=config.width,
-                epochs=config.epochs, seed=source.seed, batch_size=config.batch_size,
-                learning_rate=config.learning_rate, image_size=config.image_size,
-                overwrite=found.exists(), progress=progress,
+                found,
+                data=source.data,
+                arch=config.arch,
+                width=config.width,
+                epochs=config.epochs,
+                seed=source.seed,
+                batch_size=config.batch_size,
+                learning_rate=config.learning_rate,
+                image_size=config.image_size,
+                overwrite=found.exists(),
+                progress=progress,
                 command=config.train_command(source, found),
             )
             log(f"  test accuracy {info['test_accuracy']:.4f} ({time.perf_counter() - t0:.0f} s)")
@@ -271,7 +288,8 @@ def run_pair(
     statistics: Any = "pair"
     results: dict[str, dict[str, Any]] = {m.name: {} for m in config.methods}
     bar = tqdm(
-        total=len(config.methods) * len(config.budgets), desc=f"merge {pair.name}",
+        total=len(config.methods) * len(config.budgets),
+        desc=f"merge {pair.name}",
         disable=not progress,
     )
     for budget in config.budgets:
@@ -279,12 +297,20 @@ def run_pair(
             bar.set_postfix_str(f"{method.name} @ {budget:g}")
             t0 = time.perf_counter()
             result = merge(
-                (a.module, a.variables), (b.module, b.variables), batches, budget,
-                matching=method.matching, ratios=method.ratios,
-                least_squares=method.least_squares, heads=pair.heads,
-                gd_steps=config.gd_steps, gd_learning_rate=config.gd_learning_rate,
+                (a.module, a.variables),
+                (b.module, b.variables),
+                batches,
+                budget,
+                matching=method.matching,
+                ratios=method.ratios,
+                least_squares=method.least_squares,
+                heads=pair.heads,
+                gd_steps=config.gd_steps,
+                gd_learning_rate=config.gd_learning_rate,
                 precomputed_matching=matchings.get(method.matching),
-                statistics=statistics, count_xla_flops=False, progress=False,
+                statistics=statistics,
+                count_xla_flops=False,
+                progress=False,
             )
             if result.pair_statistics is not None:
                 statistics = result.pair_statistics
@@ -363,18 +389,23 @@ def format_table(results: dict[str, Any]) -> str:
         width = max(len(label) for label in results["methods"].values()) + 2
         head = f"{'budget':<{width}}" + "".join(f"{b:>8}" for b in budgets)
         metric = (
-            "test accuracy (%)" if pair["heads"] == "shared"
+            "test accuracy (%)"
+            if pair["heads"] == "shared"
             else "test accuracy (%), each head on its own task, averaged"
         )
         lines += [f"{pair['title']}: {metric}", head, "-" * len(head)]
         for name, per_budget in pair["methods"].items():
             label = results["methods"][name]
             lines.append(
-                f"{label:<{width}}" + "".join(f"{100 * per_budget[b]['accuracy']:8.2f}" for b in budgets)
+                f"{label:<{width}}"
+                + "".join(f"{100 * per_budget[b]['accuracy']:8.2f}" for b in budgets)
             )
         s = pair["sources"]
-        names = ("model A", "model B") if pair["heads"] == "shared" else (
-            "model A (own task)", "model B (own task)")
+        names = (
+            ("model A", "model B")
+            if pair["heads"] == "shared"
+            else ("model A (own task)", "model B (own task)")
+        )
         lines.append(
             f"{names[0]} {100 * s['a']:.2f}   {names[1]} {100 * s['b']:.2f}   "
             f"ensemble {100 * s['ensemble']:.2f}"

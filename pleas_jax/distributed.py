@@ -101,7 +101,10 @@ def batch_sum(
 
 
 def map_programs(
-    fn: Callable[[Any], Any], items: Sequence[Any], *, cost: Callable[[Any], float] | None = None,
+    fn: Callable[[Any], Any],
+    items: Sequence[Any],
+    *,
+    cost: Callable[[Any], float] | None = None,
     threads: int | None = None,
 ) -> list:
     """``[fn(item) for item in items]`` for independent compiled programs, on a
@@ -140,11 +143,17 @@ def map_programs(
         return [fn(item) for item in items]
     import concurrent.futures
 
-    order = range(len(items)) if cost is None else sorted(range(len(items)), key=lambda i: -cost(items[i]))
+    order = (
+        range(len(items))
+        if cost is None
+        else sorted(range(len(items)), key=lambda i: -cost(items[i]))
+    )
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         # Each worker waits for its program: dispatch alone returns at once,
         # and the programs would then queue up behind each other again.
-        futures = {i: pool.submit(lambda item: jax.block_until_ready(fn(item)), items[i]) for i in order}
+        futures = {
+            i: pool.submit(lambda item: jax.block_until_ready(fn(item)), items[i]) for i in order
+        }
         return [futures[i].result() for i in range(len(items))]
 
 
@@ -178,7 +187,9 @@ def multihost_args(environ: dict[str, str] | None = None) -> dict[str, Any]:
         return {}
     missing = [n for n in names if n not in present]
     if missing:
-        raise ValueError(f"multi-host start needs {', '.join(missing)} as well as {', '.join(present)}")
+        raise ValueError(
+            f"multi-host start needs {', '.join(missing)} as well as {', '.join(present)}"
+        )
     try:
         num, pid = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
     except ValueError:

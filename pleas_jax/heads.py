@@ -80,7 +80,9 @@ def train_linear_probe(
     if x.ndim != 2 or y.shape != (x.shape[0],) or x.shape[0] == 0:
         raise ValueError(f"probe needs features [N, C] and labels [N], got {x.shape} and {y.shape}")
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]"
+        )
     n = x.shape[0]
     batch_size = min(batch_size, n)
     steps_per_epoch = n // batch_size
@@ -110,4 +112,3 @@ def train_linear_probe(
     for key in jax.random.split(jax.random.key(seed), epochs):
         carry = epoch(carry, key)
     return carry[0]
-

@@ -82,15 +82,22 @@ class LazyImages:
 
     def take(self, key) -> LazyImages:
         """A lazy view of the images ``key`` selects (as ``x[key]`` would)."""
-        return LazyImages(self._files, self._size, index=self._index[key], mean=self._mean, std=self._std)
+        return LazyImages(
+            self._files, self._size, index=self._index[key], mean=self._mean, std=self._std
+        )
 
     def normalized(self, mean, std) -> LazyImages:
         """A lazy view whose images come out as ``(x - mean) / std``; with
         ``None``, as read (in ``[0, 1]``)."""
         if mean is None or std is None:
             return LazyImages(self._files, self._size, index=self._index)
-        return LazyImages(self._files, self._size, index=self._index,
-                          mean=np.asarray(mean, np.float32), std=np.asarray(std, np.float32))
+        return LazyImages(
+            self._files,
+            self._size,
+            index=self._index,
+            mean=np.asarray(mean, np.float32),
+            std=np.asarray(std, np.float32),
+        )
 
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, tuple):

@@ -150,7 +150,11 @@ def _allowed_sets(layer: Layer):
     """``(first output, end output, allowed rows)`` per output block."""
     mask = matrix_mask(layer)
     mo, ao, bo = layer.out_splits
-    return [(lo, lo + n, np.flatnonzero(mask[:, lo])) for lo, n in ((0, mo), (mo, ao), (mo + ao, bo)) if n]
+    return [
+        (lo, lo + n, np.flatnonzero(mask[:, lo]))
+        for lo, n in ((0, mo), (mo, ao), (mo + ao, bo))
+        if n
+    ]
 
 
 def _pinv_solve(a, c):
@@ -284,10 +288,16 @@ def _sse_plain(gram, cross, target_sq, w):
 def _sse_relative(gram, init, init_grad, init_sq, w):
     # Taken relative to W0, so round-off scales with the change, not with Σ Ỹ².
     d = w - init
-    return jnp.sum(init_sq) + 2.0 * jnp.sum(d * init_grad) + jnp.sum(d * jnp.matmul(gram, d, precision=_HI))
+    return (
+        jnp.sum(init_sq)
+        + 2.0 * jnp.sum(d * init_grad)
+        + jnp.sum(d * jnp.matmul(gram, d, precision=_HI))
+    )
 
 
-def residuals(stats: Mapping[str, Mapping[str, Any]], weights: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+def residuals(
+    stats: Mapping[str, Mapping[str, Any]], weights: Mapping[str, Mapping[str, Any]]
+) -> dict[str, float]:
     """Mean squared error of each layer of ``stats`` with the given weights.
 
     ``Σ ‖X̃W − Ỹ‖² / (rows · C_out)`` from the accumulated sums, for every layer
@@ -313,8 +323,10 @@ def initial_residuals(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, float
     """:func:`residuals` of the W0 that ``stats`` were taken relative to, read
     off ``Σ (X̃W0 − Ỹ)²`` (no Gram product: it is the same sum for D = 0)."""
     sums = jax.device_get({name: (jnp.sum(s["init_sq"]), s["count"]) for name, s in stats.items()})
-    return {name: float(sums[name][0]) / (float(sums[name][1]) * s["layer"].c_out)
-            for name, s in stats.items()}
+    return {
+        name: float(sums[name][0]) / (float(sums[name][1]) * s["layer"].c_out)
+        for name, s in stats.items()
+    }
 
 
 # ----------------------------------------------------------------- top level
@@ -397,8 +409,12 @@ def least_squares(
     if mode == "gd":
         closed, descent = {}, dict(layers)
     else:
-        closed = {n: lay for n, lay in layers.items() if lay.gram_bytes <= max_gram_bytes
-                  and (max_memory_bytes is None or statistics_bytes(lay) <= max_memory_bytes)}
+        closed = {
+            n: lay
+            for n, lay in layers.items()
+            if lay.gram_bytes <= max_gram_bytes
+            and (max_memory_bytes is None or statistics_bytes(lay) <= max_memory_bytes)
+        }
         descent = {n: lay for n, lay in layers.items() if n not in closed}
     chunks = memory_chunks(closed, max_memory_bytes)
     memory = memory_report(closed, chunks, max_memory_bytes)
@@ -408,8 +424,9 @@ def least_squares(
         data = list(next_pass())
         next_pass, one_shot = (lambda: data), False
     if one_shot and len(chunks) > 1:
-        raise _one_shot_error("least squares", len(chunks), memory["total_statistics_bytes"],
-                              max_memory_bytes)
+        raise _one_shot_error(
+            "least squares", len(chunks), memory["total_statistics_bytes"], max_memory_bytes
+        )
     mesh = mesh or distributed.data_mesh()
     seconds: dict[str, float] = {}
     report_layers: dict[str, dict[str, Any]] = {}
@@ -417,9 +434,19 @@ def least_squares(
     for chunk in chunks:
         t0 = time.perf_counter()
         stats = layer_statistics(
-            module_a, variables_a, module_b, variables_b, spec, blocks, next_pass(),
-            init={n: init[n] for n in chunk}, mesh=mesh, layers=chunk, precision=precision,
-            max_memory_bytes=max_memory_bytes, progress=progress,
+            module_a,
+            variables_a,
+            module_b,
+            variables_b,
+            spec,
+            blocks,
+            next_pass(),
+            init={n: init[n] for n in chunk},
+            mesh=mesh,
+            layers=chunk,
+            precision=precision,
+            max_memory_bytes=max_memory_bytes,
+            progress=progress,
         )
         jax.block_until_ready(stats)
         seconds["statistics"] = seconds.get("statistics", 0.0) + time.perf_counter() - t0
@@ -430,15 +457,29 @@ def least_squares(
         before, after = initial_residuals(stats), residuals(stats, part)
         solution.update(part)
         for n in chunk:
-            report_layers[n] = {"method": "closed_form", "before": before[n], "after": after[n],
-                                "fallback": part[n]["fallback"]}
+            report_layers[n] = {
+                "method": "closed_form",
+                "before": before[n],
+                "after": after[n],
+                "fallback": part[n]["fallback"],
+            }
         del stats  # the next chunk's sums take its place on the device
     if descent:
         t0 = time.perf_counter()
         d_init = {n: init[n] for n in descent}
         fitted, _ = gradient_descent(
-            module_a, variables_a, module_b, variables_b, spec, blocks, d_init, next_pass(),
-            steps=steps, learning_rate=learning_rate, mesh=mesh, progress=progress,
+            module_a,
+            variables_a,
+            module_b,
+            variables_b,
+            spec,
+            blocks,
+            d_init,
+            next_pass(),
+            steps=steps,
+            learning_rate=learning_rate,
+            mesh=mesh,
+            progress=progress,
         )
         jax.block_until_ready(fitted)
         seconds["gradient"] = time.perf_counter() - t0
@@ -448,7 +489,12 @@ def least_squares(
         after = feature_residuals(*models_ab, fitted, next_pass(), **kw)
         solution.update(fitted)
         for n in descent:
-            report_layers[n] = {"method": "gd", "before": before[n], "after": after[n], "fallback": False}
+            report_layers[n] = {
+                "method": "gd",
+                "before": before[n],
+                "after": after[n],
+                "fallback": False,
+            }
     variables = apply_solution(merged_variables, solution)
     report = {
         "mode": mode,
@@ -470,7 +516,12 @@ def _check_geometry(source: Mapping[str, Layer], merged: Mapping[str, Layer]) ->
     for n, s in source.items():
         m = merged[n]
         if (s.kind, s.kernel_size, s.strides, s.padding, s.dilation, s.bias) != (
-            m.kind, m.kernel_size, m.strides, m.padding, m.dilation, m.bias
+            m.kind,
+            m.kernel_size,
+            m.strides,
+            m.padding,
+            m.dilation,
+            m.bias,
         ):
             raise ValueError(f"layer {n} has another geometry in the merged model")
         if s.kernel_shape != m.kernel_shape:

@@ -116,8 +116,18 @@ _COMPILED_MAX = 16
 def _blocks_key(blocks: Mapping[str, GroupBlocks], layers: Mapping[str, Layer]) -> tuple:
     groups = sorted({g for lay in layers.values() for g in (lay.in_group, lay.out_group) if g})
     return tuple(
-        (g, *(np.asarray(a, np.int64).tobytes() for a in
-              (blocks[g].merged_a, blocks[g].merged_b, blocks[g].only_a, blocks[g].only_b)))
+        (
+            g,
+            *(
+                np.asarray(a, np.int64).tobytes()
+                for a in (
+                    blocks[g].merged_a,
+                    blocks[g].merged_b,
+                    blocks[g].only_a,
+                    blocks[g].only_b,
+                )
+            ),
+        )
         for g in groups
     )
 

@@ -68,8 +68,17 @@ def _sse_fn(module_a, module_b, layers, blocks, with_grad):
 
 
 def feature_residuals(
-    module_a, variables_a, module_b, variables_b, spec, blocks, weights: Mapping[str, Mapping[str, Any]],
-    batches: Iterable[Any], *, mesh: jax.sharding.Mesh | None = None, progress: bool = False,
+    module_a,
+    variables_a,
+    module_b,
+    variables_b,
+    spec,
+    blocks,
+    weights: Mapping[str, Mapping[str, Any]],
+    batches: Iterable[Any],
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Mean squared error of each layer in ``weights`` measured directly on data.
 
@@ -81,8 +90,17 @@ def feature_residuals(
     first, batches = _peek(batches, "least squares")
     layers = _select(find_layers(module_a, variables_a, spec, blocks, _images(first)[:1]), weights)
     mesh = mesh or distributed.data_mesh()
-    key = ("residuals", module_a, module_b, tuple(layers.values()), _blocks_key(blocks, layers), mesh)
-    step = _cached(key, lambda: distributed.batch_sum(_sse_fn(module_a, module_b, layers, blocks, False), mesh))
+    key = (
+        "residuals",
+        module_a,
+        module_b,
+        tuple(layers.values()),
+        _blocks_key(blocks, layers),
+        mesh,
+    )
+    step = _cached(
+        key, lambda: distributed.batch_sum(_sse_fn(module_a, module_b, layers, blocks, False), mesh)
+    )
     params = {n: dict(weights[n]) for n in layers}
     params = {n: {k: v for k, v in p.items() if k in ("kernel", "bias")} for n, p in params.items()}
     acc = None
@@ -164,7 +182,9 @@ def gradient_descent(
     for n, lay in chosen.items():
         params[n] = {"kernel": jnp.asarray(init[n]["kernel"], jnp.float32)}
         if tuple(params[n]["kernel"].shape) != lay.kernel_shape:
-            raise ValueError(f"layer {n}: initial kernel {params[n]['kernel'].shape}, expected {lay.kernel_shape}")
+            raise ValueError(
+                f"layer {n}: initial kernel {params[n]['kernel'].shape}, expected {lay.kernel_shape}"
+            )
         if lay.bias:
             params[n]["bias"] = jnp.asarray(init[n]["bias"], jnp.float32)
         m = jnp.asarray(channel_mask(lay), jnp.float32)
@@ -174,14 +194,23 @@ def gradient_descent(
     params = jax.tree.map(jnp.multiply, params, masks)
     opt = optimizer or optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
     mesh = mesh or distributed.data_mesh()
-    key = ("gradient", module_a, module_b, tuple(chosen.values()), _blocks_key(blocks, chosen), mesh,
-           (steps, learning_rate) if optimizer is None else optimizer)
+    key = (
+        "gradient",
+        module_a,
+        module_b,
+        tuple(chosen.values()),
+        _blocks_key(blocks, chosen),
+        mesh,
+        (steps, learning_rate) if optimizer is None else optimizer,
+    )
     update = _cached(key, lambda: _gradient_step(module_a, module_b, chosen, blocks, mesh, opt))
     opt_state = opt.init(params)
     shards = [distributed.shard_batch(_images(b), mesh) for b in batches]
     losses = []
     for i in tqdm(range(steps), desc="least squares (gradient)", disable=not progress, leave=False):
         x, mask = shards[i % len(shards)]
-        params, opt_state, loss = update(params, opt_state, masks, variables_a, variables_b, x, mask)
+        params, opt_state, loss = update(
+            params, opt_state, masks, variables_a, variables_b, x, mask
+        )
         losses.append(loss)
     return params, np.asarray(jnp.stack(losses))

@@ -133,8 +133,14 @@ def _trace_layers(module, variables, x) -> dict[tuple[str, ...], dict[str, Any]]
             if isinstance(mod, nn.Conv):
                 found[path] = _conv_geometry(mod, args[0].shape, path)
             elif isinstance(mod, nn.Dense):
-                found[path] = {"kind": "dense", "kernel_size": (), "strides": (), "padding": (),
-                               "dilation": (), "bias": bool(mod.use_bias)}
+                found[path] = {
+                    "kind": "dense",
+                    "kernel_size": (),
+                    "strides": (),
+                    "padding": (),
+                    "dilation": (),
+                    "bias": bool(mod.use_bias),
+                }
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
@@ -160,9 +166,14 @@ def _conv_geometry(mod: nn.Conv, in_shape, path) -> dict[str, Any]:
             raise ValueError(f"{where}: padding {pad!r} is not supported")
         window = [(k - 1) * d + 1 for k, d in zip(ks, dilation, strict=True)]
         pad = jax.lax.padtype_to_pads(in_shape[1:-1], window, strides, pad.upper())
-    return {"kind": "conv", "kernel_size": ks, "strides": strides,
-            "padding": tuple((int(lo), int(hi)) for lo, hi in pad),
-            "dilation": dilation, "bias": bool(mod.use_bias)}
+    return {
+        "kind": "conv",
+        "kernel_size": ks,
+        "strides": strides,
+        "padding": tuple((int(lo), int(hi)) for lo, hi in pad),
+        "dilation": dilation,
+        "bias": bool(mod.use_bias),
+    }
 
 
 def _group_splits(group: str | None, blocks: Mapping[str, GroupBlocks], n: int, where: str):
@@ -172,12 +183,17 @@ def _group_splits(group: str | None, blocks: Mapping[str, GroupBlocks], n: int, 
         raise ValueError(f"{where}: no blocks for group {group!r}")
     m, a, b = blocks[group].sizes
     if m + a != n:
-        raise ValueError(f"{where}: group {group!r} has {m + a} units in its blocks, the kernel {n}")
+        raise ValueError(
+            f"{where}: group {group!r} has {m + a} units in its blocks, the kernel {n}"
+        )
     return (m, a, b)
 
 
 def find_layers(
-    module, variables: Mapping[str, Any], spec: Mapping[str, Any], blocks: Mapping[str, GroupBlocks],
+    module,
+    variables: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    blocks: Mapping[str, GroupBlocks],
     example_input: Any,
 ) -> dict[str, Layer]:
     """Every conv/dense layer of a source model, sized for the merged model.
@@ -196,8 +212,11 @@ def find_layers(
     """
     variables = to_dict(variables)
     flat = flatten(variables.get("params", {}))
-    traced = tracing.cached("ls_layers", tracing.signature(module, variables, example_input),
-                            lambda: _trace_layers(module, variables, example_input))
+    traced = tracing.cached(
+        "ls_layers",
+        tracing.signature(module, variables, example_input),
+        lambda: _trace_layers(module, variables, example_input),
+    )
     axis_group = {(tuple(p), ax): g for g, grp in spec.items() for p, ax in grp.axes}
     layers: dict[str, Layer] = {}
     for path, geo in traced.items():
@@ -208,13 +227,17 @@ def find_layers(
         shape = np.shape(kernel)
         nd = len(shape)
         if shape[:-2] != tuple(geo["kernel_size"]):
-            raise ValueError(f"{where}: kernel {shape} does not match kernel_size {geo['kernel_size']}")
+            raise ValueError(
+                f"{where}: kernel {shape} does not match kernel_size {geo['kernel_size']}"
+            )
         if geo["bias"] and (*path, "bias") not in flat:
             raise ValueError(f"{where} uses a bias but params/{path_str(path)}/bias is missing")
         kp = ("params", *path, "kernel")
         gin, gout = axis_group.get((kp, nd - 2)), axis_group.get((kp, nd - 1))
         layers[path_str(path)] = Layer(
-            name=path_str(path), in_group=gin, out_group=gout,
+            name=path_str(path),
+            in_group=gin,
+            out_group=gout,
             in_splits=_group_splits(gin, blocks, shape[-2], where),
             out_splits=_group_splits(gout, blocks, shape[-1], where),
             **geo,
@@ -246,15 +269,20 @@ def conv_patches(x, kernel_size, strides, padding, dilation):
     zero = jnp.zeros((), x.dtype)
     x = jax.lax.pad(x, zero, [(0, 0, 0), *[(int(lo), int(hi), 0) for lo, hi in padding], (0, 0, 0)])
     spatial = x.shape[1:-1]
-    out = [(s - d * (k - 1) - 1) // st + 1
-           for s, k, st, d in zip(spatial, kernel_size, strides, dilation, strict=True)]
+    out = [
+        (s - d * (k - 1) - 1) // st + 1
+        for s, k, st, d in zip(spatial, kernel_size, strides, dilation, strict=True)
+    ]
     if any(o <= 0 for o in out):
         raise ValueError(f"input {x.shape} is too small for kernel {kernel_size} (after padding)")
     cols = []
     for offs in itertools.product(*(range(k) for k in kernel_size)):
         start = (0, *(o * d for o, d in zip(offs, dilation, strict=True)), 0)
-        limit = (x.shape[0], *(s + st * (n - 1) + 1 for s, st, n in zip(start[1:-1], strides, out, strict=True)),
-                 x.shape[-1])
+        limit = (
+            x.shape[0],
+            *(s + st * (n - 1) + 1 for s, st, n in zip(start[1:-1], strides, out, strict=True)),
+            x.shape[-1],
+        )
         cols.append(jax.lax.slice(x, start, limit, (1, *strides, 1)))
     p = jnp.stack(cols, axis=-1)  # [N, *out, C, taps]: channel-major columns
     return p.reshape(*p.shape[:-2], -1)
@@ -282,8 +310,13 @@ def layer_apply(layer: Layer, x, weights: Mapping[str, Any]):
     k = weights["kernel"]
     if layer.kind == "conv":
         y = jax.lax.conv_general_dilated(
-            x, k, layer.strides, layer.padding, rhs_dilation=layer.dilation,
-            dimension_numbers=_CONV_DIMS[len(layer.kernel_size)], precision=_HI,
+            x,
+            k,
+            layer.strides,
+            layer.padding,
+            rhs_dilation=layer.dilation,
+            dimension_numbers=_CONV_DIMS[len(layer.kernel_size)],
+            precision=_HI,
         )
     else:
         y = jnp.matmul(x, k, precision=_HI)
@@ -296,10 +329,16 @@ def weights_to_matrix(layer: Layer, kernel, bias=None):
     """``kernel [*k, C_in, C_out]`` (+ ``bias [C_out]``) -> ``[dim, C_out]``."""
     kernel = jnp.asarray(kernel, jnp.float32)
     if kernel.shape != layer.kernel_shape:
-        raise ValueError(f"layer {layer.name}: kernel {kernel.shape}, expected {layer.kernel_shape}")
+        raise ValueError(
+            f"layer {layer.name}: kernel {kernel.shape}, expected {layer.kernel_shape}"
+        )
     w = jnp.moveaxis(kernel, -2, 0).reshape(layer.c_in * layer.taps, layer.c_out)
     if layer.bias:
-        b = jnp.zeros((layer.c_out,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+        b = (
+            jnp.zeros((layer.c_out,), jnp.float32)
+            if bias is None
+            else jnp.asarray(bias, jnp.float32)
+        )
         w = jnp.concatenate([w, b[None]], axis=0)
     return w
 
@@ -319,8 +358,8 @@ def channel_mask(layer: Layer) -> np.ndarray:
     mi, ai, _ = layer.in_splits
     mo, ao, _ = layer.out_splits
     mask = np.ones((layer.c_in, layer.c_out), bool)
-    mask[mi + ai:, mo:mo + ao] = False  # A-only outputs never read B-only inputs
-    mask[mi:mi + ai, mo + ao:] = False  # and B-only outputs never read A-only inputs
+    mask[mi + ai :, mo : mo + ao] = False  # A-only outputs never read B-only inputs
+    mask[mi : mi + ai, mo + ao :] = False  # and B-only outputs never read A-only inputs
     return mask
 
 

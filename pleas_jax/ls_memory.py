@@ -67,7 +67,10 @@ def _chunk_sizes(sizes: Sequence[int], bound: int | None) -> list[list[int]]:
 
 
 def memory_chunks(
-    layers: Mapping[str, Layer], max_memory_bytes: int | None, *, init: bool = True,
+    layers: Mapping[str, Layer],
+    max_memory_bytes: int | None,
+    *,
+    init: bool = True,
     target_gram: bool = False,
 ) -> list[list[str]]:
     """Split layers, in their order, into consecutive chunks whose statistics
@@ -90,17 +93,28 @@ def memory_chunks(
 
 
 def memory_report(
-    layers: Mapping[str, Layer], chunks: Sequence[Sequence[str]], max_memory_bytes: int | None, *,
-    init: bool = True, target_gram: bool = False,
+    layers: Mapping[str, Layer],
+    chunks: Sequence[Sequence[str]],
+    max_memory_bytes: int | None,
+    *,
+    init: bool = True,
+    target_gram: bool = False,
 ) -> dict[str, Any]:
     """What a chunked statistics pass holds: ``{"chunks", "passes",
     "peak_statistics_bytes" (the largest chunk), "total_statistics_bytes",
     "chunk_bytes": [per chunk], "bound"}``."""
-    per = [sum(statistics_bytes(layers[n], init=init, target_gram=target_gram) for n in c)
-           for c in chunks]
-    return {"chunks": len(chunks), "passes": len(chunks),
-            "peak_statistics_bytes": max(per, default=0), "total_statistics_bytes": sum(per),
-            "chunk_bytes": per, "bound": max_memory_bytes}
+    per = [
+        sum(statistics_bytes(layers[n], init=init, target_gram=target_gram) for n in c)
+        for c in chunks
+    ]
+    return {
+        "chunks": len(chunks),
+        "passes": len(chunks),
+        "peak_statistics_bytes": max(per, default=0),
+        "total_statistics_bytes": sum(per),
+        "chunk_bytes": per,
+        "bound": max_memory_bytes,
+    }
 
 
 def _one_shot_error(what: str, n_chunks: int, total: int, bound: int | None) -> ValueError:
@@ -118,6 +132,7 @@ MEMORY_BUDGETS = (1.0, 1.25, 1.5, 1.75, 2.0)
 def _with_splits(layer: Layer, separate: Mapping[str, int], full: bool) -> Layer:
     """``layer`` sized for ``separate[g]`` units per model kept separate in
     each group (``full``: the pair statistics' layout, every unit separate)."""
+
     def splits(group, n):
         if group is None:
             return (n, 0, 0)
@@ -126,8 +141,11 @@ def _with_splits(layer: Layer, separate: Mapping[str, int], full: bool) -> Layer
         s = separate[group]
         return (n - s, s, s)
 
-    return dataclasses.replace(layer, in_splits=splits(layer.in_group, layer.in_splits[0]),
-                               out_splits=splits(layer.out_group, layer.out_splits[0]))
+    return dataclasses.replace(
+        layer,
+        in_splits=splits(layer.in_group, layer.in_splits[0]),
+        out_splits=splits(layer.out_group, layer.out_splits[0]),
+    )
 
 
 def _memory_row(layers: Mapping[str, Layer], bound: int | None, **kw) -> dict[str, Any]:
@@ -188,16 +206,27 @@ def statistics_memory(
     table = budget_lib.layer_table(module, variables, spec, shape)
     # Geometry once, at budget 1 (every unit merged); widths per budget below.
     none = np.arange(0)
-    merged_all = {g: GroupBlocks(np.arange(grp.size), np.arange(grp.size), none, none)
-                  for g, grp in spec.items()}
+    merged_all = {
+        g: GroupBlocks(np.arange(grp.size), np.arange(grp.size), none, none)
+        for g, grp in spec.items()
+    }
     base = find_layers(module, variables, spec, merged_all, example)
     rows = []
     for b in budgets:
         ratios = budget_lib.uniform_ratios(table, spec, float(b))
         separate = budget_lib.separate_units(spec, ratios)
         sized = {n: _with_splits(lay, separate, False) for n, lay in base.items()}
-        rows.append({"budget": float(b), "ratio": float(next(iter(ratios.values()), 0.0)),
-                     **_memory_row(sized, max_memory_bytes, init=True)})
+        rows.append(
+            {
+                "budget": float(b),
+                "ratio": float(next(iter(ratios.values()), 0.0)),
+                **_memory_row(sized, max_memory_bytes, init=True),
+            }
+        )
     full = {n: _with_splits(lay, {}, True) for n, lay in base.items()}
-    return {"input_shape": shape, "bound": max_memory_bytes, "budgets": rows,
-            "pair": _memory_row(full, max_memory_bytes, init=False, target_gram=True)}
+    return {
+        "input_shape": shape,
+        "bound": max_memory_bytes,
+        "budgets": rows,
+        "pair": _memory_row(full, max_memory_bytes, init=False, target_gram=True),
+    }

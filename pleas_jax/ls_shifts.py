@@ -40,15 +40,26 @@ def _windows(layer: Layer, xp, out_spatial):
     ``xp [N, *spatial, C]`` that meets it: each ``[N, *out_spatial, C]``."""
     for offs in itertools.product(*(range(k) for k in layer.kernel_size)):
         start = (0, *(o * d for o, d in zip(offs, layer.dilation, strict=True)), 0)
-        limit = (xp.shape[0], *(s + st * (n - 1) + 1 for s, st, n in
-                                zip(start[1:-1], layer.strides, out_spatial, strict=True)), xp.shape[-1])
+        limit = (
+            xp.shape[0],
+            *(
+                s + st * (n - 1) + 1
+                for s, st, n in zip(start[1:-1], layer.strides, out_spatial, strict=True)
+            ),
+            xp.shape[-1],
+        )
         yield jax.lax.slice(xp, start, limit, (1, *layer.strides, 1))
 
 
 def _shifts_apply(layer: Layer) -> bool:
     """The shift-structured Gram covers 2-D convs with stride and dilation 1."""
-    return (layer.kind == "conv" and len(layer.kernel_size) == 2 and layer.taps > 1
-            and all(s == 1 for s in layer.strides) and all(d == 1 for d in layer.dilation))
+    return (
+        layer.kind == "conv"
+        and len(layer.kernel_size) == 2
+        and layer.taps > 1
+        and all(s == 1 for s in layer.strides)
+        and all(d == 1 for d in layer.dilation)
+    )
 
 
 def _shift_saving(layer: Layer, spatial, examples: int) -> float:
@@ -64,8 +75,8 @@ def _shift_saving(layer: Layer, spatial, examples: int) -> float:
         border = sum(1 for y in inner if not k - 1 <= y < out)
         ext.append((out, len(inner) + border))
     shifts = ((2 * layer.kernel_size[0] - 1) * (2 * layer.kernel_size[1] - 1) + 1) // 2
-    patch = layer.taps ** 2 * ext[0][0] * ext[1][0] * examples
-    shift = shifts * ext[0][1] * ext[1][1] * examples + _ASSEMBLY_MACS * layer.taps ** 2
+    patch = layer.taps**2 * ext[0][0] * ext[1][0] * examples
+    shift = shifts * ext[0][1] * ext[1][1] * examples + _ASSEMBLY_MACS * layer.taps**2
     return patch / shift
 
 
@@ -89,16 +100,24 @@ def _shift_gram(layer: Layer, xp, xpw, precision):
     ky, kx = layer.kernel_size
     _, hp, wp, c = xp.shape
     ho, wo = hp - ky + 1, wp - kx + 1
-    deltas = [(dy, dx) for dy in range(-(ky - 1), ky) for dx in range(-(kx - 1), kx) if (dy, dx) >= (0, 0)]
+    deltas = [
+        (dy, dx) for dy in range(-(ky - 1), ky) for dx in range(-(kx - 1), kx) if (dy, dx) >= (0, 0)
+    ]
     # Where xpw can be non-zero: inside the padding (a negative pad crops).
-    (y0, y1), (x0, x1) = ((max(lo, 0), n - max(hi, 0))
-                          for (lo, hi), n in zip(layer.padding, (hp, wp), strict=True))
+    (y0, y1), (x0, x1) = (
+        (max(lo, 0), n - max(hi, 0)) for (lo, hi), n in zip(layer.padding, (hp, wp), strict=True)
+    )
     # Zero margins let every shift read one [Y, X] range; the margins only
     # meet offset pairs that do not exist.
     big = jnp.pad(xp, ((0, 0), (ky - 1, ky - 1), (kx - 1, kx - 1), (0, 0)))
     xs = xpw[:, y0:y1, x0:x1]
-    shifted = jnp.stack([big[:, ky - 1 + dy + y0:ky - 1 + dy + y1, kx - 1 + dx + x0:kx - 1 + dx + x1]
-                         for dy, dx in deltas], axis=3)  # [N, |Y|, |X|, E, C]: one GEMM operand
+    shifted = jnp.stack(
+        [
+            big[:, ky - 1 + dy + y0 : ky - 1 + dy + y1, kx - 1 + dx + x0 : kx - 1 + dx + x1]
+            for dy, dx in deltas
+        ],
+        axis=3,
+    )  # [N, |Y|, |X|, E, C]: one GEMM operand
     # Border rows/columns: outside the window of at least one offset
     # (indices relative to Y and X); out_y[a]: those outside offset a's.
     ey = [y - y0 for y in range(y0, y1) if not ky - 1 <= y < ho]
@@ -113,7 +132,9 @@ def _shift_gram(layer: Layer, xp, xpw, precision):
         ix = np.asarray(ex)
         cols = gram_einsum("nyxc,nyxed->excd", xs[:, :, ix], shifted[:, :, ix], precision)
     if ey and ex:
-        pts = gram_einsum("nyxc,nyxed->eyxcd", xs[:, iy][:, :, ix], shifted[:, iy][:, :, ix], precision)
+        pts = gram_einsum(
+            "nyxc,nyxed->eyxcd", xs[:, iy][:, :, ix], shifted[:, iy][:, :, ix], precision
+        )
 
     def window_sum(e, ay, ax):
         # Written out per block (not as selection matmuls), so that XLA

@@ -68,8 +68,9 @@ def _conv_cross(layer: Layer, xp, yw, precision):
     the padded input ``xp`` and the targets ``yw`` weighted per example."""
     out_spatial = yw.shape[1:-1]
     sp = "".join("abc"[: len(out_spatial)])
-    per_tap = [einsum(f"n{sp}c,n{sp}o->co", w, yw, precision)
-               for w in _windows(layer, xp, out_spatial)]
+    per_tap = [
+        einsum(f"n{sp}c,n{sp}o->co", w, yw, precision) for w in _windows(layer, xp, out_spatial)
+    ]
     c = jnp.stack(per_tap, axis=1).reshape(layer.c_in * layer.taps, -1)  # channel-major
     if layer.bias:
         c = jnp.concatenate([c, jnp.sum(yw.reshape(-1, yw.shape[-1]), axis=0)[None]], axis=0)
@@ -77,8 +78,15 @@ def _conv_cross(layer: Layer, xp, yw, precision):
 
 
 def batch_sums(
-    layer: Layer, x, y, mask, init: Mapping[str, Any] | None = None, *,
-    gram: str = "auto", precision: Any = "highest", target_gram: bool = False,
+    layer: Layer,
+    x,
+    y,
+    mask,
+    init: Mapping[str, Any] | None = None,
+    *,
+    gram: str = "auto",
+    precision: Any = "highest",
+    target_gram: bool = False,
 ) -> dict[str, Any]:
     """One batch's contribution to :func:`layer_statistics` for one layer.
 
@@ -110,12 +118,19 @@ def batch_sums(
         raise ValueError(f"gram must be one of {GRAM_METHODS}, got {gram!r}")
     use_shifts = _shifts_apply(layer) and (
         gram == "shifts"
-        or (gram == "auto"
-            and _shift_saving(layer, x.shape[1:-1], _AUTO_EXAMPLES) >= _SHIFT_MIN_SAVING))
+        or (
+            gram == "auto"
+            and _shift_saving(layer, x.shape[1:-1], _AUTO_EXAMPLES) >= _SHIFT_MIN_SAVING
+        )
+    )
     if layer.kind == "conv":
         padded = [s + lo + hi for s, (lo, hi) in zip(x.shape[1:-1], layer.padding, strict=True)]
-        expect = tuple((p - d * (k - 1) - 1) // st + 1 for p, k, st, d in
-                       zip(padded, layer.kernel_size, layer.strides, layer.dilation, strict=True))
+        expect = tuple(
+            (p - d * (k - 1) - 1) // st + 1
+            for p, k, st, d in zip(
+                padded, layer.kernel_size, layer.strides, layer.dilation, strict=True
+            )
+        )
         if expect != tuple(y.shape[1:-1]):
             raise ValueError(
                 f"layer {layer.name}: input {x.shape} with kernel {layer.kernel_size}, strides "
@@ -125,6 +140,7 @@ def batch_sums(
     n_out = math.prod(y.shape[1:-1])
     y2 = y.reshape(-1, layer.c_out)
     if mask is None:
+
         def rows_w(a):
             return a
 
@@ -171,8 +187,9 @@ def batch_sums(
     return out
 
 
-def _statistics_fn(module_a, module_b, layers, blocks, precision, gram, target_gram=False,
-                   masked=True):
+def _statistics_fn(
+    module_a, module_b, layers, blocks, precision, gram, target_gram=False, masked=True
+):
     # masked=False: the version for batches without padding, which ignores
     # the mask (no masked copies of features or patch rows).
     def fn(replicated, x, mask):
@@ -183,8 +200,9 @@ def _statistics_fn(module_a, module_b, layers, blocks, precision, gram, target_g
         for name, layer in layers.items():
             xin, y = _layer_data(layer, blocks, fa, fb)
             w0 = None if init is None else matrix_to_weights(layer, init[name])
-            out[name] = batch_sums(layer, xin, y, mask, w0, gram=gram, precision=precision,
-                                   target_gram=target_gram)
+            out[name] = batch_sums(
+                layer, xin, y, mask, w0, gram=gram, precision=precision, target_gram=target_gram
+            )
         return out
 
     return fn
@@ -277,16 +295,34 @@ def layer_statistics(
         if init is not None:
             # Forbidden entries of W0 are zero by construction; masking keeps R0
             # consistent with the masked solution even for a hand-made W0.
-            init_m = {n: weights_to_matrix(lay, init[n]["kernel"], init[n].get("bias"))
-                      * jnp.asarray(matrix_mask(lay), jnp.float32) for n, lay in part.items()}
-        key = ("statistics", module_a, module_b, tuple(part.values()), _blocks_key(blocks, part),
-               precision, gram, mesh, init_m is None, target_gram)
+            init_m = {
+                n: weights_to_matrix(lay, init[n]["kernel"], init[n].get("bias"))
+                * jnp.asarray(matrix_mask(lay), jnp.float32)
+                for n, lay in part.items()
+            }
+        key = (
+            "statistics",
+            module_a,
+            module_b,
+            tuple(part.values()),
+            _blocks_key(blocks, part),
+            precision,
+            gram,
+            mesh,
+            init_m is None,
+            target_gram,
+        )
 
         def step_for(masked, key=key, part=part):
-            return _cached((*key, masked), lambda: distributed.batch_sum(
-                _statistics_fn(module_a, module_b, part, blocks, precision, gram, target_gram,
-                               masked),
-                mesh))
+            return _cached(
+                (*key, masked),
+                lambda: distributed.batch_sum(
+                    _statistics_fn(
+                        module_a, module_b, part, blocks, precision, gram, target_gram, masked
+                    ),
+                    mesh,
+                ),
+            )
 
         replicated = (variables_a, variables_b, init_m)
         desc = "least-squares statistics" + (f" ({i + 1}/{len(chunks)})" if len(chunks) > 1 else "")

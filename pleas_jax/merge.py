@@ -100,7 +100,9 @@ class MergeResult:
                 raise ValueError("this merge has a shared head; call logits(x) without head")
             return out
         if head not in self.heads:
-            raise ValueError(f"choose head 'a' or 'b' for a merge with separate heads, got {head!r}")
+            raise ValueError(
+                f"choose head 'a' or 'b' for a merge with separate heads, got {head!r}"
+            )
         return heads_lib.apply_head(self.heads[head], out)
 
 
@@ -263,7 +265,9 @@ def merge(
             f"statistics must be one of {STATISTICS} or a PairStatistics, got {statistics!r}"
         )
     if isinstance(ratios, str) and ratios not in RATIOS:
-        raise ValueError(f"ratios must be one of {RATIOS} or a dict of group ratios, got {ratios!r}")
+        raise ValueError(
+            f"ratios must be one of {RATIOS} or a dict of group ratios, got {ratios!r}"
+        )
     if unit_multiple is not None:
         budget_lib.check_multiple(unit_multiple, "unit_multiple")
     (module_a, va), (module_b, vb) = model_a, model_b
@@ -308,8 +312,17 @@ def merge(
                 raise ValueError(f"precomputed matching lacks group(s) {sorted(missing)}")
         elif matching == "activation":
             perm, costs = activation_matching(
-                module_a, va, module_b, vb, spec, data_fn(), similarity, mesh=mesh,
-                dtype=matching_dtype, precision=matching_precision, progress=progress,
+                module_a,
+                va,
+                module_b,
+                vb,
+                spec,
+                data_fn(),
+                similarity,
+                mesh=mesh,
+                dtype=matching_dtype,
+                precision=matching_precision,
+                progress=progress,
             )
         elif matching == "weight":
             perm, costs = weight_matching(spec, va, vb, max_iter=max_iter, seed=seed)
@@ -322,9 +335,13 @@ def merge(
         table = budget_lib.layer_table(module_a, va, spec, example.shape[1:])
         if isinstance(ratios, str):
             weights = (
-                budget_lib.sensitivity_from_costs(spec, perm, costs) if ratios == "optimized" else None
+                budget_lib.sensitivity_from_costs(spec, perm, costs)
+                if ratios == "optimized"
+                else None
             )
-            group_ratios = budget_lib.ratios_for_budget(ratios, table, spec, float(budget), weights=weights)
+            group_ratios = budget_lib.ratios_for_budget(
+                ratios, table, spec, float(budget), weights=weights
+            )
         else:
             group_ratios = {g: float(ratios[g]) for g in spec}
             for g, r in group_ratios.items():
@@ -341,22 +358,48 @@ def merge(
         pair_stats = statistics if isinstance(statistics, PairStatistics) else None
         if least_squares is not None and statistics == "per_merge":
             merged, ls_report = fit_least_squares(
-                module_a, va, module_b, vb, spec, blocks, merged_module, merged, data_fn,
-                mode=least_squares, ridge=ridge, steps=gd_steps, learning_rate=gd_learning_rate,
-                max_memory_bytes=max_memory_bytes, mesh=mesh, precision=ls_precision,
+                module_a,
+                va,
+                module_b,
+                vb,
+                spec,
+                blocks,
+                merged_module,
+                merged,
+                data_fn,
+                mode=least_squares,
+                ridge=ridge,
+                steps=gd_steps,
+                learning_rate=gd_learning_rate,
+                max_memory_bytes=max_memory_bytes,
+                mesh=mesh,
+                precision=ls_precision,
                 progress=progress,
             )
         elif least_squares is not None:
             if pair_stats is None:
                 t_stats = time.perf_counter()
                 pair_stats = pair_statistics(
-                    module_a, va, module_b, vb, spec, data_fn, mesh=mesh, precision=ls_precision,
-                    max_memory_bytes=max_memory_bytes, progress=progress,
+                    module_a,
+                    va,
+                    module_b,
+                    vb,
+                    spec,
+                    data_fn,
+                    mesh=mesh,
+                    precision=ls_precision,
+                    max_memory_bytes=max_memory_bytes,
+                    progress=progress,
                 )
                 jax.block_until_ready(pair_stats.sums)
                 t_stats = time.perf_counter() - t_stats
             merged, ls_report = fit(
-                pair_stats, blocks, merged, mode=least_squares, ridge=ridge, steps=gd_steps,
+                pair_stats,
+                blocks,
+                merged,
+                mode=least_squares,
+                ridge=ridge,
+                steps=gd_steps,
                 learning_rate=gd_learning_rate,
             )
             if not isinstance(statistics, PairStatistics):
@@ -365,7 +408,9 @@ def merge(
 
         t0 = stage("batch norm")
         if batch_norm:
-            merged = recompute_batch_norm(merged_module, merged, data_fn(), mesh=mesh, progress=progress)
+            merged = recompute_batch_norm(
+                merged_module, merged, data_fn(), mesh=mesh, progress=progress
+            )
         done("batch norm", t0)
 
         t0 = stage("heads")

@@ -166,8 +166,17 @@ def pair_statistics(
     full = full_coordinate_blocks(spec)
     try:
         stats = layer_statistics(
-            module_a, variables_a, module_b, variables_b, spec, full, batches,
-            mesh=mesh, precision=precision, target_gram=True, max_memory_bytes=max_memory_bytes,
+            module_a,
+            variables_a,
+            module_b,
+            variables_b,
+            spec,
+            full,
+            batches,
+            mesh=mesh,
+            precision=precision,
+            target_gram=True,
+            max_memory_bytes=max_memory_bytes,
             progress=progress,
         )
     except StatisticsOverBound as e:
@@ -205,8 +214,11 @@ def _project(sums, rows, cols):
     gram = _gather2(sums["gram"], ri, rw, ri, rw)
     cross = _gather2(sums["cross"], ri, rw, ci, cw)
     t = sums["target_gram"]
-    target_sq = sum(wp * wq * t[ip, iq] for ip, wp in zip(ci, cw, strict=True)
-                    for iq, wq in zip(ci, cw, strict=True))
+    target_sq = sum(
+        wp * wq * t[ip, iq]
+        for ip, wp in zip(ci, cw, strict=True)
+        for iq, wq in zip(ci, cw, strict=True)
+    )
     return gram, cross, target_sq
 
 
@@ -229,7 +241,9 @@ def _solve_block(gram, r0, pull, blk, ridge, method):
     tr = jnp.trace(g)
     lam = jnp.where(tr > 0, ridge * tr / jnp.maximum(jnp.sum(rv), 1.0), 1.0)
     a = g + jnp.diag(lam * rv + (1.0 - rv))
-    rhs = (-r0[r[:, None], c[None, :]] + lam * pull[r[:, None], c[None, :]]) * (rv[:, None] * cv[None, :])
+    rhs = (-r0[r[:, None], c[None, :]] + lam * pull[r[:, None], c[None, :]]) * (
+        rv[:, None] * cv[None, :]
+    )
     if method == "eigh":
         return _pinv_solve(a, rhs)
     # Jacobi scaling: features of very different energy would otherwise
@@ -356,8 +370,9 @@ def fit(
     _check(stats, blocks)
     t0 = time.perf_counter()
     merged_variables = to_dict(merged_variables)
-    problems = {n: _problem(n, full, blocks, merged_variables, mode)
-                for n, full in stats.layers.items()}
+    problems = {
+        n: _problem(n, full, blocks, merged_variables, mode) for n, full in stats.layers.items()
+    }
     solution, layers_report = {}, {}
     # Rows per layer: examples times output positions.
     count = {n: max(float(s["count"]), 1.0) for n, s in stats.sums.items()}
@@ -365,11 +380,15 @@ def fit(
         if mode == "gd":
             scales = {n: count[n] * p.layer.c_out for n, p in problems.items()}
             params, _, before, after = _descend(
-                stats.sums, {n: p.args for n, p in problems.items()}, scales, int(steps),
+                stats.sums,
+                {n: p.args for n, p in problems.items()},
+                scales,
+                int(steps),
                 float(learning_rate),
             )
             results = {n: (params[n], before[n], after[n], False) for n in problems}
         else:
+
             def one(n):
                 with jax.default_matmul_precision("highest"):
                     args = (stats.sums[n], problems[n].args, float(ridge), ridge_centre)
@@ -385,20 +404,31 @@ def fit(
                     # per thread), never every solution.
                     return (*jax.device_get(out), fb)
 
-            solved = distributed.map_programs(one, list(problems), cost=lambda n: problems[n].layer.dim ** 3)
+            solved = distributed.map_programs(
+                one, list(problems), cost=lambda n: problems[n].layer.dim ** 3
+            )
             results = dict(zip(problems, solved, strict=True))
     for n, (w, before, after, fb) in results.items():
         layer = problems[n].layer
         w = np.asarray(w)[: layer.dim, : layer.c_out]
         if not np.all(np.isfinite(w)):
-            raise ValueError(f"layer {n}: the least-squares solution is not finite (features overflow?)")
+            raise ValueError(
+                f"layer {n}: the least-squares solution is not finite (features overflow?)"
+            )
         solution[n] = _from_matrix(layer, w)
         scale = count[n] * layer.c_out
-        layers_report[n] = {"method": mode, "before": float(before) / scale,
-                            "after": float(after) / scale, "fallback": bool(fb)}
+        layers_report[n] = {
+            "method": mode,
+            "before": float(before) / scale,
+            "after": float(after) / scale,
+            "fallback": bool(fb),
+        }
     variables = apply_solution(merged_variables, solution)
     report = {
-        "mode": mode, "ridge": ridge, "ridge_centre": ridge_centre, "statistics": "pair",
+        "mode": mode,
+        "ridge": ridge,
+        "ridge_centre": ridge_centre,
+        "statistics": "pair",
         "seconds": {"solve" if mode == "closed_form" else "gradient": time.perf_counter() - t0},
         "layers": layers_report,
         # The pass that took the sums (earlier, when they are reused).

@@ -45,14 +45,24 @@ def _rows(sel, taps: int, bias: bool, full_dim: int, pad_to: int):
     right after them, padded with weight-0 rows to ``pad_to``."""
     ia, ib, wa, wb = sel
     t = np.arange(taps)
-    out = [(ia[:, None] * taps + t).ravel(), (ib[:, None] * taps + t).ravel(),
-           np.repeat(wa, taps), np.repeat(wb, taps)]
+    out = [
+        (ia[:, None] * taps + t).ravel(),
+        (ib[:, None] * taps + t).ravel(),
+        np.repeat(wa, taps),
+        np.repeat(wb, taps),
+    ]
     if bias:
-        out = [np.append(out[0], full_dim - 1), np.append(out[1], full_dim - 1),
-               np.append(out[2], 1.0), np.append(out[3], 0.0)]
+        out = [
+            np.append(out[0], full_dim - 1),
+            np.append(out[1], full_dim - 1),
+            np.append(out[2], 1.0),
+            np.append(out[3], 0.0),
+        ]
     n = len(out[0])
-    return [np.pad(v, (0, pad_to - n)).astype(np.int32 if i < 2 else np.float32)
-            for i, v in enumerate(out)], n
+    return [
+        np.pad(v, (0, pad_to - n)).astype(np.int32 if i < 2 else np.float32)
+        for i, v in enumerate(out)
+    ], n
 
 
 def _allowed(layer: Layer, dp: int, kp: int):
@@ -65,7 +75,7 @@ def _allowed(layer: Layer, dp: int, kp: int):
     for k, (lo, n) in enumerate(((0, mo), (mo, ao), (mo + ao, bo))):
         if n:
             rows[k, : layer.dim] = mask[:, lo]
-            cols[k, lo:lo + n] = 1.0
+            cols[k, lo : lo + n] = 1.0
     return rows, cols
 
 
@@ -82,12 +92,14 @@ def _block_selections(layer: Layer, full: Layer) -> tuple[dict[str, np.ndarray],
         if not n or not len(rows):
             continue  # no outputs, or outputs no input may feed: they stay 0
         rp, cp = _bucket(len(rows), full.dim), _bucket(n, full.c_out)
-        out.append({
-            "r": np.pad(rows, (0, rp - len(rows))).astype(np.int32),
-            "rv": np.pad(np.ones(len(rows), np.float32), (0, rp - len(rows))),
-            "c": np.pad(np.arange(lo, lo + n), (0, cp - n)).astype(np.int32),
-            "cv": np.pad(np.ones(n, np.float32), (0, cp - n)),
-        })
+        out.append(
+            {
+                "r": np.pad(rows, (0, rp - len(rows))).astype(np.int32),
+                "rv": np.pad(np.ones(len(rows), np.float32), (0, rp - len(rows))),
+                "c": np.pad(np.arange(lo, lo + n), (0, cp - n)).astype(np.int32),
+                "cv": np.pad(np.ones(n, np.float32), (0, cp - n)),
+            }
+        )
     return tuple(out)
 
 
@@ -135,8 +147,9 @@ def _bucket(n: int, full: int, buckets: int = _BUCKETS) -> int:
     return min(full, -(-n // step) * step)
 
 
-def _problem(name: str, full: Layer, blocks: Mapping[str, GroupBlocks], merged_variables,
-             mode: str):
+def _problem(
+    name: str, full: Layer, blocks: Mapping[str, GroupBlocks], merged_variables, mode: str
+):
     """This merge's layer and its padded arrays: row and column selections,
     W0, and per output block either its own rows and columns (closed form) or
     masks of its allowed rows and member columns (gradient mode)."""

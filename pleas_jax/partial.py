@@ -188,7 +188,10 @@ def _assemble(grid, ax_list):
 
 
 def merge_variables(
-    spec: Mapping[str, Any], blocks: Blocks, variables_a: Mapping[str, Any], variables_b: Mapping[str, Any]
+    spec: Mapping[str, Any],
+    blocks: Blocks,
+    variables_a: Mapping[str, Any],
+    variables_b: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The partially merged variables (float32 numpy leaves).
 

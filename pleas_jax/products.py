@@ -83,8 +83,9 @@ def einsum(spec: str, a, b, precision: Any = "highest"):
     if precision == "bf16_3x":
         return _split_einsum(spec, a, b, tails=False)
     if precision == "bfloat16":
-        return jnp.einsum(spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
-                          preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32
+        )
     if precision == "highest":
         precision = jax.lax.Precision.HIGHEST
     return jnp.einsum(spec, a, b, precision=precision)

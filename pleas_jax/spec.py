@@ -166,8 +166,13 @@ def derive_spec(
     call for the same signature returns a copy without tracing again.
     """
     kwargs = dict(apply_kwargs or {})
-    key = tracing.signature(module, variables, example_input, free_output=free_output,
-                            apply_kwargs=tuple(sorted(kwargs.items())))
+    key = tracing.signature(
+        module,
+        variables,
+        example_input,
+        free_output=free_output,
+        apply_kwargs=tuple(sorted(kwargs.items())),
+    )
     spec = tracing.cached(
         "spec", key, lambda: _derive(module, variables, example_input, free_output, kwargs)
     )

@@ -35,7 +35,9 @@ _lock = threading.Lock()
 
 def _abstract(x) -> tuple[tuple[int, ...], str]:
     dtype = getattr(x, "dtype", None)  # arrays and ShapeDtypeStructs: no type promotion needed
-    return tuple(int(d) for d in np.shape(x)), str(dtype if dtype is not None else jnp.result_type(x))
+    return tuple(int(d) for d in np.shape(x)), str(
+        dtype if dtype is not None else jnp.result_type(x)
+    )
 
 
 def signature(module, variables: Mapping[str, Any], example_input: Any, **options: Any):

@@ -66,7 +66,13 @@ def train(
     bar = tqdm(total=steps, desc="train", disable=not progress, leave=False)
     for epoch in range(epochs):
         for xb, yb in data_lib.batches(
-            x, y, batch_size, shuffle=True, seed=seed * 1000 + epoch, augment=augment, drop_last=True
+            x,
+            y,
+            batch_size,
+            shuffle=True,
+            seed=seed * 1000 + epoch,
+            augment=augment,
+            drop_last=True,
         ):
             params, stats, opt_state, loss = step(params, stats, opt_state, xb, yb)
             bar.update(1)

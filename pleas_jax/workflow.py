@@ -210,8 +210,15 @@ def train_checkpoint(
         "augment": augment,
     }
     variables = train_lib.train(
-        module, dataset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-        weight_decay=weight_decay, augment=augment, seed=seed, progress=progress,
+        module,
+        dataset,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        augment=augment,
+        seed=seed,
+        progress=progress,
     )
     model = Model(module, variables, name=str(out))
     info = {
@@ -283,11 +290,15 @@ def predict(
       RunError: a missing or unexpected ``head``.
     """
     if model.heads is None and head is not None:
-        raise RunError(f"{model.name} has a single classifier; --head applies only to a merge "
-                       "with separate heads")
+        raise RunError(
+            f"{model.name} has a single classifier; --head applies only to a merge "
+            "with separate heads"
+        )
     if model.heads is not None and head not in model.heads:
-        raise RunError(f"{model.name} is a merged backbone with separate heads "
-                       f"{sorted(model.heads)}; choose one with --head")
+        raise RunError(
+            f"{model.name} is a merged backbone with separate heads "
+            f"{sorted(model.heads)}; choose one with --head"
+        )
     fn = _apply_fn(_dense(model.module))
     n = len(x)
     outs = []
@@ -435,10 +446,20 @@ def merge_checkpoints(
     dataset = dataset_for(model_a, data, image_size=image_size)
     batches = merge_batches(dataset, images, batch_size)
     result = merge(
-        (model_a.module, model_a.variables), (model_b.module, model_b.variables), batches,
-        float(budget), matching=matching, ratios=ratios, unit_multiple=unit_multiple,
-        least_squares=least_squares, heads=mode, gd_steps=gd_steps, matching_dtype=matching_dtype,
-        matching_precision=matching_precision, ls_precision=ls_precision, progress=progress,
+        (model_a.module, model_a.variables),
+        (model_b.module, model_b.variables),
+        batches,
+        float(budget),
+        matching=matching,
+        ratios=ratios,
+        unit_multiple=unit_multiple,
+        least_squares=least_squares,
+        heads=mode,
+        gd_steps=gd_steps,
+        matching_dtype=matching_dtype,
+        matching_precision=matching_precision,
+        ls_precision=ls_precision,
+        progress=progress,
     )
     rep = jsonable(result.report)
     source = lambda m: {  # noqa: E731
@@ -451,9 +472,15 @@ def merge_checkpoints(
         "images": sum(len(x) for x in batches),
         "image_size": image_size or model_a.image_size,
         "merge": {
-            "budget": float(budget), "matching": matching, "ratios": ratios,
-            "unit_multiple": unit_multiple, "least_squares": least_squares, "heads": mode, "gd_steps": gd_steps,
-            "matching_dtype": matching_dtype, "matching_precision": matching_precision,
+            "budget": float(budget),
+            "matching": matching,
+            "ratios": ratios,
+            "unit_multiple": unit_multiple,
+            "least_squares": least_squares,
+            "heads": mode,
+            "gd_steps": gd_steps,
+            "matching_dtype": matching_dtype,
+            "matching_precision": matching_precision,
             "ls_precision": ls_precision,
         },
         "report": rep,

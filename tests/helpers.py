@@ -62,7 +62,9 @@ def randomize_norms(variables, seed=0):
 
 
 def images(n, size=32, seed=0, channels=3):
-    return np.asarray(jax.random.normal(jax.random.key(seed), (n, size, size, channels)), np.float32)
+    return np.asarray(
+        jax.random.normal(jax.random.key(seed), (n, size, size, channels)), np.float32
+    )
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +94,10 @@ def run_on_cpu_devices(script: str, n: int = 8, timeout: int = 600) -> dict:
     )
     res = subprocess.run(
         [sys.executable, "-c", script.format(root=ROOT)],
-        env=env, capture_output=True, text=True, timeout=timeout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -40,10 +40,14 @@ def test_first_layer_is_the_population_moments_over_all_batches():
         _, st = m.apply(v, x, mutable=["features"])
         feats.append(np.asarray(st["features"]["conv1"]["out"], np.float64).reshape(-1, 4))
     allf = np.concatenate(feats)
-    np.testing.assert_allclose(new["batch_stats"]["bn1"]["mean"], allf.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        new["batch_stats"]["bn1"]["mean"], allf.mean(0), rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(new["batch_stats"]["bn1"]["var"], allf.var(0), rtol=1e-4, atol=1e-6)
     # Deeper layers changed too, and the params are untouched.
-    assert not np.allclose(new["batch_stats"]["layer3_2"]["bn2"]["var"], v["batch_stats"]["layer3_2"]["bn2"]["var"])
+    assert not np.allclose(
+        new["batch_stats"]["layer3_2"]["bn2"]["var"], v["batch_stats"]["layer3_2"]["bn2"]["var"]
+    )
     assert new["params"] is v["params"]
 
 

@@ -17,9 +17,26 @@ import sys
 from tests.helpers import ROOT
 
 ARGS = [
-    "--arch", "resnet20", "--width", "4", "--size", "8", "--images", "32", "--batch-size", "16",
-    "--budgets", "1.0", "2.0", "--max-iter", "3", "--warm", "--ls-precision", "bf16_3x",
-    "--matching-precision", "bf16_3x",
+    "--arch",
+    "resnet20",
+    "--width",
+    "4",
+    "--size",
+    "8",
+    "--images",
+    "32",
+    "--batch-size",
+    "16",
+    "--budgets",
+    "1.0",
+    "2.0",
+    "--max-iter",
+    "3",
+    "--warm",
+    "--ls-precision",
+    "bf16_3x",
+    "--matching-precision",
+    "bf16_3x",
 ]
 
 
@@ -35,7 +52,11 @@ def test_run_tiny(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     res = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "run.py"), *ARGS, "--out", str(out_file)],
-        env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=str(tmp_path),
     )
     assert res.returncode == 0, res.stderr[-3000:]
     printed = json.loads(res.stdout)
@@ -54,8 +75,14 @@ def test_run_tiny(tmp_path):
     assert d["memory"]["max_rss_bytes"] > 0
     _timing(d["forward"], "forward")
     assert d["forward"]["device_resident_s"] > 0
-    for name in ("spec", "layer_table", "weight_matching", "weight_matching_one_thread",
-                 "activation_statistics", "assignment"):
+    for name in (
+        "spec",
+        "layer_table",
+        "weight_matching",
+        "weight_matching_one_thread",
+        "activation_statistics",
+        "assignment",
+    ):
         _timing(d["stages"][name], name)
     assert d["stages"]["spec"]["groups"] > 0
     wm = d["stages"]["weight_matching"]
@@ -86,16 +113,31 @@ def test_run_tiny(tmp_path):
 def test_gram_tiny():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     res = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "gram.py"), "--size", "32", "--batch-size", "2",
-         "--repeat", "1", "--precision", "highest", "bf16_3x"],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench", "gram.py"),
+            "--size",
+            "32",
+            "--batch-size",
+            "2",
+            "--repeat",
+            "1",
+            "--precision",
+            "highest",
+            "bf16_3x",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     d = json.loads(res.stdout)
     assert [r["map"] for r in d["layers"]] == [8, 4, 2, 1]
     for r in d["layers"]:
-        assert set(r["seconds"]) == {f"{g}/{p}" for g in ("patches", "shifts", "auto")
-                                     for p in ("highest", "bf16_3x")}
+        assert set(r["seconds"]) == {
+            f"{g}/{p}" for g in ("patches", "shifts", "auto") for p in ("highest", "bf16_3x")
+        }
         assert all(t > 0 for t in r["seconds"].values())
         # Every way of forming the Gram agrees with the fp32 patch Gram.
         assert r["gram_error"]["shifts/highest"] <= 1e-5, r

@@ -59,11 +59,15 @@ def test_aligned_counts_are_multiples_and_stay_within_budget(method):
             assert aligned[g] * grp.size == after[g]  # exact k / n
         spent = budget.relative_compute(table, spec, aligned)
         assert spent <= budget.relative_compute(table, spec, ratios) <= b
-        assert budget.params(table, spec, aligned).nonzero <= budget.params(table, spec, ratios).nonzero
+        assert (
+            budget.params(table, spec, aligned).nonzero
+            <= budget.params(table, spec, ratios).nonzero
+        )
     # Nothing to change: multiple 1, or counts already aligned (0, n, 16 of 64).
     r = budget.uniform_ratios(table, spec, 1.5)
     assert budget.align_ratios(spec, r, 1) == {
-        g: budget.separate_units(spec, r)[g] / grp.size for g, grp in spec.items()}
+        g: budget.separate_units(spec, r)[g] / grp.size for g, grp in spec.items()
+    }
     for ends in (0.0, 1.0):
         assert budget.align_ratios(spec, dict.fromkeys(spec, ends), 8) == dict.fromkeys(spec, ends)
 

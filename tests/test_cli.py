@@ -93,8 +93,19 @@ def test_convert_auto_resnet50_dataparallel_37_classes(files, outs, capsys):
 
     # The same weights saved as a plain state_dict give the same checkpoint arrays;
     # the recorded inputs follow the flags.
-    rc, out, err = run(["convert", files["dir"] / "plain.pth", outs / "plain", "--verify",
-                        "--image-size", "96", "--normalization", "data"], capsys)
+    rc, out, err = run(
+        [
+            "convert",
+            files["dir"] / "plain.pth",
+            outs / "plain",
+            "--verify",
+            "--image-size",
+            "96",
+            "--normalization",
+            "data",
+        ],
+        capsys,
+    )
     assert rc == 0, err
     model = workflow.load_model(outs / "plain")
     assert model.image_size == 96 and model.normalization is None

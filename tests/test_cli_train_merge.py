@@ -87,7 +87,9 @@ def test_train_is_seeded_and_records_its_recipe(ckpts, outs, capsys):
     again = last_json(out)
     first = checkpoint.load_metadata(ckpts["a"])
     assert round(again["test_accuracy"], 4) == round(first["test_accuracy"], 4)
-    print(f"seed 0 twice: test accuracy {first['test_accuracy']:.4f} and {again['test_accuracy']:.4f}")
+    print(
+        f"seed 0 twice: test accuracy {first['test_accuracy']:.4f} and {again['test_accuracy']:.4f}"
+    )
     meta = checkpoint.load_metadata(outs / "again")
     assert meta["data"] == "digits[0-4]" and meta["classes"] == [0, 1, 2, 3, 4]
     assert meta["image_size"] == 16 and meta["training"]["seed"] == 0
@@ -106,10 +108,28 @@ def test_train_is_seeded_and_records_its_recipe(ckpts, outs, capsys):
 
 # ------------------------------------------------------------- merge + eval
 def test_merge_shared_head_and_eval(ckpts, outs, capsys):
-    argv = ["merge", "--a", ckpts["a"], "--b", ckpts["a2"], "--data", "digits[0-4]",
-            "--budget", 1.5, *MERGE, "--matching-dtype", "bfloat16", "--ls-precision", "bf16_3x",
-            "--matching-precision", "bf16_3x",
-            "--out", outs / "m", "--report", outs / "report.json"]
+    argv = [
+        "merge",
+        "--a",
+        ckpts["a"],
+        "--b",
+        ckpts["a2"],
+        "--data",
+        "digits[0-4]",
+        "--budget",
+        1.5,
+        *MERGE,
+        "--matching-dtype",
+        "bfloat16",
+        "--ls-precision",
+        "bf16_3x",
+        "--matching-precision",
+        "bf16_3x",
+        "--out",
+        outs / "m",
+        "--report",
+        outs / "report.json",
+    ]
     rc, out, err = run(argv, capsys)
     assert rc == 0, err
     summary = last_json(out)
@@ -133,17 +153,38 @@ def test_merge_shared_head_and_eval(ckpts, outs, capsys):
 
 def test_merge_separate_heads_and_eval_each_head(ckpts, outs, capsys):
     # --image-size: read the data at 12 px, not the 16 px the checkpoints record.
-    argv = ["merge", "--a", ckpts["a"], "--b", ckpts["b"], "--data", "digits", "--budget", 1.25,
-            "--matching", "weight", "--least-squares", "none", "--unit-multiple", 2, *MERGE,
-            "--image-size", 12, "--out", outs / "m"]
+    argv = [
+        "merge",
+        "--a",
+        ckpts["a"],
+        "--b",
+        ckpts["b"],
+        "--data",
+        "digits",
+        "--budget",
+        1.25,
+        "--matching",
+        "weight",
+        "--least-squares",
+        "none",
+        "--unit-multiple",
+        2,
+        *MERGE,
+        "--image-size",
+        12,
+        "--out",
+        outs / "m",
+    ]
     rc, out, err = run(argv, capsys)
     assert rc == 0, err
     summary = last_json(out)
     assert summary["heads"] == "separate"  # auto: different classes
     module_a, va = checkpoint.load(ckpts["a"])
     spec = derive_spec(module_a, va, np.zeros((1, 16, 16, 1), np.float32))
-    source_macs = {s: budget.macs(budget.layer_table(module_a, va, spec, (s, s, 1)), spec, 0.0)
-                   for s in (12, 16)}
+    source_macs = {
+        s: budget.macs(budget.layer_table(module_a, va, spec, (s, s, 1)), spec, 0.0)
+        for s in (12, 16)
+    }
     head_macs = va["params"]["fc"]["kernel"].size  # separate heads: the backbone is counted
     assert summary["macs_source"] == source_macs[12] - head_macs != source_macs[16] - head_macs
     meta = checkpoint.load_metadata(outs / "m")
@@ -188,8 +229,20 @@ def test_merge_separate_heads_and_eval_each_head(ckpts, outs, capsys):
 )
 def test_bad_input_one_line_error_and_nothing_written(case, message, ckpts, outs, tmp_path, capsys):
     a, b = ckpts["a"], ckpts["b"]
-    merge = ["merge", "--a", a, "--b", b, "--data", "digits", "--budget", 1.5, *MERGE,
-             "--out", outs / "m"]
+    merge = [
+        "merge",
+        "--a",
+        a,
+        "--b",
+        b,
+        "--data",
+        "digits",
+        "--budget",
+        1.5,
+        *MERGE,
+        "--out",
+        outs / "m",
+    ]
     argv = {
         "train-unknown-data": ["train", *TRAIN, "--data", "cifar7", "--out", outs / "t"],
         "train-bad-subset": ["train", *TRAIN, "--data", "digits[3-12]", "--out", outs / "t"],
@@ -228,9 +281,24 @@ def test_interrupted_merge_leaves_no_output(ckpts, outs, capsys, monkeypatch):
     # The package re-exports the function merge under the module's name.
     merge_module = importlib.import_module("pleas_jax.merge")
     monkeypatch.setattr(merge_module, "recompute_batch_norm", interrupt)
-    argv = ["merge", "--a", ckpts["a"], "--b", ckpts["a2"], "--data", "digits[0-4]",
-            "--budget", 1.5, "--least-squares", "none", *MERGE, "--out", outs / "m",
-            "--report", outs / "r.json"]
+    argv = [
+        "merge",
+        "--a",
+        ckpts["a"],
+        "--b",
+        ckpts["a2"],
+        "--data",
+        "digits[0-4]",
+        "--budget",
+        1.5,
+        "--least-squares",
+        "none",
+        *MERGE,
+        "--out",
+        outs / "m",
+        "--report",
+        outs / "r.json",
+    ]
     rc, _, err = run(argv, capsys)
     assert calls and rc == 130
     assert "pleas-jax: interrupted\n" in err
@@ -244,7 +312,9 @@ def test_console_script_one_line_error(tmp_path):
     assert found, "the pleas-jax console script is not installed (pip install -e .)"
     bad = subprocess.run(
         [found, "eval", str(tmp_path / "missing"), "--data", "digits"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert bad.returncode == 2
     assert bad.stderr.startswith("pleas-jax: error: ") and bad.stderr.count("\n") == 1, bad.stderr

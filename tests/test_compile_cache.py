@@ -29,8 +29,13 @@ _FORWARD = textwrap.dedent(
 
 
 def _run(script, *args, cwd=None):
-    return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
 
 
 def test_a_second_process_loads_the_programs(tmp_path):
@@ -54,22 +59,25 @@ def test_a_second_process_loads_the_programs(tmp_path):
 def test_cli_flag_and_bad_directory(tmp_path):
     cli = "import sys; from pleas_jax.cli import main; sys.exit(main(sys.argv[1:]))"
     cache = tmp_path / "cache"
-    res = _run(cli, "--compile-cache", cache, "eval", tmp_path / "nope", "--data", "digits",
-               cwd=ROOT)
+    res = _run(
+        cli, "--compile-cache", cache, "eval", tmp_path / "nope", "--data", "digits", cwd=ROOT
+    )
     # The command's own error, after the cache was set up.
     assert res.returncode == 2 and "no such checkpoint directory" in res.stderr, res.stderr
     assert cache.is_dir()
     afile = tmp_path / "file"
     afile.write_text("")
-    res = _run(cli, "--compile-cache", afile, "eval", tmp_path / "nope", "--data", "digits",
-               cwd=ROOT)
+    res = _run(
+        cli, "--compile-cache", afile, "eval", tmp_path / "nope", "--data", "digits", cwd=ROOT
+    )
     assert res.returncode == 2, res.stderr
     assert res.stderr.count("\n") == 1 and "exists and is not a directory" in res.stderr
 
 
 def test_enable_returns_the_expanded_path():
-    out = run_on_cpu_devices(textwrap.dedent(
-        """
+    out = run_on_cpu_devices(
+        textwrap.dedent(
+            """
         import json, os, sys, tempfile
         sys.path.insert(0, {root!r})
         import jax
@@ -80,5 +88,7 @@ def test_enable_returns_the_expanded_path():
         print(json.dumps({{"ok": str(path) == os.path.join(home, "c"),
                            "config": jax.config.jax_compilation_cache_dir == str(path)}}))
         """
-    ), n=1)
+        ),
+        n=1,
+    )
     assert out == {"ok": True, "config": True}

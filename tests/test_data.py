@@ -128,11 +128,21 @@ def test_lazy_folder_serves_the_eager_arrays(tmp_path, monkeypatch, spec):
     np.testing.assert_array_equal(lazy.std, eager.std)
     assert lazy.x_train.shape == eager.x_train.shape and lazy.x_test.shape == eager.x_test.shape
     rng = np.random.default_rng(1)
-    for key in (slice(2, 7), slice(None, None, 3), rng.permutation(n)[:5], rng.random(n) < 0.5, -1, 0):
+    for key in (
+        slice(2, 7),
+        slice(None, None, 3),
+        rng.permutation(n)[:5],
+        rng.random(n) < 0.5,
+        -1,
+        0,
+    ):
         np.testing.assert_array_equal(lazy.x_train[key], eager.x_train[key])
     np.testing.assert_array_equal(np.asarray(lazy.x_test), eager.x_test)
-    for xb, eb in zip(data.batches(lazy.x_train, None, 4, shuffle=True, seed=2, limit=9),
-                      data.batches(eager.x_train, None, 4, shuffle=True, seed=2, limit=9), strict=True):
+    for xb, eb in zip(
+        data.batches(lazy.x_train, None, 4, shuffle=True, seed=2, limit=9),
+        data.batches(eager.x_train, None, 4, shuffle=True, seed=2, limit=9),
+        strict=True,
+    ):
         np.testing.assert_array_equal(xb, eb)
     with pytest.raises(TypeError, match="first axis"):
         lazy.x_train[:, 0]
@@ -160,7 +170,9 @@ def test_large_folders_are_read_lazily_and_only_where_used(tmp_path, monkeypatch
 def test_a_bad_image_file_is_named(tmp_path):
     root = _image_folder(tmp_path, per_class=3)
     (root / "bee" / "1.bmp").write_bytes(b"not a bitmap")
-    lazy = data.load(f"folder:{root}", image_size=8, lazy=True, normalization=([0.5] * 3, [0.25] * 3))
+    lazy = data.load(
+        f"folder:{root}", image_size=8, lazy=True, normalization=([0.5] * 3, [0.25] * 3)
+    )
     with pytest.raises(data.DataError, match=r"cannot read image .*bee/1\.bmp"):
         np.asarray(lazy.x_train), np.asarray(lazy.x_test)
     with pytest.raises(data.DataError, match=r"cannot read image .*bee/1\.bmp"):

@@ -15,21 +15,34 @@ from pleas_jax.cli import main
 
 PAIRS = (
     demo.Pair(
-        "same_task", "one task, two seeds (digits)",
-        demo.Source("digits_seed0", "digits", 0), demo.Source("digits_seed1", "digits", 1),
-        "digits", "shared",
+        "same_task",
+        "one task, two seeds (digits)",
+        demo.Source("digits_seed0", "digits", 0),
+        demo.Source("digits_seed1", "digits", 1),
+        "digits",
+        "shared",
     ),
     demo.Pair(
-        "split_labels", "digits 0-4 vs 5-9",
+        "split_labels",
+        "digits 0-4 vs 5-9",
         demo.Source("digits_0-4_seed0", "digits[0-4]", 0),
         demo.Source("digits_5-9_seed1", "digits[5-9]", 1),
-        "digits", "separate",
+        "digits",
+        "separate",
     ),
 )
 METHODS = tuple(m for m in demo.METHODS if m.name in ("activation", "pleas"))
 SMALL = demo.DemoConfig(
-    width=8, image_size=16, epochs=6, batch_size=64, learning_rate=0.1, pairs=PAIRS,
-    methods=METHODS, budgets=(1.0, 1.5, 2.0), images=400, merge_batch_size=200,
+    width=8,
+    image_size=16,
+    epochs=6,
+    batch_size=64,
+    learning_rate=0.1,
+    pairs=PAIRS,
+    methods=METHODS,
+    budgets=(1.0, 1.5, 2.0),
+    images=400,
+    merge_batch_size=200,
 )
 
 # The test splits hold 360 images (shared) and 180 + 179 (separate, averaged), so
@@ -48,8 +61,15 @@ def results(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(demo, "DemoConfig", lambda: SMALL)
     try:
-        argv = ["demo", "--out", tmp / "out", "--cache", tmp / "cache",
-                "--checkpoints", tmp / "none"]
+        argv = [
+            "demo",
+            "--out",
+            tmp / "out",
+            "--cache",
+            tmp / "cache",
+            "--checkpoints",
+            tmp / "none",
+        ]
         assert main([str(a) for a in argv]) == 0
     finally:
         mp.undo()
@@ -73,11 +93,17 @@ def test_outputs(results, capsys):
 def test_method_ordering(results):
     _, res = results
     for name, pair in res["pairs"].items():
-        acc = {m: {float(b): v["accuracy"] for b, v in per.items()}
-               for m, per in pair["methods"].items()}
+        acc = {
+            m: {float(b): v["accuracy"] for b, v in per.items()}
+            for m, per in pair["methods"].items()
+        }
         ens = pair["sources"]["ensemble"]
-        print(name, "ensemble", round(ens, 4), {m: {b: round(a, 4) for b, a in v.items()}
-                                               for m, v in acc.items()})
+        print(
+            name,
+            "ensemble",
+            round(ens, 4),
+            {m: {b: round(a, 4) for b, a in v.items()} for m, v in acc.items()},
+        )
         # PLeaS at budget 1 beats activation matching + BN recompute.
         assert acc["pleas"][1.0] > acc["activation"][1.0], name
         # Budget 2 is the ensemble (up to BN statistics recomputed on merge data).

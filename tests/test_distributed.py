@@ -36,7 +36,11 @@ def test_batch_sum_equals_plain_sum():
 
 def test_multihost_args():
     assert distributed.multihost_args({}) == {}
-    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}
+    env = {
+        "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+        "JAX_NUM_PROCESSES": "4",
+        "JAX_PROCESS_ID": "2",
+    }
     assert distributed.multihost_args(env) == {
         "coordinator_address": "10.0.0.1:1234",
         "num_processes": 4,
@@ -67,7 +71,9 @@ def test_map_programs_runs_on_threads_in_cost_order_and_returns_in_item_order():
     items = []
     for n in (3, 40, 7, 120, 1):
         a = rng.normal(size=(n, n + 2)).astype(np.float32)
-        items.append((a @ a.T + n * np.eye(n, dtype=np.float32), rng.normal(size=(n, 2)).astype(np.float32)))
+        items.append(
+            (a @ a.T + n * np.eye(n, dtype=np.float32), rng.normal(size=(n, 2)).astype(np.float32))
+        )
     started, threads = [], set()
     both = threading.Barrier(2, timeout=30)  # the two costliest must run at once
 

@@ -38,7 +38,9 @@ def test_reads_process_environment(clean_env):
     for k, v in FULL.items():
         clean_env.setenv(k, v)
     assert distributed.multihost_args() == {
-        "coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1,
+        "coordinator_address": "10.0.0.1:1234",
+        "num_processes": 2,
+        "process_id": 1,
     }
 
 
@@ -50,9 +52,7 @@ def test_empty_variables_mean_single_host(clean_env):
     assert distributed.multihost_args() == {}
 
 
-@pytest.mark.parametrize(
-    "present", [c for k in (1, 2) for c in itertools.combinations(NAMES, k)]
-)
+@pytest.mark.parametrize("present", [c for k in (1, 2) for c in itertools.combinations(NAMES, k)])
 def test_partial_setup_names_the_missing(present):
     env = {n: FULL[n] for n in present}
     with pytest.raises(ValueError) as err:
@@ -64,8 +64,13 @@ def test_partial_setup_names_the_missing(present):
 
 @pytest.mark.parametrize(
     "num, pid, match",
-    [("2", "-1", "outside"), ("0", "0", "outside"), ("2", "2", "outside"),
-     ("two", "0", "integers"), ("2", "1.0", "integers")],
+    [
+        ("2", "-1", "outside"),
+        ("0", "0", "outside"),
+        ("2", "2", "outside"),
+        ("two", "0", "integers"),
+        ("2", "1.0", "integers"),
+    ],
 )
 def test_bad_counts(num, pid, match):
     with pytest.raises(ValueError, match=match):
@@ -109,13 +114,23 @@ def test_two_processes_on_localhost():
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        env = dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(pid),
+        )
         env.pop("XLA_FLAGS", None)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", _WORKER.format(root=ROOT)], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _WORKER.format(root=ROOT)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = []
     try:
         for p in procs:

@@ -29,7 +29,11 @@ def test_basic_usage_prints_source_and_merged_accuracies():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, str(REPO / "examples" / "basic_usage.py")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     print(proc.stdout)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -42,9 +42,13 @@ def test_linear_probe_learns_separable_classes():
     centers = rng.normal(size=(4, 16)) * 3
     y = rng.integers(0, 4, size=400)
     x = centers[y] + rng.normal(size=(400, 16))
-    head = heads.train_linear_probe(x[:300], y[:300], 4, epochs=30, learning_rate=1e-2, batch_size=64)
+    head = heads.train_linear_probe(
+        x[:300], y[:300], 4, epochs=30, learning_rate=1e-2, batch_size=64
+    )
     assert accuracy(heads.apply_head(head, x[300:]), y[300:]) > 0.95
-    again = heads.train_linear_probe(x[:300], y[:300], 4, epochs=30, learning_rate=1e-2, batch_size=64)
+    again = heads.train_linear_probe(
+        x[:300], y[:300], 4, epochs=30, learning_rate=1e-2, batch_size=64
+    )
     np.testing.assert_array_equal(head["kernel"], again["kernel"])  # seeded
 
 

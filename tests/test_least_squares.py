@@ -51,15 +51,25 @@ def _stats_from_arrays(layer, x, y, w0=None):
     }
     if w0 is not None:
         err = jnp.matmul(rows, w0, precision=hi) - y
-        s.update(init=w0, init_grad=jnp.matmul(rows.T, err, precision=hi), init_sq=jnp.sum(err * err, 0))
+        s.update(
+            init=w0, init_grad=jnp.matmul(rows.T, err, precision=hi), init_sq=jnp.sum(err * err, 0)
+        )
     return s
 
 
 def _layer(kind, in_splits, out_splits, bias, k=(), stride=(), pad=()):
     return Layer(
-        name="planted", kind=kind, kernel_size=k, strides=stride, padding=pad,
-        dilation=(1,) * len(k), bias=bias, in_group="gi", out_group="go",
-        in_splits=in_splits, out_splits=out_splits,
+        name="planted",
+        kind=kind,
+        kernel_size=k,
+        strides=stride,
+        padding=pad,
+        dilation=(1,) * len(k),
+        bias=bias,
+        in_group="gi",
+        out_group="go",
+        in_splits=in_splits,
+        out_splits=out_splits,
     )
 
 
@@ -109,7 +119,10 @@ def test_dead_inputs_keep_the_centre():
     # ridge's centre instead of failing.
     layer = _layer("dense", (3, 1, 1), (2, 1, 1), False)
     x = np.zeros((20, 5), np.float32)
-    w0 = jnp.asarray(np.random.default_rng(2).normal(size=matrix_mask(layer).shape) * matrix_mask(layer), jnp.float32)
+    w0 = jnp.asarray(
+        np.random.default_rng(2).normal(size=matrix_mask(layer).shape) * matrix_mask(layer),
+        jnp.float32,
+    )
     s = _stats_from_arrays(layer, x, np.zeros((20, 4), np.float32), w0)
     for centre, want in (("init", w0), ("zero", jnp.zeros_like(w0))):
         sol = solve({"planted": s}, ridge_centre=centre)["planted"]
@@ -126,8 +139,14 @@ class _OneConv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        conv = models.Conv(6, (self.k, self.k), (self.stride, self.stride), padding=self.padding,
-                           use_bias=self.bias, name="conv")
+        conv = models.Conv(
+            6,
+            (self.k, self.k),
+            (self.stride, self.stride),
+            padding=self.padding,
+            use_bias=self.bias,
+            name="conv",
+        )
         return conv(x)
 
 
@@ -177,8 +196,8 @@ def _assert_mask(layers, weights):
         k = np.asarray(weights[n]["kernel"])
         mi, ai, bi = lay.in_splits
         mo, ao, bo = lay.out_splits
-        assert np.all(k[..., mi + ai:, mo:mo + ao] == 0.0), n  # A-only outputs, B-only inputs
-        assert np.all(k[..., mi:mi + ai, mo + ao:] == 0.0), n  # B-only outputs, A-only inputs
+        assert np.all(k[..., mi + ai :, mo : mo + ao] == 0.0), n  # A-only outputs, B-only inputs
+        assert np.all(k[..., mi : mi + ai, mo + ao :] == 0.0), n  # B-only outputs, A-only inputs
 
 
 @pytest.mark.parametrize("budget", [1.0, 1.5])
@@ -203,8 +222,10 @@ def test_closed_form_is_no_worse_than_gradient_descent(pair, budget):
         assert r_cf[n] <= before[n] + 1e-9 * energy, n
         if r_gd[n] > 1e-9 * energy:
             worst = max(worst, r_cf[n] / r_gd[n])
-    print(f"budget {budget}: worst closed-form / gradient residual ratio {worst:.4f}; "
-          f"mean {np.mean([r_cf[n] for n in stats]):.4g} vs {np.mean([r_gd[n] for n in stats]):.4g}")
+    print(
+        f"budget {budget}: worst closed-form / gradient residual ratio {worst:.4f}; "
+        f"mean {np.mean([r_cf[n] for n in stats]):.4g} vs {np.mean([r_gd[n] for n in stats]):.4g}"
+    )
     _assert_mask(layers, closed)
     _assert_mask(layers, descent)
     if budget == 1.5:
@@ -214,7 +235,9 @@ def test_closed_form_is_no_worse_than_gradient_descent(pair, budget):
     # Residuals from the sums agree with residuals measured on the features.
     direct = feature_residuals(m, va, m, vb, spec, blocks, closed, batches)
     for n in stats:
-        energy = float(jnp.sum(stats[n]["target_sq"])) / (float(stats[n]["count"]) * stats[n]["layer"].c_out)
+        energy = float(jnp.sum(stats[n]["target_sq"])) / (
+            float(stats[n]["count"]) * stats[n]["layer"].c_out
+        )
         assert abs(direct[n] - r_cf[n]) <= 1e-4 * direct[n] + 1e-9 * energy, (n, direct[n], r_cf[n])
 
 
@@ -243,8 +266,9 @@ def test_oversized_grams_fall_back_to_gradient_descent(pair):
     mm, vm = partial.partial_merge(m, spec, blocks, va, vb)
     layers = find_layers(m, va, spec, blocks, batches[0][:1])
     bound = sorted(lay.gram_bytes for lay in layers.values())[len(layers) // 2]
-    new, report = least_squares(m, va, m, vb, spec, blocks, mm, vm, batches[:2],
-                                   max_gram_bytes=bound, steps=20)
+    new, report = least_squares(
+        m, va, m, vb, spec, blocks, mm, vm, batches[:2], max_gram_bytes=bound, steps=20
+    )
     methods = {n: r["method"] for n, r in report["layers"].items()}
     assert {n for n, k in methods.items() if k == "gd"} == {
         n for n, lay in layers.items() if lay.gram_bytes > bound
@@ -263,8 +287,9 @@ def test_gradient_mode_end_to_end():
     blocks = partial.full_blocks(spec, identity(spec), 0.5)
     mm, vm = partial.partial_merge(m, spec, blocks, va, vb)
     batches = (images(6, 8, seed=s) for s in range(2))  # a one-shot iterator is fine
-    new, report = least_squares(m, va, m, vb, spec, blocks, mm, vm, batches, mode="gd", steps=5,
-                                learning_rate=1e-3)
+    new, report = least_squares(
+        m, va, m, vb, spec, blocks, mm, vm, batches, mode="gd", steps=5, learning_rate=1e-3
+    )
     assert {r["method"] for r in report["layers"].values()} == {"gd"}
     assert set(report["seconds"]) == {"gradient"}
     mean = lambda k: np.mean([r[k] for r in report["layers"].values()])  # noqa: E731
@@ -301,13 +326,31 @@ def test_moved_names_are_re_exported():
     # The module, not the function the package re-exports under its name.
     ls = importlib.import_module("pleas_jax.least_squares")
     moved = {
-        ls_layers: ["Layer", "apply_solution", "channel_mask", "find_layers", "layer_apply",
-                    "layer_rows", "matrix_mask", "matrix_to_weights", "statistics_bytes",
-                    "weights_of", "weights_to_matrix", "_HI"],
+        ls_layers: [
+            "Layer",
+            "apply_solution",
+            "channel_mask",
+            "find_layers",
+            "layer_apply",
+            "layer_rows",
+            "matrix_mask",
+            "matrix_to_weights",
+            "statistics_bytes",
+            "weights_of",
+            "weights_to_matrix",
+            "_HI",
+        ],
         ls_data: ["_data_passes", "_images"],
         ls_statistics: ["GRAM_METHODS", "batch_sums", "layer_statistics"],
-        ls_memory: ["DEFAULT_MAX_MEMORY_BYTES", "MEMORY_BUDGETS", "StatisticsOverBound",
-                    "memory_chunks", "memory_report", "statistics_memory", "_one_shot_error"],
+        ls_memory: [
+            "DEFAULT_MAX_MEMORY_BYTES",
+            "MEMORY_BUDGETS",
+            "StatisticsOverBound",
+            "memory_chunks",
+            "memory_report",
+            "statistics_memory",
+            "_one_shot_error",
+        ],
         ls_descent: ["feature_residuals", "gradient_descent"],
     }
     for module, names in moved.items():

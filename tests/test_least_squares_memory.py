@@ -105,7 +105,8 @@ def test_chunked_least_squares_equals_one_pass(pair):
             if path in flat_one:
                 _close(flat_many[path], flat_one[path])
         assert abs(rk["layers"][n]["after"] - r1["layers"][n]["after"]) <= 1e-5 * max(
-            r1["layers"][n]["before"], 1e-12)
+            r1["layers"][n]["before"], 1e-12
+        )
 
 
 def test_one_shot_iterator_with_several_chunks_is_refused(pair):
@@ -126,8 +127,9 @@ def test_layer_over_the_bound(pair, monkeypatch):
     big = max(sizes, key=sizes.get)
     bound = sorted(set(sizes.values()))[-2]  # only the largest layer(s) exceed it
     with pytest.raises(StatisticsOverBound, match=f"layer {big}: .* {sizes[big]} bytes"):
-        layer_statistics(m, va, m, vb, spec, blocks, batches, init=weights_of(vm, layers),
-                         max_memory_bytes=bound)
+        layer_statistics(
+            m, va, m, vb, spec, blocks, batches, init=weights_of(vm, layers), max_memory_bytes=bound
+        )
     # Per-merge least squares fits a layer over either bound by gradient
     # descent (the tighter bound wins). The descent itself is tested in
     # test_least_squares.py; here it only records which layers it was given.
@@ -140,14 +142,16 @@ def test_layer_over_the_bound(pair, monkeypatch):
     monkeypatch.setattr(ls_module, "gradient_descent", descent)
     monkeypatch.setattr(ls_module, "feature_residuals", lambda *a, **k: dict.fromkeys(a[6], 0.0))
     max_gram = min(lay.gram_bytes for lay in layers.values())  # one closed chunk: cheap
-    _, report = least_squares(m, va, m, vb, spec, blocks, mm, vm, batches, max_memory_bytes=bound,
-                              max_gram_bytes=max_gram)
+    _, report = least_squares(
+        m, va, m, vb, spec, blocks, mm, vm, batches, max_memory_bytes=bound, max_gram_bytes=max_gram
+    )
     over = {n for n, lay in layers.items() if lay.gram_bytes > max_gram or sizes[n] > bound}
     assert big in over and set(given) == over
     assert {n for n, r in report["layers"].items() if r["method"] == "gd"} == over
     assert report["memory"]["chunks"] == 1
     assert report["memory"]["peak_statistics_bytes"] == sum(
-        b for n, b in sizes.items() if n not in over)
+        b for n, b in sizes.items() if n not in over
+    )
     # Pair statistics cannot: a clear error before any pass over the data.
     full = find_layers(m, va, spec, partial.full_blocks(spec, identity(spec), 1.0), batches[0][:1])
     full_sizes = {n: statistics_bytes(lay, init=False, target_gram=True) for n, lay in full.items()}
@@ -188,9 +192,18 @@ def test_merge_reports_the_chunks(pair):
     m, va, vb, spec, batches, *_, layers = pair
     bound = _bound(layers)
     # The fixture's blocks (identity matching, ratio 0.5): compiled passes are reused.
-    res = merge((m, va), (m, vb), batches, 1.5, matching="identity",
-                ratios=dict.fromkeys(spec, 0.5), batch_norm=False, count_xla_flops=False,
-                progress=False, max_memory_bytes=bound)
+    res = merge(
+        (m, va),
+        (m, vb),
+        batches,
+        1.5,
+        matching="identity",
+        ratios=dict.fromkeys(spec, 0.5),
+        batch_norm=False,
+        count_xla_flops=False,
+        progress=False,
+        max_memory_bytes=bound,
+    )
     mem = res.report["least_squares_report"]["memory"]
     assert mem["chunks"] == len(memory_chunks(layers, bound)) > 1
     assert mem["peak_statistics_bytes"] <= mem["bound"] == bound

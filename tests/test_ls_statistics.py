@@ -16,9 +16,14 @@ from tests.helpers import run_on_cpu_devices
 # --------------------------------------------------------------- conv Grams
 @pytest.mark.parametrize(
     "k,pad,hw,bias",
-    [((3, 3), ((1, 1), (1, 1)), (9, 7), False), ((3, 3), ((0, 0), (0, 0)), (6, 6), True),
-     ((5, 3), ((2, 2), (1, 1)), (8, 7), False), ((3, 3), ((1, 1), (1, 1)), (2, 2), False),
-     ((3, 3), ((0, 2), (1, 0)), (5, 4), True), ((1, 3), ((0, 0), (1, 1)), (4, 6), False)],
+    [
+        ((3, 3), ((1, 1), (1, 1)), (9, 7), False),
+        ((3, 3), ((0, 0), (0, 0)), (6, 6), True),
+        ((5, 3), ((2, 2), (1, 1)), (8, 7), False),
+        ((3, 3), ((1, 1), (1, 1)), (2, 2), False),
+        ((3, 3), ((0, 2), (1, 0)), (5, 4), True),
+        ((1, 3), ((0, 0), (1, 1)), (4, 6), False),
+    ],
 )
 def test_shift_gram_equals_patch_gram(k, pad, hw, bias):
     layer = Layer("c", "conv", k, (1, 1), pad, (1, 1), bias, None, None, (4, 0, 0), (3, 0, 0))
@@ -37,7 +42,9 @@ def test_shift_gram_equals_patch_gram(k, pad, hw, bias):
         scale = float(jnp.max(jnp.abs(b[name])))
         np.testing.assert_allclose(a[name], b[name], atol=2e-6 * scale, err_msg=name)
     # Padding examples count for nothing.
-    c = sums(layer, x[jnp.array([0, 1, 3])], y[jnp.array([0, 1, 3])], jnp.ones(3), w0, gram="shifts")
+    c = sums(
+        layer, x[jnp.array([0, 1, 3])], y[jnp.array([0, 1, 3])], jnp.ones(3), w0, gram="shifts"
+    )
     for name in a:
         np.testing.assert_allclose(a[name], c[name], atol=2e-6 * float(jnp.max(jnp.abs(c[name]))))
 
@@ -49,7 +56,19 @@ def test_auto_gram_takes_shifts_only_where_they_save_work(monkeypatch, hw, shift
     calls = []
     real = ls_statistics._shift_gram
     monkeypatch.setattr(ls_statistics, "_shift_gram", lambda *a: calls.append(1) or real(*a))
-    layer = Layer("c", "conv", (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), True, None, None, (4, 0, 0), (3, 0, 0))
+    layer = Layer(
+        "c",
+        "conv",
+        (3, 3),
+        (1, 1),
+        ((1, 1), (1, 1)),
+        (1, 1),
+        True,
+        None,
+        None,
+        (4, 0, 0),
+        (3, 0, 0),
+    )
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(4, *hw, 4)) + 0.5, jnp.float32)
     kernel = jnp.asarray(rng.normal(size=layer.kernel_shape), jnp.float32)
@@ -72,16 +91,29 @@ def test_bf16_3x_grams_of_few_rows_need_no_pseudo_inverse(kind, gram):
 
     rng = np.random.default_rng(7)
     if kind == "conv":
-        layer = Layer("c", "conv", (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), True, None, None,
-                      (64, 0, 0), (8, 0, 0))
+        layer = Layer(
+            "c",
+            "conv",
+            (3, 3),
+            (1, 1),
+            ((1, 1), (1, 1)),
+            (1, 1),
+            True,
+            None,
+            None,
+            (64, 0, 0),
+            (8, 0, 0),
+        )
         shape = (2, 4, 4, 64)
     else:
         layer = Layer("d", "dense", (), (), (), (), True, None, None, (1024, 0, 0), (8, 0, 0))
         shape = (32, 1024)
     x = np.maximum(rng.normal(size=shape), 0) * np.exp(rng.normal(size=shape[-1]))
     x = jnp.asarray(x, jnp.float32)
-    w = {"kernel": jnp.asarray(rng.normal(size=layer.kernel_shape), jnp.float32),
-         "bias": jnp.zeros((8,))}
+    w = {
+        "kernel": jnp.asarray(rng.normal(size=layer.kernel_shape), jnp.float32),
+        "bias": jnp.zeros((8,)),
+    }
     y = layer_apply(layer, x, w)
     kw = {} if gram is None else {"gram": gram}
     fp32 = batch_sums(layer, x, y, None, **kw)
@@ -92,8 +124,9 @@ def test_bf16_3x_grams_of_few_rows_need_no_pseudo_inverse(kind, gram):
         a = (g + (d - np.diag(g)) * np.eye(len(g))) / np.sqrt(d[:, None] * d[None, :])
         assert np.linalg.eigvalsh(0.5 * (a + a.T)).min() > 0
         if mask is None:
-            np.testing.assert_allclose(s["gram"], fp32["gram"], rtol=0,
-                                       atol=1e-5 * float(jnp.max(jnp.abs(fp32["gram"]))))
+            np.testing.assert_allclose(
+                s["gram"], fp32["gram"], rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(fp32["gram"])))
+            )
         sol = solve({"l": {"layer": layer, **s}})
         assert not sol["l"]["fallback"]
 

@@ -30,8 +30,9 @@ def _scale(y):
     return float(jnp.abs(y).max())
 
 
-@pytest.mark.parametrize("arch,ls_precision", [("resnet20", "highest"), ("resnet18", "highest"),
-                                               ("resnet20", "bf16_3x")])
+@pytest.mark.parametrize(
+    "arch,ls_precision", [("resnet20", "highest"), ("resnet18", "highest"), ("resnet20", "bf16_3x")]
+)
 def test_budget_two_is_the_ensemble(arch, ls_precision):
     (ma, va), (mb, vb), data, x = _pair(arch)
     ens = 0.5 * (ma.apply(va, x) + mb.apply(vb, x))
@@ -39,8 +40,15 @@ def test_budget_two_is_the_ensemble(arch, ls_precision):
     raw = merge((ma, va), (mb, vb), data, 2.0, least_squares=None, batch_norm=False, progress=False)
     np.testing.assert_allclose(raw.logits(x), ens, atol=1e-5 * _scale(ens))
     # After both: the ensemble of the sources with their BN recomputed on the same data.
-    full = merge((ma, va), (mb, vb), data, 2.0, progress=False, count_xla_flops=False,
-                 ls_precision=ls_precision)
+    full = merge(
+        (ma, va),
+        (mb, vb),
+        data,
+        2.0,
+        progress=False,
+        count_xla_flops=False,
+        ls_precision=ls_precision,
+    )
     ra, rb = recompute_batch_norm(ma, va, data), recompute_batch_norm(mb, vb, data)
     ens_bn = 0.5 * (ma.apply(ra, x) + mb.apply(rb, x))
     err = float(jnp.abs(full.logits(x) - ens_bn).max()) / _scale(ens_bn)
@@ -50,13 +58,23 @@ def test_budget_two_is_the_ensemble(arch, ls_precision):
 
 def test_budget_two_separate_heads_reproduce_each_model():
     (ma, va), (mb, vb), data, x = _pair("resnet20", 3, 4)
-    raw = merge((ma, va), (mb, vb), data, 2.0, heads="separate", least_squares=None,
-                batch_norm=False, progress=False, count_xla_flops=False)
+    raw = merge(
+        (ma, va),
+        (mb, vb),
+        data,
+        2.0,
+        heads="separate",
+        least_squares=None,
+        batch_norm=False,
+        progress=False,
+        count_xla_flops=False,
+    )
     for head, (m, v) in (("a", (ma, va)), ("b", (mb, vb))):
         ref = m.apply(v, x)
         np.testing.assert_allclose(raw.logits(x, head), ref, atol=1e-5 * _scale(ref))
-    full = merge((ma, va), (mb, vb), data, 2.0, heads="separate", progress=False,
-                 count_xla_flops=False)
+    full = merge(
+        (ma, va), (mb, vb), data, 2.0, heads="separate", progress=False, count_xla_flops=False
+    )
     for head, (m, v) in (("a", (ma, va)), ("b", (mb, vb))):
         ref = m.apply(recompute_batch_norm(m, v, data), x)
         err = float(jnp.abs(full.logits(x, head) - ref).max()) / _scale(ref)
@@ -65,20 +83,35 @@ def test_budget_two_separate_heads_reproduce_each_model():
 
 @pytest.mark.parametrize(
     "matching,matching_dtype,precision",
-    [("activation", None, "highest"), ("activation", "bfloat16", "highest"),
-     ("activation", None, "bf16_3x"), ("weight", None, "highest")],
+    [
+        ("activation", None, "highest"),
+        ("activation", "bfloat16", "highest"),
+        ("activation", None, "bf16_3x"),
+        ("weight", None, "highest"),
+    ],
 )
 def test_budget_one_merges_a_permuted_copy_back_into_the_model(matching, matching_dtype, precision):
     (m, va), _, data, x = _pair("resnet20")
     spec = derive_spec(m, va, x[:1])
     vb = apply_permutation(va, spec, random_perm(spec, jax.random.key(5)))
-    result = merge((m, va), (m, vb), data, 1.0, matching=matching, progress=False,
-                   matching_dtype=matching_dtype, matching_precision=precision, count_xla_flops=False)
+    result = merge(
+        (m, va),
+        (m, vb),
+        data,
+        1.0,
+        matching=matching,
+        progress=False,
+        matching_dtype=matching_dtype,
+        matching_precision=precision,
+        count_xla_flops=False,
+    )
     assert result.module.stream_widths == m.stream_widths
     ref = m.apply(recompute_batch_norm(m, va, data), x)
     err = float(jnp.abs(result.logits(x) - ref).max()) / _scale(ref)
-    print(f"budget 1, planted permutation, {matching} matching ({matching_dtype}, {precision}): "
-          f"relative error {err:.2e}")
+    print(
+        f"budget 1, planted permutation, {matching} matching ({matching_dtype}, {precision}): "
+        f"relative error {err:.2e}"
+    )
     assert err <= 1e-3
 
 

@@ -42,7 +42,7 @@ def _scale(x):
 
 
 def test_full_coordinates_are_the_budget_two_identity_layout(pair):
-    m, va, vb, spec, batches, *_ , stats = pair
+    m, va, vb, spec, batches, *_, stats = pair
     layers = find_layers(m, va, spec, full_coordinate_blocks(spec), batches[0][:1])
     assert stats.layers == layers
     # The classifier sees one row per image, the stem one per pixel.
@@ -94,8 +94,8 @@ def test_mask_is_respected_and_budget_two_keeps_the_ensemble(pair):
         k = np.asarray(node["kernel"])
         mi, ai, _ = lay.in_splits
         mo, ao, _ = lay.out_splits
-        assert not np.any(k[..., mi + ai:, mo:mo + ao]), name
-        assert not np.any(k[..., mi:mi + ai, mo + ao:]), name
+        assert not np.any(k[..., mi + ai :, mo : mo + ao]), name
+        assert not np.any(k[..., mi : mi + ai, mo + ao :]), name
 
 
 def test_gradient_mode_approaches_the_closed_form(pair):
@@ -129,14 +129,18 @@ def test_blocks_of_another_pair_are_rejected(pair):
 @pytest.mark.parametrize("mode", ["closed_form", "gd"])  # padded differently
 def test_per_merge_statistics_reproduce_projected_grams(pair, mode):
     # The projection itself, not only the solve: Gram and cross of one layer.
-    m, va, vb, spec, batches, *_ , stats = pair
+    m, va, vb, spec, batches, *_, stats = pair
     blocks, mm, vm = _merge(pair, 0.4)
     direct = layer_statistics(m, va, m, vb, spec, blocks, batches, layers=["layer2_0/conv1"])
     p = _problem("layer2_0/conv1", stats.layers["layer2_0/conv1"], blocks, vm, mode)
     g, c, t = _project(stats.sums["layer2_0/conv1"], p.args["rows"], p.args["cols"])
     d, k = p.layer.dim, p.layer.c_out
     s = direct["layer2_0/conv1"]
-    np.testing.assert_allclose(np.asarray(g)[:d, :d], s["gram"], rtol=1e-5, atol=1e-5 * _scale(s["gram"]))
-    np.testing.assert_allclose(np.asarray(c)[:d, :k], s["cross"], rtol=1e-5, atol=1e-5 * _scale(s["cross"]))
+    np.testing.assert_allclose(
+        np.asarray(g)[:d, :d], s["gram"], rtol=1e-5, atol=1e-5 * _scale(s["gram"])
+    )
+    np.testing.assert_allclose(
+        np.asarray(c)[:d, :k], s["cross"], rtol=1e-5, atol=1e-5 * _scale(s["cross"])
+    )
     np.testing.assert_allclose(np.asarray(t)[:k], s["target_sq"], rtol=1e-5)
     assert not np.any(np.asarray(g)[d:]) and not np.any(np.asarray(c)[:, k:])

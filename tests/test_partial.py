@@ -56,7 +56,9 @@ def test_budget_two_is_the_ensemble(arch, size):
     n = spec[next(g for g in spec if any(p[1] == "fc" for p, _ in spec[g].axes))].size
     fc = vm["params"]["fc"]
     np.testing.assert_allclose(fc["kernel"][:n], 0.5 * va["params"]["fc"]["kernel"], rtol=1e-6)
-    np.testing.assert_allclose(fc["bias"], 0.5 * (va["params"]["fc"]["bias"] + vb["params"]["fc"]["bias"]), rtol=1e-6)
+    np.testing.assert_allclose(
+        fc["bias"], 0.5 * (va["params"]["fc"]["bias"] + vb["params"]["fc"]["bias"]), rtol=1e-6
+    )
 
 
 def test_separate_blocks_never_meet():

@@ -119,9 +119,13 @@ def test_gram_einsum_forms_every_split_product():
     # einsum's three products lack the tails' product, which adds up on the
     # block of equal windows (a Gram's diagonal) while fp32 round-off does not.
     plain = np.asarray(einsum(spec, jnp.asarray(a), jnp.asarray(b), "bf16_3x"))
-    tails = np.einsum(spec, *(np.asarray(split_bf16(jnp.asarray(v))[1], np.float64) for v in (a, b)))
+    tails = np.einsum(
+        spec, *(np.asarray(split_bf16(jnp.asarray(v))[1], np.float64) for v in (a, b))
+    )
     t = np.trace(tails[1])  # seen: 3.1e-3; ref - out 4.4e-4, ref - plain 3.5e-3
     assert abs(np.trace(ref[1] - out[1])) < 0.3 * t
     assert abs(np.trace(ref[1] - plain[1]) - t) < 0.3 * t
-    np.testing.assert_array_equal(gram_einsum(spec, jnp.asarray(a), jnp.asarray(b), "highest"),
-                                  einsum(spec, jnp.asarray(a), jnp.asarray(b), "highest"))
+    np.testing.assert_array_equal(
+        gram_einsum(spec, jnp.asarray(a), jnp.asarray(b), "highest"),
+        einsum(spec, jnp.asarray(a), jnp.asarray(b), "highest"),
+    )

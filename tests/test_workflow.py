@@ -38,8 +38,9 @@ def test_converted_checkpoints_without_input_metadata_read_torchvisions_inputs(a
     assert old.image_size == (224 if imagenet else 32)
     expected = (IMAGENET_NORMALIZATION["mean"], IMAGENET_NORMALIZATION["std"]) if imagenet else None
     assert old.normalization == expected
-    recorded = Model(module, {}, metadata={"converted_from": "torch", "image_size": 64,
-                                           "normalization": None})
+    recorded = Model(
+        module, {}, metadata={"converted_from": "torch", "image_size": 64, "normalization": None}
+    )
     assert recorded.image_size == 64 and recorded.normalization is None
     trained = Model(module, {}, metadata={"normalization": {"mean": [0.5], "std": [0.25]}})
     assert trained.image_size == 32 and trained.normalization == ([0.5], [0.25])
@@ -52,7 +53,9 @@ def test_a_merge_of_a_large_folder_decodes_only_the_images_it_uses(tmp_path, mon
     for c in ("n01", "n02", "n03"):
         (tmp_path / c).mkdir()
         for i in range(20):
-            Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.jpg")
+            Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(
+                tmp_path / c / f"{i}.jpg"
+            )
     monkeypatch.setattr(data, "EAGER_BYTES", 1 << 16)  # 48 training images at 64 px exceed it
     reads = []
     original = image_files.read_image
@@ -60,8 +63,11 @@ def test_a_merge_of_a_large_folder_decodes_only_the_images_it_uses(tmp_path, mon
     # A converted torchvision model records its size and ImageNet normalisation:
     # no statistics pass over the folder.
     stem = {"params": {"conv1": {"kernel": np.zeros((7, 7, 3, 64), np.float32)}}}  # 3 channels
-    model = Model(models.resnet("resnet18", num_classes=3), stem,
-                  metadata={"converted_from": "torch", "image_size": 64})
+    model = Model(
+        models.resnet("resnet18", num_classes=3),
+        stem,
+        metadata={"converted_from": "torch", "image_size": 64},
+    )
     dataset = dataset_for(model, f"folder:{tmp_path}")
     assert isinstance(dataset.x_train, data.LazyImages) and not reads
     batches = merge_batches(dataset, images=10, batch_size=4)

@@ -71,7 +71,9 @@ def check_compatible(spec, variables_a, variables_b) -> None:
                 try:
                     shape = np.shape(get(v, path))
                 except KeyError:
-                    raise ValueError(f"group {g}: model {name} has no {path_str(tuple(path))}") from None
+                    raise ValueError(
+                        f"group {g}: model {name} has no {path_str(tuple(path))}"
+                    ) from None
                 if axis >= len(shape) or shape[axis] != group.size:
                     raise ValueError(
                         f"group {g}: {path_str(tuple(path))} of model {name} has shape {shape}, "
@@ -225,8 +227,10 @@ def _batch_stats_fn(module_a, module_b, points, similarity, precision, masked=Tr
                 layer = pt[:-1]
                 out[(g, path_str(pt))] = _affine_moments(
                     moments[src],
-                    affine_a[(*layer, "scale")], affine_a[(*layer, "shift")],
-                    affine_b[(*layer, "scale")], affine_b[(*layer, "shift")],
+                    affine_a[(*layer, "scale")],
+                    affine_a[(*layer, "shift")],
+                    affine_b[(*layer, "scale")],
+                    affine_b[(*layer, "shift")],
                 )
         return out
 
@@ -314,7 +318,10 @@ def activation_statistics(
     check_compatible(spec, variables_a, variables_b)
     precision = products.check_precision(precision)
     if dtype is not None:
-        module_a, module_b = with_compute_dtype(module_a, dtype), with_compute_dtype(module_b, dtype)
+        module_a, module_b = (
+            with_compute_dtype(module_a, dtype),
+            with_compute_dtype(module_b, dtype),
+        )
     points = feature_points(spec, variables_a)
     mesh = mesh or distributed.data_mesh()
     points_key = tuple((g, tuple(pts)) for g, pts in points.items())
@@ -394,8 +401,17 @@ def activation_matching(
       in B's original coordinates.
     """
     stats = activation_statistics(
-        module_a, variables_a, module_b, variables_b, spec, batches, similarity,
-        mesh=mesh, dtype=dtype, precision=precision, progress=progress,
+        module_a,
+        variables_a,
+        module_b,
+        variables_b,
+        spec,
+        batches,
+        similarity,
+        mesh=mesh,
+        dtype=dtype,
+        precision=precision,
+        progress=progress,
     )
     scores = statistics_to_scores(stats, similarity)
     missing = [g for g in spec if g not in scores]

@@ -108,7 +108,9 @@ def solve(scores, solver: Solver | None = None, *, name: str = "scores") -> np.n
     """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2 or scores.shape[0] != scores.shape[1]:
-        raise ValueError(f"{name}: linear assignment needs a square matrix, got shape {scores.shape}")
+        raise ValueError(
+            f"{name}: linear assignment needs a square matrix, got shape {scores.shape}"
+        )
     if not np.all(np.isfinite(scores)):
         bad = int(np.size(scores) - np.count_nonzero(np.isfinite(scores)))
         raise ValueError(f"{name}: {bad} non-finite entries (NaN or inf) in the assignment scores")

@@ -93,8 +93,11 @@ class _GroupScores:
             hit = self.cache.get(k)
             if hit is None or hit[0] != seen:
                 value = _contribution(
-                    a, b, tuple(perm[og] for _, og in others),
-                    axis=axis, other_axes=tuple(ax for ax, _ in others),
+                    a,
+                    b,
+                    tuple(perm[og] for _, og in others),
+                    axis=axis,
+                    other_axes=tuple(ax for ax, _ in others),
                 )
                 hit = self.cache[k] = (seen, value)
             total = total + hit[1]
@@ -147,7 +150,9 @@ def weight_matching(
         if path not in flat_a:
             raise ValueError(f"the spec names {path_str(path)}, which the variables lack")
 
-    fns = {g: _GroupScores(group, leaf_axes, collections, flat_a, flat_b) for g, group in spec.items()}
+    fns = {
+        g: _GroupScores(group, leaf_axes, collections, flat_a, flat_b) for g, group in spec.items()
+    }
     perm = {g: np.arange(group.size) for g, group in spec.items()}
     version = dict.fromkeys(spec, 0)
 

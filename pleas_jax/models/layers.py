@@ -107,7 +107,10 @@ class Conv(_Recording, nn.Conv):
 
         def op(xs, k):
             return jax.lax.conv_general_dilated(
-                xs, k, strides, self.padding,
+                xs,
+                k,
+                strides,
+                self.padding,
                 rhs_dilation=dilation,
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 precision=self.precision,
@@ -135,7 +138,9 @@ class Dense(_Recording, nn.Dense):
             )
             dtype = self.dtype or inputs.dtype
             x, k = inputs.astype(dtype), kernel.astype(dtype)
-            out = block_apply(lambda xs, ks: jnp.dot(xs, ks, precision=self.precision), x, k, self.splits)
+            out = block_apply(
+                lambda xs, ks: jnp.dot(xs, ks, precision=self.precision), x, k, self.splits
+            )
             if self.use_bias:
                 bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 out = out + bias.astype(dtype)

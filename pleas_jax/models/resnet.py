@@ -158,7 +158,9 @@ class ResNet(nn.Module):
             raise ValueError(f"inner_widths and downsample need one entry per block ({n_blocks})")
         for i, w in enumerate(self.inner_widths):
             if len(w) != n_inner:
-                raise ValueError(f"inner_widths[{i}] has {len(w)} widths, a {self.block} block has {n_inner}")
+                raise ValueError(
+                    f"inner_widths[{i}] has {len(w)} widths, a {self.block} block has {n_inner}"
+                )
         # Without a shortcut conv the residual add needs equal widths.
         width_in, b = self.stem_width, 0
         for s, size in enumerate(self.stage_sizes):
@@ -246,9 +248,7 @@ def from_config(config: dict) -> ResNet:
             num_classes=None if config["num_classes"] is None else int(config["num_classes"]),
             stem=config["stem"],
             stage_strides=tuple(config["stage_strides"]),
-            splits=tuple(
-                (name, (tuple(i), tuple(o))) for name, (i, o) in config.get("splits", ())
-            ),
+            splits=tuple((name, (tuple(i), tuple(o))) for name, (i, o) in config.get("splits", ())),
         )
     except KeyError as e:
         raise ValueError(f"model config lacks the field {e.args[0]!r}") from None
@@ -298,7 +298,9 @@ def resnet(
         base = 16 if width is None else int(width)
         strides = (1, 2, 2)
         stream, inner, down = _standard("basic", (3, 3, 3), base, base, strides)
-        return ResNet("basic", (3, 3, 3), base, stream, inner, down, num_classes, "cifar", strides, dtype)
+        return ResNet(
+            "basic", (3, 3, 3), base, stream, inner, down, num_classes, "cifar", strides, dtype
+        )
     if arch not in _IMAGENET:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
     block, sizes = _IMAGENET[arch]

@@ -79,14 +79,17 @@ def _leftovers(root: Path) -> list[Path]:
 
 def test_layout_helpers(tree):
     src, _ = tree
-    assert [str(p.parent) for p in find_checkpoints(src)] == sorted(
-        [*GOOD, CORRUPT, WRONG_TYPE]
-    )
+    assert [str(p.parent) for p in find_checkpoints(src)] == sorted([*GOOD, CORRUPT, WRONG_TYPE])
     assert describe_path("rn18/cub/v1a/model.pth") == {
-        "model_type": "rn18", "dataset": "cub", "variant": "v1a"
+        "model_type": "rn18",
+        "dataset": "cub",
+        "variant": "v1a",
     }
     assert describe_path("rn50/domainnet/clipart/v2a/model.pth") == {
-        "model_type": "rn50", "dataset": "domainnet", "domain": "clipart", "variant": "v2a"
+        "model_type": "rn50",
+        "dataset": "domainnet",
+        "domain": "clipart",
+        "variant": "v2a",
     }
     with pytest.raises(ConversionError, match="no such directory"):
         find_checkpoints(src / "missing")
@@ -113,7 +116,9 @@ def test_cli_converts_verifies_reports_bad_files_and_resumes(tree, state_dicts, 
         if m:
             status[m.group(1)] = m.groups()[1:]
     assert {p: s[2] for p, s in status.items()} == {
-        **dict.fromkeys(GOOD, "converted"), CORRUPT: "failed", WRONG_TYPE: "failed"
+        **dict.fromkeys(GOOD, "converted"),
+        CORRUPT: "failed",
+        WRONG_TYPE: "failed",
     }
     assert status["rn18/cub/v1a"][:2] == ("resnet18", "5")
     assert status["rn18/domainnet/clipart/v2a"][:2] == ("resnet18", "7")
@@ -179,8 +184,10 @@ def test_failed_verification_writes_nothing(tree):
     src, dst = tree
     with pytest.raises(ConversionError, match="verification failed.*nothing written"):
         convert_checkpoint(
-            src / "rn18/cub/v1a/model.pth", dst / "deep/new/v1a",
-            image_size=IMAGE_SIZE, tolerance=-1.0,
+            src / "rn18/cub/v1a/model.pth",
+            dst / "deep/new/v1a",
+            image_size=IMAGE_SIZE,
+            tolerance=-1.0,
         )
     assert not dst.exists()
 

@@ -57,8 +57,10 @@ def domainnet_tree(tmp_path_factory):
     checkpoint, painting/v1b holds one in ``pleas_jax/`` (converted beside model.pth)."""
     root = tmp_path_factory.mktemp("ckpts")
     write_pair(
-        root, ["rn18/domainnet/clipart/v1a", "rn18/domainnet/painting/v1b/pleas_jax"],
-        [common.DOMAINNET_CLASSES] * 2, ["tfds:domainnet/clipart", "tfds:domainnet/painting"],
+        root,
+        ["rn18/domainnet/clipart/v1a", "rn18/domainnet/painting/v1b/pleas_jax"],
+        [common.DOMAINNET_CLASSES] * 2,
+        ["tfds:domainnet/clipart", "tfds:domainnet/painting"],
     )
     return root
 
@@ -86,7 +88,9 @@ def fine_grained_tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts_fg")
     nabirds = image_folder(tmp_path_factory.mktemp("data") / "nabirds" / "images")
     write_pair(
-        root, ["rn18/cub/v1a", "rn18/nabird/v1b"], [200, NABIRD_CLASSES],
+        root,
+        ["rn18/cub/v1a", "rn18/nabird/v1b"],
+        [200, NABIRD_CLASSES],
         ["tfds:caltech_birds2011", f"folder:{nabirds}"],
     )
     return root, nabirds

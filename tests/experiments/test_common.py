@@ -32,8 +32,10 @@ def test_resolution_order_and_on_the_fly_conversion(saved, tmp_path, monkeypatch
     assert common.resolve_checkpoint(root, "rn50", "cub", "v1a") == root / "rn50/cub/v1a"
     # 2. A checkpoint beside the release's file, in pleas_jax/.
     shutil.copytree(saved, root / "rn50/domainnet/real/v2b/pleas_jax")
-    assert common.resolve_checkpoint(root, "rn50", "real", "v2b") == \
-        root / "rn50/domainnet/real/v2b/pleas_jax"
+    assert (
+        common.resolve_checkpoint(root, "rn50", "real", "v2b")
+        == root / "rn50/domainnet/real/v2b/pleas_jax"
+    )
     # 3. Only model.pth: converted on the fly by converters.tree.convert_checkpoint.
     calls = []
 
@@ -42,8 +44,9 @@ def test_resolution_order_and_on_the_fly_conversion(saved, tmp_path, monkeypatch
         shutil.copytree(saved, dst)
         return {"status": "converted"}
 
-    monkeypatch.setitem(sys.modules, "converters.tree",
-                        types.SimpleNamespace(convert_checkpoint=convert_checkpoint))
+    monkeypatch.setitem(
+        sys.modules, "converters.tree", types.SimpleNamespace(convert_checkpoint=convert_checkpoint)
+    )
     where = root / "rn18/stanford_dogs/v1b"
     where.mkdir(parents=True)
     (where / "model.pth").write_bytes(b"torch")
@@ -58,8 +61,9 @@ def test_resolution_order_and_on_the_fly_conversion(saved, tmp_path, monkeypatch
     def broken(src, dst, *, verify=True):
         raise ValueError("verification failed: logits differ")
 
-    monkeypatch.setitem(sys.modules, "converters.tree",
-                        types.SimpleNamespace(convert_checkpoint=broken))
+    monkeypatch.setitem(
+        sys.modules, "converters.tree", types.SimpleNamespace(convert_checkpoint=broken)
+    )
     (root / "rn18/cub/v1a").mkdir(parents=True)
     (root / "rn18/cub/v1a/model.pth").write_bytes(b"torch")
     with pytest.raises(common.ExperimentError, match="model.pth: conversion failed: verification"):
@@ -67,8 +71,10 @@ def test_resolution_order_and_on_the_fly_conversion(saved, tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "converters.tree", None)  # torch missing
     with pytest.raises(common.ExperimentError, match="needs PyTorch.*convert-tree"):
         common.resolve_checkpoint(root, "rn18", "cub", "v1a")
-    with pytest.raises(common.ExperimentError, match="rn18/oxford_pets/v1a: no checkpoint.*"
-                       "download_checkpoints.sh.*pleas-jax convert"):
+    with pytest.raises(
+        common.ExperimentError,
+        match="rn18/oxford_pets/v1a: no checkpoint.*download_checkpoints.sh.*pleas-jax convert",
+    ):
         common.resolve_checkpoint(root, "rn18", "oxford_pets", "v1a")
 
 
@@ -126,7 +132,9 @@ def test_a_large_folder_is_served_lazily_with_its_raw_pixels(tmp_path, monkeypat
     for c in ("a", "b"):
         (tmp_path / c).mkdir()
         for i in range(6):
-            Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(
+                tmp_path / c / f"{i}.png"
+            )
     eager = streams.Images(f"folder:{tmp_path}", SIZE)
     want = eager.read("train", [3, 0, 5])
     monkeypatch.setattr(data, "EAGER_BYTES", 0)  # every folder is "large"
@@ -145,7 +153,7 @@ def test_tfds_images_are_read_by_index_and_missing_ones_say_how_to_build(tmp_pat
         x = images.sample("train", 5, seed=0)
         assert x.shape == (5, 8, 8, 3) and x.dtype == np.float32 and x.max() <= 1.0
         np.testing.assert_array_equal(x, images.sample("train", 5, seed=0))
-        (_, y), = [images.read("test", [0, 3])]
+        ((_, y),) = [images.read("test", [0, 3])]
         assert y.dtype == np.int32 and ((0 <= y) & (y < 345)).all()
         with pytest.raises(common.ExperimentError, match="has label .* predicts 3 classes"):
             streams.Images("tfds:domainnet/real", 8, num_classes=3).read("test", range(12))
@@ -164,8 +172,10 @@ def test_dataset_specs(tmp_path, monkeypatch):
     assert common.dataset_spec("painting", {}, None) == "tfds:domainnet/painting"
     assert common.dataset_spec("cub", {"cub": "folder:/x"}, None) == "folder:/x"
     (tmp_path / "nabirds" / "images").mkdir(parents=True)
-    assert common.dataset_spec("nabird", {}, str(tmp_path)) == \
-        f"folder:{tmp_path / 'nabirds' / 'images'}"
+    assert (
+        common.dataset_spec("nabird", {}, str(tmp_path))
+        == f"folder:{tmp_path / 'nabirds' / 'images'}"
+    )
     monkeypatch.setenv(common.ENV_NABIRDS, str(tmp_path))
     assert common.dataset_spec("nabird", {}, None) == f"folder:{tmp_path}"
     with pytest.raises(common.ExperimentError, match="unknown dataset 'mnist'"):
@@ -191,10 +201,15 @@ def test_merge_sample_is_balanced_mixed_and_seeded():
 
 def test_method_runs_and_matching_cache(tmp_path):
     assert common.method_runs(["pleas_activation", "zipit"], ["zip", "optimized"]) == [
-        ("pleas_activation", "zip"), ("pleas_activation", "optimized"), ("zipit", "zip")]
+        ("pleas_activation", "zip"),
+        ("pleas_activation", "optimized"),
+        ("zipit", "zip"),
+    ]
     # Activation matching with zip ratios and no least squares is ZipIt!: run once.
     assert common.method_runs(["perm_activation", "zipit"], ["zip", "optimized"]) == [
-        ("perm_activation", "optimized"), ("zipit", "zip")]
+        ("perm_activation", "optimized"),
+        ("zipit", "zip"),
+    ]
     assert common.method_runs(["perm_activation"], ["zip"]) == [("perm_activation", "zip")]
     key = {"a": 1, "matching": "activation"}
     perm = {"layer1/conv1 kernel:3": np.array([1, 0, 2]), "fc:0": np.array([0, 1])}
@@ -211,18 +226,48 @@ def test_method_runs_and_matching_cache(tmp_path):
 
 # Where each name ``experiments.common`` offers is defined.
 HOMES = {
-    release: ["BUDGETS", "DOMAINNET", "DOMAINNET_CLASSES", "DOMAINNET_PAIRS", "DOMAINS",
-              "ENV_CHECKPOINTS", "ENV_NABIRDS", "FINE_GRAINED", "FINE_GRAINED_PAIRS",
-              "IMAGENET_NORMALIZATION", "LEAST_SQUARES", "METHODS", "MODEL_TYPES", "ORDERS",
-              "RATIOS", "RELEASE_IMAGE_SIZE", "RESULT_FILE", "VARIANTS", "ExperimentError",
-              "Method"],
-    options: ["add_common_arguments", "check_common", "csv_list", "float_list",
-              "spec_override"],
-    sources: ["checkpoints_root", "features_model", "load_source", "release_dir",
-              "resolve_checkpoint", "source_paths"],
+    release: [
+        "BUDGETS",
+        "DOMAINNET",
+        "DOMAINNET_CLASSES",
+        "DOMAINNET_PAIRS",
+        "DOMAINS",
+        "ENV_CHECKPOINTS",
+        "ENV_NABIRDS",
+        "FINE_GRAINED",
+        "FINE_GRAINED_PAIRS",
+        "IMAGENET_NORMALIZATION",
+        "LEAST_SQUARES",
+        "METHODS",
+        "MODEL_TYPES",
+        "ORDERS",
+        "RATIOS",
+        "RELEASE_IMAGE_SIZE",
+        "RESULT_FILE",
+        "VARIANTS",
+        "ExperimentError",
+        "Method",
+    ],
+    options: ["add_common_arguments", "check_common", "csv_list", "float_list", "spec_override"],
+    sources: [
+        "checkpoints_root",
+        "features_model",
+        "load_source",
+        "release_dir",
+        "resolve_checkpoint",
+        "source_paths",
+    ],
     datasets: ["MOCK_IMAGE_SIZE", "dataset_spec", "maybe_mock_data"],
-    runs: ["Timer", "command_line", "experiment_main", "finish_run", "read_result",
-           "run_main", "settings", "write_result"],
+    runs: [
+        "Timer",
+        "command_line",
+        "experiment_main",
+        "finish_run",
+        "read_result",
+        "run_main",
+        "settings",
+        "write_result",
+    ],
     merging: ["MatchingCache", "checkpoint_key", "merge_grid", "method_runs"],
 }
 

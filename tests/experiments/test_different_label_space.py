@@ -12,13 +12,36 @@ from tests.experiments.conftest import BATCH, IMAGES, MOCK, SIZE
 def test_different_label_space_end_to_end(fine_grained_tree, tmp_path, capsys):
     root, nabirds = fine_grained_tree
     out = tmp_path / "run"
-    rc = different_label_space.main([
-        "--checkpoints", str(root), "--model_type", "rn18",
-        "--datasets", "cub,nabird", "--data_dir", str(nabirds.parent.parent),
-        "--merging", "perm_activation", "--ratios", "uniform", "--budgets", "2.0",
-        "--images", str(IMAGES), "--batch-size", str(BATCH), "--image-size", str(SIZE),
-        "--probe-epochs", "3", "--mock-data", str(MOCK), "--output_dir", str(out),
-    ])
+    rc = different_label_space.main(
+        [
+            "--checkpoints",
+            str(root),
+            "--model_type",
+            "rn18",
+            "--datasets",
+            "cub,nabird",
+            "--data_dir",
+            str(nabirds.parent.parent),
+            "--merging",
+            "perm_activation",
+            "--ratios",
+            "uniform",
+            "--budgets",
+            "2.0",
+            "--images",
+            str(IMAGES),
+            "--batch-size",
+            str(BATCH),
+            "--image-size",
+            str(SIZE),
+            "--probe-epochs",
+            "3",
+            "--mock-data",
+            str(MOCK),
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / common.RESULT_FILE).read_text())
     assert res["status"] == "done" and res["experiment"] == "different_label_space"
@@ -43,8 +66,9 @@ def test_different_label_space_end_to_end(fine_grained_tree, tmp_path, capsys):
     assert rows[2.0]["accuracy"] == pytest.approx(ens["accuracy"], rel=1e-6)
     assert rows[2.0]["source_agreements"] == {"cub": 1.0, "nabird": 1.0}
     for t in ("cub", "nabird"):
-        assert rows[2.0]["probe_accuracies"][t] == pytest.approx(ens["probe_accuracies"][t],
-                                                                 rel=1e-6)
+        assert rows[2.0]["probe_accuracies"][t] == pytest.approx(
+            ens["probe_accuracies"][t], rel=1e-6
+        )
 
     # The report tabulates both metrics and plots each.
     rep = report.report([out], tmp_path / "report")
@@ -60,15 +84,17 @@ def test_different_label_space_end_to_end(fine_grained_tree, tmp_path, capsys):
 
 def test_unknown_dataset_and_missing_nabirds(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("NABIRDS_DIR", raising=False)
-    rc = different_label_space.main(["--datasets", "cub,imagenet", "--a", "x", "--b", "y",
-                                     "--output-dir", str(tmp_path / "o")])
+    rc = different_label_space.main(
+        ["--datasets", "cub,imagenet", "--a", "x", "--b", "y", "--output-dir", str(tmp_path / "o")]
+    )
     assert rc == 2 and "--datasets needs two different of cub" in capsys.readouterr().err
     with pytest.raises(common.ExperimentError, match="NABirds is not in tfds.*--spec nabird="):
         common.dataset_spec("nabird", {}, str(tmp_path))
 
 
-def test_pleas_free_merges_on_other_data_and_probes_on_the_tasks(fine_grained_tree, tmp_path,
-                                                                monkeypatch, capsys):
+def test_pleas_free_merges_on_other_data_and_probes_on_the_tasks(
+    fine_grained_tree, tmp_path, monkeypatch, capsys
+):
     root, nabirds = fine_grained_tree
     sampled, streamed = [], set()
     sample, chunks = streams.Images.sample, streams.Images.chunks
@@ -84,18 +110,44 @@ def test_pleas_free_merges_on_other_data_and_probes_on_the_tasks(fine_grained_tr
     monkeypatch.setattr(streams.Images, "sample", spy_sample)
     monkeypatch.setattr(streams.Images, "chunks", spy_chunks)
     out = tmp_path / "free"
-    rc = different_label_space.main([
-        "--checkpoints", str(root), "--datasets", "cub,nabird",
-        "--spec", f"nabird=folder:{nabirds}", "--matching-data", "tfds:imagenet_v2:test",
-        "--methods", "perm_activation", "--ratios", "uniform", "--budgets", "1.0",
-        "--images", str(IMAGES), "--batch-size", str(BATCH), "--image-size", str(SIZE),
-        "--probe-epochs", "1", "--mock-data", str(MOCK), "--output-dir", str(out),
-    ])
+    rc = different_label_space.main(
+        [
+            "--checkpoints",
+            str(root),
+            "--datasets",
+            "cub,nabird",
+            "--spec",
+            f"nabird=folder:{nabirds}",
+            "--matching-data",
+            "tfds:imagenet_v2:test",
+            "--methods",
+            "perm_activation",
+            "--ratios",
+            "uniform",
+            "--budgets",
+            "1.0",
+            "--images",
+            str(IMAGES),
+            "--batch-size",
+            str(BATCH),
+            "--image-size",
+            str(SIZE),
+            "--probe-epochs",
+            "1",
+            "--mock-data",
+            str(MOCK),
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     # The merge sees only the other data; sources, heads and probes only the tasks'.
     assert sampled == [("tfds:imagenet_v2:test", "train", IMAGES)]
-    assert streamed == {(s, split) for s in ("tfds:caltech_birds2011", f"folder:{nabirds}")
-                        for split in ("train", "test")}
+    assert streamed == {
+        (s, split)
+        for s in ("tfds:caltech_birds2011", f"folder:{nabirds}")
+        for split in ("train", "test")
+    }
     res = json.loads((out / common.RESULT_FILE).read_text())
     assert res["settings"]["matching_data"] == "tfds:imagenet_v2:test"
     # The mocked source holds fewer training images than asked for: all are used.

@@ -54,14 +54,27 @@ def test_include_patterns_and_command():
     assert dl.include_patterns(["rn18"]) == ["rn18/*"]
     assert dl.include_patterns(datasets=["cub"]) == ["*/cub/*"]
     assert dl.include_patterns(["rn18", "rn50"], ["cub", "domainnet"], ["clipart"]) == [
-        "rn18/cub/*", "rn18/domainnet/clipart/*", "rn50/cub/*", "rn50/domainnet/clipart/*",
+        "rn18/cub/*",
+        "rn18/domainnet/clipart/*",
+        "rn50/cub/*",
+        "rn50/domainnet/clipart/*",
     ]
     assert dl.include_patterns(domains=["real"]) == ["*/domainnet/real/*"]
     with pytest.raises(ValueError, match="not a plain directory name"):
         dl.include_patterns(datasets=["../etc"])
     cmd = dl.build_command("/d", model_types=["rn101"])
-    assert cmd == ["aws", "s3", "sync", "--no-sign-request", BUCKET, "/d",
-                   "--exclude", "*", "--include", "rn101/*"]
+    assert cmd == [
+        "aws",
+        "s3",
+        "sync",
+        "--no-sign-request",
+        BUCKET,
+        "/d",
+        "--exclude",
+        "*",
+        "--include",
+        "rn101/*",
+    ]
     assert dl.build_command("/d") == ["aws", "s3", "sync", "--no-sign-request", BUCKET, "/d"]
 
 
@@ -71,20 +84,29 @@ def test_dry_run_prints_command_and_export_line(tmp_path, monkeypatch, capsys):
     def no_run(*a, **k):
         raise AssertionError("a dry run must not run aws")
 
-    rc, out, err = run_main(["--dry-run", "--model-type", "rn18", "--dataset", "cub"], capsys,
-                            run=no_run)
+    rc, out, err = run_main(
+        ["--dry-run", "--model-type", "rn18", "--dataset", "cub"], capsys, run=no_run
+    )
     assert rc == 0 and err == ""
     cmd, export = out.strip().splitlines()
     want = tmp_path / "pretrained_models"
-    assert shlex.split(cmd) == ["aws", "s3", "sync", "--no-sign-request", BUCKET, str(want),
-                                "--exclude", "*", "--include", "rn18/cub/*"]
+    assert shlex.split(cmd) == [
+        "aws",
+        "s3",
+        "sync",
+        "--no-sign-request",
+        BUCKET,
+        str(want),
+        "--exclude",
+        "*",
+        "--include",
+        "rn18/cub/*",
+    ]
     assert export == f"export MODEL_CHECKPOINTS_DIR={want}"
     assert not want.exists()
     # DIR positionally or as the original --output-dir; both at once must agree.
     assert run_main(["x", "--dry-run"], capsys)[1].endswith(f"={tmp_path / 'x'}\n")
-    assert run_main(["--output-dir", "y", "--dry-run"], capsys)[1].endswith(
-        f"={tmp_path / 'y'}\n"
-    )
+    assert run_main(["--output-dir", "y", "--dry-run"], capsys)[1].endswith(f"={tmp_path / 'y'}\n")
     with pytest.raises(SystemExit) as e:
         dl.main(["a", "--output-dir", "b"])
     assert e.value.code == 2
@@ -163,8 +185,17 @@ def test_success_prints_export_line(tmp_path, monkeypatch, capsys):
     want = tmp_path / "pretrained_models"
     assert (want / "rn18/cub/v1a/model.pth").is_file()
     args = (aws.parent / "args.txt").read_text().split()
-    assert args == ["s3", "sync", "--no-sign-request", BUCKET, str(want),
-                    "--exclude", "*", "--include", "rn18/*"]
+    assert args == [
+        "s3",
+        "sync",
+        "--no-sign-request",
+        BUCKET,
+        str(want),
+        "--exclude",
+        "*",
+        "--include",
+        "rn18/*",
+    ]
     lines = out.strip().splitlines()
     assert lines[-1] == f"export MODEL_CHECKPOINTS_DIR={want}"
     assert "(2 model.pth files)" in lines[-2] and "pleas-jax convert-tree" in lines[-2]
@@ -172,20 +203,39 @@ def test_success_prints_export_line(tmp_path, monkeypatch, capsys):
 
 def test_shell_wrapper(tmp_path):
     aws = fake_aws(tmp_path / "bin", SYNC_OK)
-    env = {**os.environ, "PATH": f"{aws.parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHON": sys.executable}
+    env = {
+        **os.environ,
+        "PATH": f"{aws.parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHON": sys.executable,
+    }
     script = REPO / "experiments" / "download_checkpoints.sh"
     assert os.access(script, os.X_OK)
-    dry = subprocess.run([str(script), "d", "--dry-run"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=60)
+    dry = subprocess.run(
+        [str(script), "d", "--dry-run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.splitlines()[0].startswith("aws s3 sync --no-sign-request " + BUCKET)
-    real = subprocess.run([str(script), "space dir"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
+    real = subprocess.run(
+        [str(script), "space dir"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert real.returncode == 0, real.stderr
     export = real.stdout.strip().splitlines()[-1]
     assert export == f"export MODEL_CHECKPOINTS_DIR={shlex.quote(str(tmp_path / 'space dir'))}"
     # The line works as meant: the shell sees the absolute directory.
-    shown = subprocess.run(["sh", "-c", f'{export}; printf %s "$MODEL_CHECKPOINTS_DIR"'],
-                           capture_output=True, text=True, timeout=30).stdout
+    shown = subprocess.run(
+        ["sh", "-c", f'{export}; printf %s "$MODEL_CHECKPOINTS_DIR"'],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
     assert shown == str(tmp_path / "space dir")

@@ -34,13 +34,27 @@ def test_dry_run_lists_the_papers_grid(experiment, tmp_path, capsys):
     assert {c.split("--budgets ")[1].split()[0] for c in cmds} == {"1", "1.24", "1.46", "1.71", "2"}
     flag = "--domains" if experiment == "shared_label_space" else "--datasets"
     pairs = {c.split(f"{flag} ")[1].split()[0] for c in cmds}
-    expected = common.DOMAINNET_PAIRS if experiment == "shared_label_space" else \
-        common.FINE_GRAINED_PAIRS
+    expected = (
+        common.DOMAINNET_PAIRS if experiment == "shared_label_space" else common.FINE_GRAINED_PAIRS
+    )
     assert pairs == {f"{a},{b}" for a, b in expected}
     # Two methods, rn101's budgets: twice the runs, rn101's grid.
-    assert launch.main([experiment, "--dry-run", "--model_type", "rn101", "--merging",
-                        "pleas_weight,zipit", "--use_zip_ratios",
-                        "--output_dir", str(tmp_path)]) == 0
+    assert (
+        launch.main(
+            [
+                experiment,
+                "--dry-run",
+                "--model_type",
+                "rn101",
+                "--merging",
+                "pleas_weight,zipit",
+                "--use_zip_ratios",
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     cmds = _commands(capsys.readouterr().out)
     assert len(cmds) == 120 and all("--ratios zip" in c for c in cmds)
     assert {c.split("--budgets ")[1].split()[0] for c in cmds} == {"1", "1.1", "1.7", "1.8", "2"}
@@ -71,8 +85,9 @@ class FakeWandb:
         self.runs = []
 
     def init(self, project, name, config, reinit):
-        run = types.SimpleNamespace(project=project, name=name, config=config, logged=[],
-                                    summary={}, finished=False)
+        run = types.SimpleNamespace(
+            project=project, name=name, config=config, logged=[], summary={}, finished=False
+        )
         run.log = run.logged.append
         run.finish = lambda: setattr(run, "finished", True)
         self.runs.append(run)
@@ -84,8 +99,18 @@ def test_resume_skips_finished_runs_and_logs_everything(tmp_path, monkeypatch, c
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     out = tmp_path / "runs"
-    args = ["different_label_space", "--python", str(fake), "--pairs", "cub:nabird",
-            "--budgets", "1,1.5,2", "--output_dir", str(out), "--wandb"]
+    args = [
+        "different_label_space",
+        "--python",
+        str(fake),
+        "--pairs",
+        "cub:nabird",
+        "--budgets",
+        "1,1.5,2",
+        "--output_dir",
+        str(out),
+        "--wandb",
+    ]
     monkeypatch.setenv("FAIL_BUDGET", "1.5")
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     assert launch.main(args) == 1
@@ -113,8 +138,10 @@ def test_resume_skips_finished_runs_and_logs_everything(tmp_path, monkeypatch, c
     # With wandb installed, each finished run is logged (local JSON all the same).
     wandb = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", wandb)
-    assert launch.main([*args, "--budgets", "1,1.25", "--orders", "v1a:v1b",
-                        "--wandb-project", "p"]) == 0
+    assert (
+        launch.main([*args, "--budgets", "1,1.25", "--orders", "v1a:v1b", "--wandb-project", "p"])
+        == 0
+    )
     assert "1 done, 1 skipped" in capsys.readouterr().out
     (run,) = wandb.runs
     assert run.project == "p" and run.name.endswith("budget 1.25") and run.finished
@@ -134,34 +161,93 @@ def test_bad_options_are_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("experiment", launch.EXPERIMENTS)
 def test_shell_launchers_help_and_dry_run(experiment, tmp_path):
     env = dict(os.environ, PYTHON=sys.executable)
-    res = subprocess.run([str(SHELL[experiment]), "--help"], capture_output=True, text=True,
-                         env=env, cwd=tmp_path, timeout=120)
+    res = subprocess.run(
+        [str(SHELL[experiment]), "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith(f"usage: launch_{experiment}.sh")
-    for opt in ("--data_dir", "--model_type", "--merging", "--max_steps", "--seed",
-                "--output_dir", "--use_zip_ratios", "--least-squares", "--ratios", "--dry-run",
-                "--wandb"):
+    for opt in (
+        "--data_dir",
+        "--model_type",
+        "--merging",
+        "--max_steps",
+        "--seed",
+        "--output_dir",
+        "--use_zip_ratios",
+        "--least-squares",
+        "--ratios",
+        "--dry-run",
+        "--wandb",
+    ):
         assert opt in res.stdout
     res = subprocess.run(
-        [str(SHELL[experiment]), "--model_type", "rn50", "--merging", "pleas_activation",
-         "--max_steps", "50", "--seed", "2", "--output_dir", "out", "--data_dir", "data",
-         "--least-squares", "gd", "--dry-run"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        [
+            str(SHELL[experiment]),
+            "--model_type",
+            "rn50",
+            "--merging",
+            "pleas_activation",
+            "--max_steps",
+            "50",
+            "--seed",
+            "2",
+            "--output_dir",
+            "out",
+            "--data_dir",
+            "data",
+            "--least-squares",
+            "gd",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr
     cmds = _commands(res.stdout)
     assert len(cmds) == 60
-    assert all("--least-squares gd --gd-steps 50" in c and "--seed 2" in c
-               and "--data-dir data" in c and "--output-dir out/" in c for c in cmds)
+    assert all(
+        "--least-squares gd --gd-steps 50" in c
+        and "--seed 2" in c
+        and "--data-dir data" in c
+        and "--output-dir out/" in c
+        for c in cmds
+    )
     assert {c.split("--budgets ")[1].split()[0] for c in cmds} == {"1", "1.2", "1.55", "1.8", "2"}
 
 
 def test_tiny_real_run_through_the_shell_launcher_and_report(domainnet_tree, tmp_path):
     out = tmp_path / "runs"
-    cmd = [str(SHELL["shared_label_space"]), "--checkpoints", str(domainnet_tree),
-           "--pairs", "clipart:painting", "--orders", "v1a:v1b", "--budgets", "1",
-           "--merging", "zipit", "--images", str(IMAGES), "--batch-size", str(BATCH),
-           "--image-size", str(SIZE), "--mock-data", str(MOCK), "--output_dir", str(out)]
+    cmd = [
+        str(SHELL["shared_label_space"]),
+        "--checkpoints",
+        str(domainnet_tree),
+        "--pairs",
+        "clipart:painting",
+        "--orders",
+        "v1a:v1b",
+        "--budgets",
+        "1",
+        "--merging",
+        "zipit",
+        "--images",
+        str(IMAGES),
+        "--batch-size",
+        str(BATCH),
+        "--image-size",
+        str(SIZE),
+        "--mock-data",
+        str(MOCK),
+        "--output_dir",
+        str(out),
+    ]
     env = dict(os.environ, PYTHON=sys.executable)
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -10,21 +10,44 @@ from tests.experiments.conftest import BATCH, IMAGES, MOCK, SIZE
 
 
 def _run(tree, out, cache, methods, budgets):
-    return shared_label_space.main([
-        "--checkpoints", str(tree), "--model-type", "rn18",
-        "--domains", "clipart,painting", "--variants", "v1a,v1b",
-        "--methods", methods, "--ratios", "optimized",
-        "--budgets", budgets, "--images", str(IMAGES), "--batch-size", str(BATCH),
-        "--image-size", str(SIZE), "--mock-data", str(MOCK), "--output-dir", str(out),
-        "--matching-cache", str(cache),
-    ])
+    return shared_label_space.main(
+        [
+            "--checkpoints",
+            str(tree),
+            "--model-type",
+            "rn18",
+            "--domains",
+            "clipart,painting",
+            "--variants",
+            "v1a,v1b",
+            "--methods",
+            methods,
+            "--ratios",
+            "optimized",
+            "--budgets",
+            budgets,
+            "--images",
+            str(IMAGES),
+            "--batch-size",
+            str(BATCH),
+            "--image-size",
+            str(SIZE),
+            "--mock-data",
+            str(MOCK),
+            "--output-dir",
+            str(out),
+            "--matching-cache",
+            str(cache),
+        ]
+    )
 
 
 def test_shared_label_space_end_to_end(domainnet_tree, tmp_path, capsys):
     out, cache = tmp_path / "run", tmp_path / "cache"
     # Two least-squares merges: the pair's sums are taken once and shared.
-    assert _run(domainnet_tree, out, cache, "pleas_activation", "1.5,2.0") == 0, \
+    assert _run(domainnet_tree, out, cache, "pleas_activation", "1.5,2.0") == 0, (
         capsys.readouterr().err
+    )
     res = json.loads((out / common.RESULT_FILE).read_text())
     assert res["status"] == "done" and res["experiment"] == "shared_label_space"
     assert res["pair"] == ["clipart", "painting"] and res["variants"] == ["v1a", "v1b"]
@@ -66,10 +89,16 @@ def test_shared_label_space_end_to_end(domainnet_tree, tmp_path, capsys):
 
 
 def test_missing_checkpoint_says_how_to_get_it(tmp_path, capsys):
-    rc = shared_label_space.main([
-        "--checkpoints", str(tmp_path), "--domains", "clipart,real", "--output-dir",
-        str(tmp_path / "o"),
-    ])
+    rc = shared_label_space.main(
+        [
+            "--checkpoints",
+            str(tmp_path),
+            "--domains",
+            "clipart,real",
+            "--output-dir",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert "download_checkpoints.sh" in err and "rn18/domainnet/clipart/v1a" in err
@@ -91,11 +120,20 @@ def test_explicit_checkpoints_and_bad_options(tmp_path, capsys):
 
 
 def test_missing_dataset_says_how_to_build_it(domainnet_tree, tmp_path, capsys):
-    rc = shared_label_space.main([
-        "--checkpoints", str(domainnet_tree), "--domains", "clipart,painting",
-        "--image-size", str(SIZE), "--data-dir", str(tmp_path), "--output-dir",
-        str(tmp_path / "o"),
-    ])
+    rc = shared_label_space.main(
+        [
+            "--checkpoints",
+            str(domainnet_tree),
+            "--domains",
+            "clipart,painting",
+            "--image-size",
+            str(SIZE),
+            "--data-dir",
+            str(tmp_path),
+            "--output-dir",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert "tfds build domainnet/clipart" in err

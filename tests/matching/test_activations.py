@@ -153,8 +153,9 @@ def test_bfloat16_moments_accumulate_in_float32():
     }
     for name, v in truth.items():
         assert s[name].dtype == jnp.float32, name
-        np.testing.assert_allclose(np.asarray(s[name]), v, rtol=1e-6, atol=1e-6 * np.max(np.abs(v)),
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(s[name]), v, rtol=1e-6, atol=1e-6 * np.max(np.abs(v)), err_msg=name
+        )
 
 
 def test_bfloat16_compute_runs_the_models_in_bfloat16():
@@ -186,8 +187,9 @@ def test_bfloat16_matching_stays_within_tolerance_of_float32(noise):
                 rel = np.linalg.norm(s16[g] - s32[g]) / np.linalg.norm(s32[g])
             worst[sim] = max(worst[sim], float(rel))
             # The matching itself is the result that must not change.
-            np.testing.assert_array_equal(lap.solve(s16[g]), np.asarray(expected[g]),
-                                          err_msg=f"{sim} {g}")
+            np.testing.assert_array_equal(
+                lap.solve(s16[g]), np.asarray(expected[g]), err_msg=f"{sim} {g}"
+            )
     # Measured: distance 4.7e-3 (largest entry), correlation 3.6e-2 (norm).
     print(f"noise {noise}: bf16 vs fp32 scores, relative difference {worst}")
     assert worst["distance"] <= 1e-2 and worst["correlation"] <= 5e-2, worst
@@ -214,8 +216,14 @@ def _float64_moments(recorded_a, recorded_b, pt):
         a, b = (np.asarray(f[pt], np.float64) for f in (fa, fb))
         a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
         cross, sq_a, sq_b = a.T @ b, (a * a).sum(0), (b * b).sum(0)
-        batch = {"cross": cross, "sum_a": a.sum(0), "sum_b": b.sum(0), "sq_a": sq_a, "sq_b": sq_b,
-                 "neg_dist": -np.sqrt(np.maximum(sq_a[:, None] + sq_b[None, :] - 2 * cross, 0.0))}
+        batch = {
+            "cross": cross,
+            "sum_a": a.sum(0),
+            "sum_b": b.sum(0),
+            "sq_a": sq_a,
+            "sq_b": sq_b,
+            "neg_dist": -np.sqrt(np.maximum(sq_a[:, None] + sq_b[None, :] - 2 * cross, 0.0)),
+        }
         truth = {k: truth[k] + v for k, v in batch.items()}
     return truth
 
@@ -246,7 +254,9 @@ def test_normalisation_outputs_are_derived_from_their_inputs_exactly():
     finally:
         act._affine_moments = original
     points = {(g, path_str(pt)): pt for g, pts in feature_points(spec, va).items() for pt in pts}
-    norm_points = [k for k in stats if points[k][-2].startswith("bn") or points[k][-2] == "downsample_1"]
+    norm_points = [
+        k for k in stats if points[k][-2].startswith("bn") or points[k][-2] == "downsample_1"
+    ]
     # Every bottleneck's three BNs and every shortcut BN (16 + 4 blocks' worth).
     assert len(derived) == len(norm_points) == 53
     worst = 0.0
@@ -264,8 +274,9 @@ def test_normalisation_outputs_are_derived_from_their_inputs_exactly():
 def test_precision_modes_of_the_cross_moments(precision, bound):
     module, va, vb, spec, planted = _pair("resnet18", 0.01)
     batches = [images(8, seed=s) for s in range(2)]
-    ref = statistics_to_scores(activation_statistics(module, va, module, vb, spec, batches, "inner"),
-                               "inner")
+    ref = statistics_to_scores(
+        activation_statistics(module, va, module, vb, spec, batches, "inner"), "inner"
+    )
     got = statistics_to_scores(
         activation_statistics(module, va, module, vb, spec, batches, "inner", precision=precision),
         "inner",

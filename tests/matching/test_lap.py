@@ -29,8 +29,12 @@ def _structured(rng, n, noise=0.05):
     """Scores dominated by row/column offsets and a positive rank-1 product (as
     BatchNorm scales give weight matching), plus noise."""
     u, v = rng.uniform(0.5, 1.5, n), rng.uniform(0.5, 1.5, n)
-    return (np.outer(u, v) + rng.normal(size=(n, 1)) + rng.normal(size=(1, n))
-            + noise * rng.normal(size=(n, n)))
+    return (
+        np.outer(u, v)
+        + rng.normal(size=(n, 1))
+        + rng.normal(size=(1, n))
+        + noise * rng.normal(size=(n, n))
+    )
 
 
 def _total(s, perm):
@@ -49,8 +53,11 @@ def test_structured_scores_match_brute_force():
 def test_reduced_costs_shift_every_permutation_by_one_constant(kind):
     rng = np.random.default_rng(3)
     n = 50
-    s = {"structured": _structured(rng, n), "uniform": rng.uniform(size=(n, n)),
-         "constant": np.full((n, n), 2.5)}[kind]
+    s = {
+        "structured": _structured(rng, n),
+        "uniform": rng.uniform(size=(n, n)),
+        "constant": np.full((n, n), 2.5),
+    }[kind]
     c = lap.reduced_costs(s)
     # Maximising s is minimising c: score + cost is the same for every permutation.
     sums = [_total(s, p) + _total(c, p) for p in (rng.permutation(n) for _ in range(50))]

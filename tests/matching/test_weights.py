@@ -16,7 +16,10 @@ from tests.helpers import init, randomize_norms
 def _noisy(variables, scale, seed):
     rng = np.random.default_rng(seed)
     return unflatten(
-        {p: v + scale * rng.normal(size=v.shape).astype(np.float32) * np.std(v) for p, v in flatten(variables).items()}
+        {
+            p: v + scale * rng.normal(size=v.shape).astype(np.float32) * np.std(v)
+            for p, v in flatten(variables).items()
+        }
     )
 
 
@@ -37,7 +40,9 @@ def test_recovers_planted_permutation(arch, noise):
     aligned = apply_permutation(vb, spec, perm)
     if not noise:
         for p, v in flatten(va).items():
-            np.testing.assert_array_equal(np.asarray(flatten(aligned)[p]), np.asarray(v), err_msg=str(p))
+            np.testing.assert_array_equal(
+                np.asarray(flatten(aligned)[p]), np.asarray(v), err_msg=str(p)
+            )
 
 
 def test_costs_are_in_original_coordinates():
@@ -56,8 +61,12 @@ def test_costs_are_in_original_coordinates():
         for path, axis in group.axes:
             if path[0] != "params":
                 continue
-            a = np.moveaxis(np.asarray(fa[tuple(path)], np.float64), axis, 0).reshape(group.size, -1)
-            b = np.moveaxis(np.asarray(aligned[tuple(path)], np.float64), axis, 0).reshape(group.size, -1)
+            a = np.moveaxis(np.asarray(fa[tuple(path)], np.float64), axis, 0).reshape(
+                group.size, -1
+            )
+            b = np.moveaxis(np.asarray(aligned[tuple(path)], np.float64), axis, 0).reshape(
+                group.size, -1
+            )
             direct += (a * b).sum(1)
         rows = np.arange(group.size)
         np.testing.assert_allclose(costs[g][rows, perm[g]], direct, rtol=1e-4, atol=1e-4, err_msg=g)
@@ -92,13 +101,19 @@ def _plain_coordinate_descent(spec, va, vb, seed, max_iter=100):
             for path, axis in spec[g].axes:
                 if path[0] != "params":
                     continue
-                a = np.moveaxis(np.asarray(fa[tuple(path)], np.float64), axis, 0).reshape(spec[g].size, -1)
-                b = np.moveaxis(np.asarray(fb[tuple(path)], np.float64), axis, 0).reshape(spec[g].size, -1)
+                a = np.moveaxis(np.asarray(fa[tuple(path)], np.float64), axis, 0).reshape(
+                    spec[g].size, -1
+                )
+                b = np.moveaxis(np.asarray(fb[tuple(path)], np.float64), axis, 0).reshape(
+                    spec[g].size, -1
+                )
                 s += a @ b.T
             new = lap.solve(s)
             solves += 1
             rows = np.arange(len(new))
-            if s[rows, new].sum() - s[rows, perm[g]].sum() > 1e-9 * max(1.0, abs(s[rows, perm[g]].sum())):
+            if s[rows, new].sum() - s[rows, perm[g]].sum() > 1e-9 * max(
+                1.0, abs(s[rows, perm[g]].sum())
+            ):
                 perm[g] = new
                 improved = True
         if not improved:

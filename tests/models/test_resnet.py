@@ -71,9 +71,7 @@ def _odd_resnet50():
     stem = 40
     stream = tuple(int(w) for w in rng.integers(8, 40, size=4))
     inner = tuple(tuple(int(w) for w in rng.integers(4, 30, size=2)) for _ in ref.inner_widths)
-    return models.ResNet(
-        "bottleneck", ref.stage_sizes, stem, stream, inner, ref.downsample, 7
-    )
+    return models.ResNet("bottleneck", ref.stage_sizes, stem, stream, inner, ref.downsample, 7)
 
 
 def test_nonstandard_widths_expose_every_layer():
