@@ -139,9 +139,12 @@ def randomize_batch_norm(net: nn.Module, seed: int = 0, image_size: int = 64) ->
         for m, momentum in zip(bns, momenta, strict=True):
             c = m.num_features
             m.momentum = momentum
-            m.running_mean.add_(0.1 * m.running_var.sqrt() * torch.randn(c, generator=g))
-            m.running_var.mul_(0.7 + 0.7 * torch.rand(c, generator=g))
-            m.num_batches_tracked.fill_(int(torch.randint(1, 10_000, (), generator=g)))
+            mean, var, seen = m.running_mean, m.running_var, m.num_batches_tracked
+            if mean is None or var is None or seen is None:
+                raise ValueError(f"{m} keeps no running statistics to randomise")
+            mean.add_(0.1 * var.sqrt() * torch.randn(c, generator=g))
+            var.mul_(0.7 + 0.7 * torch.rand(c, generator=g))
+            seen.fill_(int(torch.randint(1, 10_000, (), generator=g)))
     net.train(training)
     return net
 

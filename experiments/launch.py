@@ -257,7 +257,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _settings_hash(args: argparse.Namespace) -> str:
-    keys = (
+    keys: tuple[str, ...] = (
         "seed",
         "images",
         "batch_size",

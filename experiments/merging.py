@@ -89,7 +89,7 @@ class MatchingCache:
             return
         file.parent.mkdir(parents=True, exist_ok=True)
         groups = list(perm)
-        arrays = {"groups": np.asarray(json.dumps(groups))}
+        arrays: dict[str, Any] = {"groups": np.asarray(json.dumps(groups))}
         for i, g in enumerate(groups):
             arrays[f"perm_{i}"], arrays[f"costs_{i}"] = perm[g], costs[g]
         # Another run may read the file while this one writes: rename into place.

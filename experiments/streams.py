@@ -128,18 +128,20 @@ class Images:
             return len(self._loaded()[split][1])
         return len(self._tfds(self._split or split))
 
-    def read(self, split: str, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def read(
+        self, split: str, indices: Sequence[int] | np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Images ``[n, S, S, C]`` in ``[0, 1]`` and labels ``[n]`` of ``split``.
 
         Raises:
           ExperimentError: labels outside ``[0, num_classes)``.
         """
-        indices = np.asarray(indices, np.int64)
+        rows = np.asarray(indices, np.int64)
         if self._tfds_name is None:
             x, y = self._loaded()[split]
-            return x[indices], y[indices]
+            return x[rows], y[rows]
         source = self._tfds(self._split or split)
-        idx = [int(i) for i in indices]
+        idx = [int(i) for i in rows]
         # Array-record sources read a batch of records in one call.
         examples = (
             source.__getitems__(idx)
@@ -190,10 +192,10 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:
         from PIL import Image
 
         if img.shape[-1] == 3:
-            img = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+            img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))
             return img.astype(np.float32) / 255.0
         channels = [
-            np.asarray(Image.fromarray(img[..., c]).resize((size, size), Image.BILINEAR))
+            np.asarray(Image.fromarray(img[..., c]).resize((size, size), Image.Resampling.BILINEAR))
             for c in range(img.shape[-1])
         ]
         img = np.stack(channels, axis=-1)

@@ -118,7 +118,7 @@ class _Compute:
         self.spec = spec
         self.groups = list(spec)
         self.sizes = np.array([spec[g].size for g in self.groups], np.int64)
-        index = {g: i for i, g in enumerate(self.groups)}
+        index: dict[str | None, int] = {g: i for i, g in enumerate(self.groups)}
         G = len(self.groups)
         for la in table.layers:
             for g in (la.in_group, la.out_group):
@@ -153,7 +153,7 @@ class _Compute:
         np.add.at(out, self.o, self.taps * (self.ci + si - 2 * si))
         return out[:-1]
 
-    def separate(self, ratios: Mapping[str, float]) -> np.ndarray:
+    def separate(self, ratios: Ratios) -> np.ndarray:
         sep = separate_units(self.spec, ratios)
         return np.array([sep[g] for g in self.groups], np.int64)
 

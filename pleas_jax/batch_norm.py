@@ -90,7 +90,7 @@ def recompute_batch_norm(
     sharded = NamedSharding(mesh, P(distributed.DATA_AXIS))
     moments = _moments_fn(module)
     total: dict | None = None
-    count = {}
+    count: dict = {}
     for batch in tqdm(batches, desc="BatchNorm statistics", disable=not progress, leave=False):
         x = np.asarray(batch[0] if isinstance(batch, tuple | list) else batch)
         if x.ndim == 0 or x.shape[0] == 0:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-# DataError and LazyImages belong to this module's API; image_files (below) defines them.
-from pleas_jax.image_files import DataError, LazyImages, read_images
+# DataError, Images and LazyImages belong to this API; image_files (below) defines them.
+from pleas_jax.image_files import DataError, Images, LazyImages, read_images
 
 DEFAULT_SIZE = 32
 # torchvision's ImageNet input statistics (images in [0, 1]): what its ResNets,
@@ -122,13 +122,15 @@ def resize(x: np.ndarray, size: int) -> np.ndarray:
 def _split(x, y, seed: int = 0):
     """Deterministic stratified split: per class, the last TEST_FRACTION of a seeded shuffle."""
     rng = np.random.default_rng(seed)
-    train, test = [], []
+    train_parts: list[np.ndarray] = [np.zeros(0, np.int64)]
+    test_parts: list[np.ndarray] = [np.zeros(0, np.int64)]
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
         k = int(round(len(idx) * TEST_FRACTION))
-        test.extend(idx[len(idx) - k :])
-        train.extend(idx[: len(idx) - k])
-    train, test = np.sort(train).astype(np.int64), np.sort(test).astype(np.int64)
+        test_parts.append(idx[len(idx) - k :])
+        train_parts.append(idx[: len(idx) - k])
+    train = np.sort(np.concatenate(train_parts)).astype(np.int64)
+    test = np.sort(np.concatenate(test_parts)).astype(np.int64)
     return _rows(x, train), y[train], _rows(x, test), y[test]
 
 
@@ -227,7 +229,7 @@ def _folder(path: str, size: int, lazy: bool | None):
     else:
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         parts = [_class_files(root, classes)]
-        wheres = [path]
+        wheres = [root]
     if not classes:
         raise DataError(f"{path} has no class sub-folders")
     for (files, _), where in zip(parts, wheres, strict=True):
@@ -243,7 +245,7 @@ def _folder(path: str, size: int, lazy: bool | None):
     out = []
     for files, ys in parts:
         out += [read(files), np.asarray(ys, np.int32)]
-    return _split(*out) if len(parts) == 1 else tuple(out)
+    return _split(out[0], out[1]) if len(parts) == 1 else tuple(out)
 
 
 def _tfds(rest: str, size: int, data_dir: str | None):
@@ -273,7 +275,7 @@ def _tfds(rest: str, size: int, data_dir: str | None):
                 img = img[..., 0]
             # PIL, not jax.image.resize: real datasets have an image size per
             # example, and a jitted resize would compile once per size.
-            out = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+            out = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))
             xs.append((out[..., None] if out.ndim == 2 else out).astype(np.float32) / 255.0)
             ys.append(int(ex["label"]))
         return np.stack(xs), np.asarray(ys, np.int32)
@@ -342,11 +344,10 @@ def load(
     yt = np.asarray([relabel[int(c)] for c in yt[keep_t]], np.int32)
     if normalization is None:
         sample = x
-        if isinstance(x, LazyImages):
-            if len(x) > STATS_IMAGES:
-                pick = np.random.default_rng(0).choice(len(x), STATS_IMAGES, replace=False)
-                sample = x.take(np.sort(pick))
-            sample = np.asarray(sample)
+        if isinstance(x, LazyImages) and len(x) > STATS_IMAGES:
+            pick = np.random.default_rng(0).choice(len(x), STATS_IMAGES, replace=False)
+            sample = x.take(np.sort(pick))
+        sample = np.asarray(sample)
         mean = sample.mean(axis=(0, 1, 2))
         std = sample.std(axis=(0, 1, 2)) + 1e-6
     else:
@@ -366,7 +367,7 @@ def load(
 
 
 def batches(
-    x: np.ndarray,
+    x: Images,
     y: np.ndarray | None = None,
     batch_size: int = 128,
     *,
@@ -413,7 +414,7 @@ def _augment(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarra
 
 def take(data: Sequence, n: int) -> list:
     """The first ``n`` batches of an iterable as a list (re-iterable)."""
-    out = []
+    out: list = []
     for b in data:
         if len(out) >= n:
             break

@@ -25,7 +25,7 @@ def read_image(path: Path, size: int) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            out = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+            out = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
     except Exception as e:  # PIL raises several kinds for a bad file
         raise DataError(f"cannot read image {path}: {e}") from None
     return out.astype(np.float32) / 255.0
@@ -112,3 +112,8 @@ class LazyImages:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         x = self[:]
         return x if dtype is None else x.astype(dtype)
+
+
+# An image set as the library reads it: a float32 array [N, H, W, C], or lazy
+# images that stand in for one (decoded when indexed).
+Images = np.ndarray | LazyImages

@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -77,7 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pleas_jax import distributed
-from pleas_jax.ls_data import _data_passes, _images
+from pleas_jax.ls_data import Batches, _data_passes, _images
 from pleas_jax.ls_descent import feature_residuals, gradient_descent
 from pleas_jax.ls_layers import (
     _HI,
@@ -339,7 +339,7 @@ def least_squares(
     blocks: Mapping[str, GroupBlocks],
     merged_module,
     merged_variables: Mapping[str, Any],
-    batches: Iterable[Any],
+    batches: Batches,
     *,
     mode: str = "closed_form",
     ridge: float = 1e-4,
@@ -483,10 +483,9 @@ def least_squares(
         )
         jax.block_until_ready(fitted)
         seconds["gradient"] = time.perf_counter() - t0
-        kw = {"mesh": mesh, "progress": progress}
         models_ab = (module_a, variables_a, module_b, variables_b, spec, blocks)
-        before = feature_residuals(*models_ab, d_init, next_pass(), **kw)
-        after = feature_residuals(*models_ab, fitted, next_pass(), **kw)
+        before = feature_residuals(*models_ab, d_init, next_pass(), mesh=mesh, progress=progress)
+        after = feature_residuals(*models_ab, fitted, next_pass(), mesh=mesh, progress=progress)
         solution.update(fitted)
         for n in descent:
             report_layers[n] = {

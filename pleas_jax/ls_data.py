@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -27,6 +27,10 @@ from pleas_jax.ls_layers import Layer
 from pleas_jax.models.layers import FEATURES
 from pleas_jax.partial import GroupBlocks, combine
 from pleas_jax.tree import flatten
+
+# What the least-squares passes accept as data: a re-iterable, a one-shot
+# iterator, or a callable returning a fresh iterator per pass.
+Batches = Iterable[Any] | Callable[[], Iterable[Any]]
 
 
 # ------------------------------------------------------------------- features
@@ -59,7 +63,7 @@ def _peek(batches: Iterable[Any], what: str):
     return first, itertools.chain([first], it)
 
 
-def _data_passes(batches, what: str):
+def _data_passes(batches: Batches, what: str):
     """The first batch, and a function that returns the data for one more pass.
 
     ``batches``: a re-iterable collection (a list: every pass iterates it
@@ -70,10 +74,7 @@ def _data_passes(batches, what: str):
     Returns ``(first, next_pass, one_shot)``; ``next_pass()`` raises
     ``ValueError`` when a one-shot iterator is asked for a second pass.
     """
-    if callable(batches):
-        it = iter(batches())
-    else:
-        it = iter(batches)
+    it = iter(batches()) if callable(batches) else iter(batches)
     one_shot = not callable(batches) and it is batches
     first = next(it, None)
     if first is None:

@@ -108,6 +108,7 @@ def feature_residuals(
         x, mask = distributed.shard_batch(_images(batch), mesh)
         s = step((variables_a, variables_b, params), x, mask)
         acc = s if acc is None else _add(acc, s)
+    assert acc is not None  # _peek found a first batch
     return {n: float(acc["sse"][n]) / float(acc["count"][n]) for n in layers}
 
 

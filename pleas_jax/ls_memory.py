@@ -150,7 +150,7 @@ def _with_splits(layer: Layer, separate: Mapping[str, int], full: bool) -> Layer
 
 def _memory_row(layers: Mapping[str, Layer], bound: int | None, **kw) -> dict[str, Any]:
     sizes = {n: statistics_bytes(lay, **kw) for n, lay in layers.items()}
-    largest = max(sizes, key=sizes.get)
+    largest = max(sizes, key=lambda n: sizes[n])
     return {
         "total_bytes": sum(sizes.values()),
         "gram_bytes": sum(lay.gram_bytes for lay in layers.values()),

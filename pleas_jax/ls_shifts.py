@@ -152,7 +152,8 @@ def _shift_gram(layer: Layer, xp, xpw, precision):
     # with a negative shift is the transpose of its mirror.
     index = {d: e for e, d in enumerate(deltas)}
     taps = ky * kx
-    cache, blocks = {}, []
+    cache: dict[tuple[int, int, int], jax.Array] = {}
+    blocks: list[jax.Array] = []
     for t, t2 in itertools.product(range(taps), repeat=2):
         (ay, ax), (by, bx) = divmod(t, kx), divmod(t2, kx)
         d = (by - ay, bx - ax)
@@ -161,8 +162,8 @@ def _shift_gram(layer: Layer, xp, xpw, precision):
         if key not in cache:
             cache[key] = window_sum(*key)
         blocks.append(cache[key].T if neg else cache[key])
-    blocks = jnp.stack(blocks).reshape(taps, taps, c, c)
-    g = blocks.transpose(2, 0, 3, 1).reshape(c * taps, c * taps)  # channel-major rows and columns
+    tiled = jnp.stack(blocks).reshape(taps, taps, c, c)
+    g = tiled.transpose(2, 0, 3, 1).reshape(c * taps, c * taps)  # channel-major rows and columns
     if layer.bias:
         sums = jnp.stack([w.sum((0, 1, 2)) for w in _windows(layer, xpw, (ho, wo))], 1).reshape(-1)
         g = jnp.concatenate([g, sums[None]], axis=0)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from pleas_jax import distributed
 from pleas_jax.ls_data import (
+    Batches,
     _add,
     _blocks_key,
     _cached,
@@ -215,7 +216,7 @@ def layer_statistics(
     variables_b,
     spec: Mapping[str, Any],
     blocks: Mapping[str, GroupBlocks],
-    batches: Iterable[Any],
+    batches: Batches,
     *,
     init: Mapping[str, Mapping[str, Any]] | None = None,
     mesh: jax.sharding.Mesh | None = None,

@@ -293,7 +293,7 @@ def merge(
     try:
         t0 = stage("spec")
         spec = derive_spec(module_a, va, example)
-        head_group = None
+        head_group: str | None = None  # the classifier's input group, for separate heads
         if heads == "separate":
             (head_group,) = [
                 g for g in spec if any(tuple(p)[1:2] == ("fc",) and a == 0 for p, a in spec[g].axes)
@@ -306,7 +306,7 @@ def merge(
 
         t0 = stage("matching")
         if precomputed_matching is not None:
-            perm, costs = precomputed_matching
+            perm, costs = dict(precomputed_matching[0]), dict(precomputed_matching[1])
             missing = set(spec) - set(perm)
             if missing:
                 raise ValueError(f"precomputed matching lacks group(s) {sorted(missing)}")
@@ -415,7 +415,7 @@ def merge(
 
         t0 = stage("heads")
         routed = None
-        if heads == "separate":
+        if head_group is not None:
             ha, hb = heads_lib.route_heads(blocks[head_group], *heads_ab)
             routed = {"a": ha, "b": hb}
         done("heads", t0)

@@ -58,7 +58,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -82,6 +82,7 @@ from pleas_jax.least_squares import (
     memory_chunks,
     memory_report,
 )
+from pleas_jax.ls_data import Batches
 from pleas_jax.pair_problems import _from_matrix, _problem
 from pleas_jax.partial import GroupBlocks
 from pleas_jax.tree import to_dict
@@ -131,7 +132,7 @@ def pair_statistics(
     module_b,
     variables_b,
     spec: Mapping[str, Any],
-    batches: Iterable[Any],
+    batches: Batches,
     *,
     mesh: jax.sharding.Mesh | None = None,
     precision: Any = "highest",
@@ -282,7 +283,9 @@ def _solve_layer(sums, problem, ridge, centre, method):
 def _descend(sums, problems, scales, steps, learning_rate):
     """Adam with a cosine schedule on every layer's masked mean squared error,
     full batch, from the projected Grams (one compiled scan for all layers)."""
-    proj = {n: _project(sums[n], p["rows"], p["cols"]) for n, p in problems.items()}
+    proj: dict[str, tuple[Any, Any, Any]] = {
+        n: _project(sums[n], p["rows"], p["cols"]) for n, p in problems.items()
+    }
     masks = {n: jnp.einsum("kd,kc->dc", p["allowed"], p["members"]) for n, p in problems.items()}
     opt = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
     params = {n: p["init"] for n, p in problems.items()}

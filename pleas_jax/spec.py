@@ -248,8 +248,8 @@ def spec_from_dict(
     """
     flat = flatten(to_dict(variables))
     spec: Spec = {}
-    for key, axes in groups.items():
-        axes = tuple((parse_path(p), int(ax)) for p, ax in axes)
+    for key, listed in groups.items():
+        axes = tuple((parse_path(p), int(ax)) for p, ax in listed)
         if not axes:
             raise ValueError(f"group {key!r} lists no axes")
         path, ax = axes[0]

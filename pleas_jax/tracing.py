@@ -51,7 +51,7 @@ def signature(module, variables: Mapping[str, Any], example_input: Any, **option
         jax.tree.structure(example_input),
         tuple(_abstract(x) for x in jax.tree.leaves(example_input)),
         tuple(sorted(options.items())),
-        bool(jax.config.jax_enable_x64),
+        bool(jax.config.read("jax_enable_x64")),
     )
     try:
         hash(key)

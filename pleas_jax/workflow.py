@@ -277,9 +277,9 @@ def _dense(module):
 
 
 def predict(
-    model: Model, x: np.ndarray, *, head: str | None = None, batch_size: int = 250
+    model: Model, x: data_lib.Images, *, head: str | None = None, batch_size: int = 250
 ) -> np.ndarray:
-    """Logits ``[N, K]`` of images ``x [N, H, W, C]``.
+    """Logits ``[N, K]`` of images ``x [N, H, W, C]`` (an array or lazy images).
 
     Args:
       head: for a merged backbone with separate heads, which head (``"a"`` or
@@ -311,7 +311,7 @@ def predict(
         out = np.asarray(fn(model.variables, xb))
         outs.append(out[: len(out) - pad])
     out = np.concatenate(outs)
-    if head is not None:
+    if head is not None and model.heads is not None:  # checked above: both or neither
         out = np.asarray(heads_lib.apply_head(model.heads[head], out))
     return out
 
@@ -489,8 +489,9 @@ def merge_checkpoints(
     if model_a.normalization is not None:
         mean, std = model_a.normalization
         info["normalization"] = {"mean": mean, "std": std}
-    if mode == "shared" and _classes(model_a) is not None:
-        info["classes"] = list(_classes(model_a))
+    classes_a = _classes(model_a)
+    if mode == "shared" and classes_a is not None:
+        info["classes"] = list(classes_a)
     if mode == "separate":
         info["head_classes"] = {"a": _classes(model_a), "b": _classes(model_b)}
     checkpoint.save(
@@ -501,7 +502,7 @@ def merge_checkpoints(
     return rep
 
 
-def ensemble_logits(models_: Sequence[Model], x: np.ndarray) -> np.ndarray:
+def ensemble_logits(models_: Sequence[Model], x: data_lib.Images) -> np.ndarray:
     """The ensemble's logits: the mean of the models' logits (what a merge at
     budget 2 reproduces)."""
     return np.mean([predict(m, x) for m in models_], axis=0)

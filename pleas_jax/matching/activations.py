@@ -202,7 +202,8 @@ def _batch_stats_fn(module_a, module_b, points, similarity, precision, masked=Tr
             derived = {pt: _norm_source(pt, pts, fa, fb, affine_a, affine_b) for pt in pts}
             derived = {pt: q for pt, q in derived.items() if q is not None and derived[q] is None}
             direct = [pt for pt in pts if pt not in derived]
-            seen, moments = [], {}
+            seen: list = []
+            moments: dict = {}
             for pt in direct:
                 a, b = fa[pt], fb[pt]
                 # Two layers reading the same value (conv1 and the shortcut conv)

@@ -9,9 +9,12 @@ pre-normalisation features that leave it. The layers below record both in the
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.linear import canonicalize_padding
 
 FEATURES = "features"
 NORM_AFFINE = "norm_affine"
@@ -32,6 +35,10 @@ def _none():
 
 class _Recording:
     """Mixin: sow the layer's input and output under the layer's own path."""
+
+    if TYPE_CHECKING:  # provided by the flax module this is mixed into
+        is_initializing: Any
+        sow: Any
 
     def _record(self, name, value):
         # init makes every collection mutable; features are not variables.
@@ -89,34 +96,45 @@ class Conv(_Recording, nn.Conv):
         if self.splits is None:
             out = super().__call__(inputs)
         else:
-            out = self._block_conv(inputs)
+            out = self._block_conv(inputs, self.splits)
         self._record("out", out)
         return out
 
-    def _block_conv(self, x):
+    def _block_conv(self, x, splits: Splits):
         if self.use_bias or self.feature_group_count != 1:
             raise ValueError("block-structured convs support neither bias nor feature groups")
-        shape = (*self.kernel_size, x.shape[-1], self.features)
+        # As flax reads it: an int kernel size is a 1-D conv.
+        ks = self.kernel_size
+        kernel_size = (ks,) if isinstance(ks, int) else tuple(ks)
+        nd = len(kernel_size)
+        if nd != 2 or x.ndim != 4:
+            raise ValueError(
+                f"block-structured convs are 2-D on [N, H, W, C]; got kernel size {ks} "
+                f"on input shape {x.shape}"
+            )
+        shape = (*kernel_size, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         dtype = self.dtype or x.dtype
         x, kernel = x.astype(dtype), kernel.astype(dtype)
 
-        nd = len(self.kernel_size)
         tup = lambda v: (v,) * nd if isinstance(v, int) else tuple(v)  # noqa: E731
         strides, dilation = tup(self.strides or 1), tup(self.kernel_dilation or 1)
+        padding = canonicalize_padding(self.padding, nd)
+        if isinstance(padding, str) and padding not in ("SAME", "VALID", "SAME_LOWER"):
+            raise ValueError(f"block-structured convs do not support padding {padding!r}")
 
         def op(xs, k):
             return jax.lax.conv_general_dilated(
                 xs,
                 k,
                 strides,
-                self.padding,
+                padding,
                 rhs_dilation=dilation,
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 precision=self.precision,
             )
 
-        return block_apply(op, x, kernel, self.splits)
+        return block_apply(op, x, kernel, splits)
 
 
 class Dense(_Recording, nn.Dense):
@@ -160,20 +178,20 @@ class BatchNorm(_Recording, nn.BatchNorm):
     """
 
     @nn.compact
-    def __call__(self, inputs, use_running_average=None, **kwargs):
-        self._record("in", inputs)
-        out = super().__call__(inputs, use_running_average, **kwargs)
+    def __call__(self, x, use_running_average=None, *, mask=None):
+        self._record("in", x)
+        out = super().__call__(x, use_running_average, mask=mask)
         self._record("out", out)
         running = self.use_running_average if use_running_average is None else use_running_average
         if (
             running
             and not self.is_initializing()
             and self.is_mutable_collection(NORM_AFFINE)
-            and self.axis in (-1, inputs.ndim - 1)
+            and self.axis in (-1, x.ndim - 1)
         ):
             f32 = jnp.float32
-            var = self.get_variable("batch_stats", "var").astype(f32)
-            mean = self.get_variable("batch_stats", "mean").astype(f32)
+            var: jax.Array = self.get_variable("batch_stats", "var").astype(f32)
+            mean: jax.Array = self.get_variable("batch_stats", "mean").astype(f32)
             scale = jax.lax.rsqrt(var + self.epsilon)
             if self.use_scale:
                 scale = scale * self.get_variable("params", "scale").astype(f32)

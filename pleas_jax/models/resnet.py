@@ -296,7 +296,7 @@ def resnet(
     """
     if arch == "resnet20":
         base = 16 if width is None else int(width)
-        strides = (1, 2, 2)
+        strides: tuple[int, ...] = (1, 2, 2)
         stream, inner, down = _standard("basic", (3, 3, 3), base, base, strides)
         return ResNet(
             "basic", (3, 3, 3), base, stream, inner, down, num_classes, "cifar", strides, dtype
