@@ -1,14 +1,14 @@
 """The ``pleas-jax`` command: a thin argparse layer over the libraries.
 
-Each subcommand is one ``_register_<name>(subparsers)`` function that adds its
-parser and sets ``func``; :data:`SUBCOMMANDS` lists them. To add a subcommand,
-write its register function and append it there. ``func(args) -> int`` returns
-the exit status; library errors (:data:`USER_ERRORS`) become one line
+Each subcommand is one ``register`` function that adds its parser and sets
+``func``; :data:`SUBCOMMANDS` lists them. To add a subcommand, write its
+register function and append it there. ``func(args) -> int`` returns the exit
+status; library errors (:func:`_user_errors`) become one line
 ``pleas-jax: error: ...`` on stderr with exit status 2, never a traceback.
 
-Commands: ``train``, ``merge``, ``eval`` (over :mod:`pleas_jax.workflow`),
-``convert`` and ``convert-tree`` (over :mod:`converters`) and ``demo`` (over
-:mod:`pleas_jax.demo`).
+Commands: ``train``, ``merge``, ``eval`` (over :mod:`pleas_jax.workflow`) and
+``demo`` (over :mod:`pleas_jax.demo`) here; ``convert``, ``convert-tree`` and
+``export`` (over :mod:`converters`) in :mod:`pleas_jax.cli_torch`.
 Heavy imports (torch, orbax, the converters) happen inside the commands so
 that torch stays optional.
 """
@@ -21,13 +21,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-PROG = "pleas-jax"
-EXIT_ERROR = 2  # bad input (as argparse uses for bad usage)
-EXIT_MISMATCH = 1  # the command ran but a check failed (e.g. --verify above tolerance)
-
-
-class CommandError(Exception):
-    """A user-facing failure of a command; printed as one line."""
+from pleas_jax import cli_torch
+from pleas_jax.cli_base import (
+    EXIT_ERROR,
+    PROG,
+    CommandError,
+    positive,
+    print_json,
+)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -40,210 +41,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     if "converters" in sys.modules:  # only once a command has needed torch
         errors.append(sys.modules["converters"].ConversionError)
     return tuple(errors)
-
-
-def _import_converters():
-    try:
-        import converters
-    except ModuleNotFoundError as e:
-        raise CommandError(
-            f"this command needs PyTorch ({e.name} is not installed): pip install 'pleas-jax[torch]'"
-        ) from None
-    return converters
-
-
-# ----------------------------------------------------------------- convert
-def _register_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "convert",
-        help="convert a PyTorch (torchvision-layout) ResNet checkpoint to an orbax checkpoint",
-        description=(
-            "Convert a torchvision-layout ResNet checkpoint (.pth/.pt or .safetensors; a bare "
-            "state_dict, {'model': ...} or {'state_dict': ...}, DataParallel 'module.' "
-            "prefixes, EMA copies) into a pleas-jax orbax checkpoint directory OUT with "
-            "metadata (arch, widths, num_classes, source sha256, the input size and "
-            "normalisation that merge and eval use). The file is loaded with "
-            "torch.load(weights_only=True): pickled code is refused."
-        ),
-    )
-    p.add_argument("input", metavar="IN", help="PyTorch checkpoint file")
-    p.add_argument("output", metavar="OUT", help="checkpoint directory to create")
-    p.add_argument(
-        "--arch",
-        default="auto",
-        help="resnet18|34|50|101|152|resnet20, or 'auto' to infer architecture, widths "
-        "and classes from the tensor shapes (default: auto)",
-    )
-    p.add_argument("--num-classes", type=int, default=None, help="expected classifier size")
-    p.add_argument("--ema", action="store_true", help="convert the EMA copy of the weights")
-    p.add_argument(
-        "--verify",
-        action="store_true",
-        help="run torch and Flax on the same random batch and print the logit differences",
-    )
-    p.add_argument(
-        "--tolerance",
-        type=float,
-        default=1e-4,
-        help="largest allowed |torch - flax| relative to the largest |logit| (default 1e-4)",
-    )
-    p.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="side of the images the model reads, recorded for merge and eval and used by "
-        "--verify (default 224 for torchvision's ImageNet stem, 32 for a CIFAR stem)",
-    )
-    p.add_argument(
-        "--normalization",
-        choices=("imagenet", "data"),
-        default=None,
-        help="input normalisation to record: ImageNet's mean and std, or each data spec's "
-        "own training statistics (default imagenet for an ImageNet stem, data for a CIFAR stem)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.set_defaults(func=_convert)
-
-
-def _print_verification(report) -> None:
-    print(
-        f"verify: {report.reference} vs Flax on a random batch {list(report.shape)}: "
-        f"max abs diff {report.max_abs:.3e}, max rel diff {report.max_rel:.3e} "
-        f"(largest |logit| {report.scale:.3e})"
-    )
-
-
-def _convert(args: argparse.Namespace) -> int:
-    from pleas_jax import checkpoint, workflow
-    from pleas_jax.data import IMAGENET_NORMALIZATION
-
-    _positive(args, "image_size")
-
-    out = Path(args.output)
-    # Fail before the (slow) conversion, and never leave a half-written OUT.
-    if out.exists() and not args.overwrite:
-        raise CommandError(f"{out}: already exists (pass --overwrite to replace it)")
-    if not out.parent.is_dir():
-        raise CommandError(f"{out}: parent directory {out.parent} does not exist")
-    converters = _import_converters()
-    from pleas_jax import models
-
-    conv = converters.convert_file(args.input, args.arch, args.num_classes, args.ema)
-    module = conv.module
-    head = "no classifier" if module.num_classes is None else f"{module.num_classes} classes"
-    print(
-        f"converted {args.input}: {models.arch_name(module) or 'custom ResNet'}, "
-        f"{module.block} blocks {list(module.stage_sizes)}, {head}"
-    )
-    size, norm = workflow.input_convention(module)
-    size = args.image_size or size
-    if args.normalization is not None:
-        norm = IMAGENET_NORMALIZATION if args.normalization == "imagenet" else None
-    if args.verify:
-        report = converters.verify(module, conv.variables, conv.state_dict, image_size=size)
-        _print_verification(report)
-        if not report.max_rel <= args.tolerance:  # NaN fails too
-            print(
-                f"{PROG}: error: verification failed: relative difference {report.max_rel:.3e} "
-                f"exceeds --tolerance {args.tolerance:g}; nothing written",
-                file=sys.stderr,
-            )
-            return EXIT_MISMATCH
-    counts = set(conv.num_batches_tracked.values())
-    checkpoint.save(
-        out,
-        module,
-        conv.variables,
-        overwrite=args.overwrite,
-        converted_from="torch",
-        source=str(Path(args.input).resolve()),
-        source_sha256=conv.source_sha256,
-        ema=bool(args.ema),
-        # How merge and eval read data for it (None: the data's own statistics).
-        image_size=size,
-        normalization=norm,
-        # Kept so the reverse conversion can reproduce the state_dict bit for bit.
-        torch_num_batches_tracked=counts.pop() if len(counts) == 1 else conv.num_batches_tracked,
-    )
-    print(f"wrote {out}")
-    return 0
-
-
-# ------------------------------------------------------------ convert-tree
-def _register_convert_tree(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "convert-tree",
-        help="convert the PLeaS release's tree of PyTorch checkpoints into orbax checkpoints",
-        description=(
-            "Convert every model.pth under SRC (the release layout: "
-            "{rn18,rn50,rn101}/{dataset}/{v1a,v1b,v2a,v2b}/model.pth saved as {'model': "
-            "state_dict}, and {model_type}/domainnet/{domain}/{variant}/model.pth as plain "
-            "state_dicts) into the orbax checkpoint directory of the same relative path under "
-            "DST: SRC/rn18/cub/v1a/model.pth -> DST/rn18/cub/v1a/. Files already converted (a "
-            "checkpoint recording the same source sha256) are skipped, so a rerun resumes. Each "
-            "conversion is verified by running torch and Flax on one random batch; a file that "
-            "cannot be converted is reported on one line and skipped. Prints a summary table; "
-            "the exit status is 1 if any file failed."
-        ),
-    )
-    p.add_argument("src", metavar="SRC", help="root of the tree of PyTorch checkpoints")
-    p.add_argument("dst", metavar="DST", help="root of the tree of orbax checkpoints to write")
-    p.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="skip the torch-vs-Flax logit check",
-    )
-    p.add_argument(
-        "--tolerance",
-        type=float,
-        default=1e-4,
-        help="largest allowed |torch - flax| relative to the largest |logit| (default 1e-4)",
-    )
-    p.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="side of the random verification images (default 224; 32 for CIFAR stems)",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="convert again even where DST already holds a checkpoint",
-    )
-    p.add_argument(
-        "--json", default=None, metavar="FILE", help="also write the summary rows to this JSON file"
-    )
-    p.set_defaults(func=_convert_tree)
-
-
-def _convert_tree(args: argparse.Namespace) -> int:
-    import json
-
-    _positive(args, "image_size")
-    _import_converters()
-    from tqdm.auto import tqdm
-
-    from converters import tree
-
-    rows = []
-    for row in tree.iter_convert_tree(
-        args.src,
-        args.dst,
-        verify=args.verify,
-        overwrite=args.overwrite,
-        tolerance=args.tolerance,
-        image_size=args.image_size,
-        progress=True,
-    ):
-        if row["status"] == "failed":
-            # One line per bad file as it happens (above the progress bar); the run goes on.
-            tqdm.write(f"{PROG}: failed: {row['reason']}", file=sys.stderr)
-        rows.append(row)
-    print(tree.format_summary(rows), end="")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    return EXIT_MISMATCH if any(r["status"] == "failed" for r in rows) else 0
 
 
 # ------------------------------------------------------------------- train
@@ -286,17 +83,10 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
 
-def _positive(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise CommandError(f"--{name.replace('_', '-')} must be positive, got {value}")
-
-
 def _train(args: argparse.Namespace) -> int:
     from pleas_jax import workflow
 
-    _positive(args, "width", "image_size", "epochs", "batch_size")
+    positive(args, "width", "image_size", "epochs", "batch_size")
     info = workflow.train_checkpoint(
         args.out,
         data=args.data,
@@ -313,7 +103,7 @@ def _train(args: argparse.Namespace) -> int:
         progress=True,
         command=args.command_line,
     )
-    _print_json(
+    print_json(
         {
             "checkpoint": args.out,
             "data": args.data,
@@ -322,12 +112,6 @@ def _train(args: argparse.Namespace) -> int:
         }
     )
     return 0
-
-
-def _print_json(value) -> None:
-    import json
-
-    print(json.dumps(value))
 
 
 # ------------------------------------------------------------------- merge
@@ -425,7 +209,7 @@ def _register_merge(sub: argparse._SubParsersAction) -> None:
 def _merge(args: argparse.Namespace) -> int:
     from pleas_jax import workflow
 
-    _positive(args, "images", "batch_size", "gd_steps", "unit_multiple", "image_size")
+    positive(args, "images", "batch_size", "gd_steps", "unit_multiple", "image_size")
     report = workflow.merge_checkpoints(
         args.a,
         args.b,
@@ -449,7 +233,7 @@ def _merge(args: argparse.Namespace) -> int:
         progress=True,
         command=args.command_line,
     )
-    _print_json(
+    print_json(
         {
             "checkpoint": args.out,
             "heads": report["heads"],
@@ -494,11 +278,11 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from pleas_jax import workflow
 
-    _positive(args, "image_size", "batch_size")
+    positive(args, "image_size", "batch_size")
     model = workflow.load_model(args.checkpoint)
     dataset = workflow.dataset_for(model, args.data, image_size=args.image_size)
     acc = workflow.evaluate(model, dataset, head=args.head, batch_size=args.batch_size)
-    _print_json(
+    print_json(
         {
             "checkpoint": args.checkpoint,
             "data": args.data,
@@ -577,8 +361,9 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_train,
     _register_merge,
     _register_eval,
-    _register_convert,
-    _register_convert_tree,
+    cli_torch.register_convert,
+    cli_torch.register_convert_tree,
+    cli_torch.register_export,
     _register_demo,
 ]
 

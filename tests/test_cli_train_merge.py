@@ -66,7 +66,9 @@ def outs(tmp_path):
 
 
 # ---------------------------------------------------------------------- help
-@pytest.mark.parametrize("command", [None, "train", "merge", "eval", "convert", "demo"])
+@pytest.mark.parametrize(
+    "command", [None, "train", "merge", "eval", "convert", "convert-tree", "export", "demo"]
+)
 def test_help(command, capsys):
     argv = ["--help"] if command is None else [command, "--help"]
     with pytest.raises(SystemExit) as e:
@@ -75,7 +77,10 @@ def test_help(command, capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: pleas-jax")
     if command is None:
-        assert all(c in out for c in ("train", "merge", "eval", "convert", "demo"))
+        assert all(
+            c in out
+            for c in ("train", "merge", "eval", "convert", "convert-tree", "export", "demo")
+        )
 
 
 # --------------------------------------------------------------------- train

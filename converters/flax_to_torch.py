@@ -1,0 +1,178 @@
+"""pleas-jax models -> PyTorch: a state_dict file and the facts needed to run it.
+
+The inverse of :mod:`converters.torch_to_flax`, for checkpoints trained,
+converted or merged here. :func:`to_torch` gives the torchvision-layout
+``state_dict`` of a model: a merged model's block-sparse layers become dense
+convs whose forbidden blocks are exact zeros, so the torch model computes the
+same function. A merged backbone with separate label spaces is exported with
+one of its heads as ``fc``. :func:`save` writes the ``state_dict`` with
+``torch.save`` and, beside it, a JSON file that says how to build the torch
+model and feed it (config, input size and normalisation, classes);
+:func:`load` reads both back into a torch ``nn.Module`` in eval mode.
+
+For the standard ImageNet configs the file loads straight into torchvision's
+``resnetNN`` (``torchvision.models.resnet50(num_classes=K)``); merged widths
+and ResNet-20 need :class:`converters.TorchResNet`, which :func:`load` builds.
+
+Example::
+
+    sd, info = to_torch(module, variables)                 # or head="a" for a merged pair
+    save("merged.pth", sd, info)                           # merged.pth + merged.json
+    net, info = load("merged.pth")                         # net(x) with x [N, 3, S, S]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from converters.torch_layout import ConversionError
+from converters.torch_mapping import flax_to_state_dict
+from converters.torch_reference import torch_model
+from pleas_jax import models
+from pleas_jax.models import ResNet
+
+FORMAT = "pleas-jax-torch-export"
+FORMAT_VERSION = 1
+
+
+def info_path(path: str | os.PathLike) -> Path:
+    """The JSON file that goes with an exported ``state_dict`` file: ``X.pth`` -> ``X.json``."""
+    return Path(path).with_suffix(".json")
+
+
+def with_head(
+    module: ResNet, variables: Mapping[str, Any], head: Mapping[str, Any]
+) -> tuple[ResNet, dict[str, Any]]:
+    """A merged backbone and one routed head as one classifier.
+
+    Args:
+      module, variables: a backbone (``num_classes=None``) returning pooled
+        features ``[N, C]``.
+      head: ``{"kernel": [C, K], "bias": [K]}`` (:func:`pleas_jax.heads.route_heads`).
+
+    Returns:
+      ``(module, variables)`` whose ``fc`` is the head: logits ``[N, K]``.
+    """
+    if module.num_classes is not None:
+        raise ConversionError("the model already has a classifier; a head needs a backbone")
+    kernel, bias = np.asarray(head["kernel"]), np.asarray(head["bias"])
+    if kernel.ndim != 2 or bias.shape != (kernel.shape[1],):
+        raise ConversionError(
+            f"a head needs kernel [C, K] and bias [K]; got {kernel.shape} and {bias.shape}"
+        )
+    params = {**variables["params"], "fc": {"kernel": kernel, "bias": bias}}
+    return module.clone(num_classes=int(kernel.shape[1])), {**variables, "params": params}
+
+
+def to_torch(
+    module: ResNet,
+    variables: Mapping[str, Any],
+    *,
+    num_batches_tracked: int | Mapping[str, int] = 0,
+    **info: Any,
+) -> tuple[OrderedDict[str, torch.Tensor], dict[str, Any]]:
+    """The torch ``state_dict`` of a model, and what :func:`save` records beside it.
+
+    Args:
+      module, variables: the Flax ResNet (any widths; block-structured merged
+        layers are written dense) and its ``{"params", "batch_stats"}``.
+      num_batches_tracked: torch's BN step counters, for a bit-exact round trip
+        of a converted checkpoint (see :func:`converters.flax_to_state_dict`).
+      **info: JSON-able facts to record (``image_size``, ``normalization``,
+        ``classes``, ``source``, ...).
+
+    Returns:
+      ``(state_dict, info)``: torchvision's keys in its order; ``info`` holds
+      ``format``, ``config`` (:meth:`ResNet.config`, without block splits),
+      ``torch_class`` (what :func:`load` builds) and the given facts.
+    """
+    dense = module.clone(splits=()) if module.splits else module
+    state_dict = flax_to_state_dict(dense, variables, num_batches_tracked)
+    _, torch_class = torch_model(dense)
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": models.arch_name(dense),
+        "torch_class": torch_class,
+        "config": dense.config(),
+        **info,
+    }
+    return state_dict, record
+
+
+def save(
+    path: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    info: Mapping[str, Any],
+    *,
+    overwrite: bool = False,
+) -> tuple[Path, Path]:
+    """Write ``state_dict`` to ``path`` (``torch.save``) and ``info`` to its JSON file.
+
+    Both are written under temporary names and renamed into place, so a
+    failure leaves neither half-written.
+
+    Returns:
+      ``(path, json_path)``.
+
+    Raises:
+      FileExistsError: either file exists and ``overwrite`` is false.
+    """
+    path, meta = Path(path), info_path(path)
+    if path.suffix not in (".pth", ".pt"):
+        raise ConversionError(f"{path}: name the state_dict file .pth or .pt")
+    for p in (path, meta):
+        if p.exists() and not overwrite:
+            raise FileExistsError(f"{p}: already exists (pass overwrite=True to replace it)")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp_meta = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(OrderedDict(state_dict), tmp)
+        tmp_meta.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp_meta, meta)
+        os.replace(tmp, path)
+    finally:
+        for p in (tmp, tmp_meta):
+            p.unlink(missing_ok=True)
+    return path, meta
+
+
+def load(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """An exported model as a torch module in eval mode, and its recorded info.
+
+    Reads ``path`` (``torch.load(weights_only=True)``) and its JSON file, builds
+    the torch model the JSON names (torchvision's ``resnetNN`` or
+    :class:`converters.TorchResNet`) and loads the weights strictly. Inputs are
+    ``[N, 3, S, S]`` with ``S = info["image_size"]``, normalised with
+    ``info["normalization"]`` when that is recorded.
+
+    Raises:
+      ConversionError: the JSON file is missing or not an export's, or the
+        weights do not fit the model it describes.
+    """
+    path, meta = Path(path), info_path(path)
+    if not meta.is_file():
+        raise ConversionError(f"{path}: no {meta.name} beside it; was it written by save()?")
+    info = json.loads(meta.read_text())
+    if info.get("format") != FORMAT:
+        raise ConversionError(
+            f"{meta}: not a pleas-jax torch export (format {info.get('format')!r})"
+        )
+    net, _ = torch_model(models.from_config(info["config"]))
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        net.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise ConversionError(
+            f"{path}: the weights do not fit {info['torch_class']}: {e}"
+        ) from None
+    return net.eval(), info

@@ -1,0 +1,49 @@
+"""What every ``pleas-jax`` subcommand shares: exit statuses, the one-line
+error, argument checks and output helpers (:mod:`pleas_jax.cli` and
+:mod:`pleas_jax.cli_torch` build on it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+PROG = "pleas-jax"
+EXIT_ERROR = 2  # bad input (as argparse uses for bad usage)
+EXIT_MISMATCH = 1  # the command ran but a check failed (e.g. --verify above tolerance)
+
+
+class CommandError(Exception):
+    """A user-facing failure of a command; printed as one line."""
+
+
+def positive(args: argparse.Namespace, *names: str) -> None:
+    """Raise :class:`CommandError` for any of the named options set below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def print_json(value) -> None:
+    """One JSON line on stdout."""
+    print(json.dumps(value))
+
+
+def import_converters():
+    """The :mod:`converters` package, or a one-line error naming the missing extra."""
+    try:
+        import converters
+    except ModuleNotFoundError as e:
+        raise CommandError(
+            f"this command needs PyTorch ({e.name} is not installed): pip install 'pleas-jax[torch]'"
+        ) from None
+    return converters
+
+
+def print_verification(report) -> None:
+    """One line for a :class:`converters.Verification`."""
+    print(
+        f"verify: {report.reference} vs Flax on a random batch {list(report.shape)}: "
+        f"max abs diff {report.max_abs:.3e}, max rel diff {report.max_rel:.3e} "
+        f"(largest |logit| {report.scale:.3e})"
+    )

@@ -1,0 +1,304 @@
+"""The ``pleas-jax`` subcommands that cross to PyTorch: ``convert`` and
+``convert-tree`` (PyTorch checkpoints -> orbax) and ``export`` (a pleas-jax
+checkpoint -> a PyTorch ``state_dict``), over :mod:`converters`. torch is
+imported inside the commands, so the rest of the command line works without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pleas_jax.cli_base import (
+    EXIT_MISMATCH,
+    PROG,
+    CommandError,
+    import_converters,
+    positive,
+    print_verification,
+)
+
+
+# ----------------------------------------------------------------- convert
+def register_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a PyTorch (torchvision-layout) ResNet checkpoint to an orbax checkpoint",
+        description=(
+            "Convert a torchvision-layout ResNet checkpoint (.pth/.pt or .safetensors; a bare "
+            "state_dict, {'model': ...} or {'state_dict': ...}, DataParallel 'module.' "
+            "prefixes, EMA copies) into a pleas-jax orbax checkpoint directory OUT with "
+            "metadata (arch, widths, num_classes, source sha256, the input size and "
+            "normalisation that merge and eval use). The file is loaded with "
+            "torch.load(weights_only=True): pickled code is refused."
+        ),
+    )
+    p.add_argument("input", metavar="IN", help="PyTorch checkpoint file")
+    p.add_argument("output", metavar="OUT", help="checkpoint directory to create")
+    p.add_argument(
+        "--arch",
+        default="auto",
+        help="resnet18|34|50|101|152|resnet20, or 'auto' to infer architecture, widths "
+        "and classes from the tensor shapes (default: auto)",
+    )
+    p.add_argument("--num-classes", type=int, default=None, help="expected classifier size")
+    p.add_argument("--ema", action="store_true", help="convert the EMA copy of the weights")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="run torch and Flax on the same random batch and print the logit differences",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest allowed |torch - flax| relative to the largest |logit| (default 1e-4)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="side of the images the model reads, recorded for merge and eval and used by "
+        "--verify (default 224 for torchvision's ImageNet stem, 32 for a CIFAR stem)",
+    )
+    p.add_argument(
+        "--normalization",
+        choices=("imagenet", "data"),
+        default=None,
+        help="input normalisation to record: ImageNet's mean and std, or each data spec's "
+        "own training statistics (default imagenet for an ImageNet stem, data for a CIFAR stem)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_convert)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from pleas_jax import checkpoint, workflow
+    from pleas_jax.data import IMAGENET_NORMALIZATION
+
+    positive(args, "image_size")
+
+    out = Path(args.output)
+    # Fail before the (slow) conversion, and never leave a half-written OUT.
+    if out.exists() and not args.overwrite:
+        raise CommandError(f"{out}: already exists (pass --overwrite to replace it)")
+    if not out.parent.is_dir():
+        raise CommandError(f"{out}: parent directory {out.parent} does not exist")
+    converters = import_converters()
+    from pleas_jax import models
+
+    conv = converters.convert_file(args.input, args.arch, args.num_classes, args.ema)
+    module = conv.module
+    head = "no classifier" if module.num_classes is None else f"{module.num_classes} classes"
+    print(
+        f"converted {args.input}: {models.arch_name(module) or 'custom ResNet'}, "
+        f"{module.block} blocks {list(module.stage_sizes)}, {head}"
+    )
+    size, norm = workflow.input_convention(module)
+    size = args.image_size or size
+    if args.normalization is not None:
+        norm = IMAGENET_NORMALIZATION if args.normalization == "imagenet" else None
+    if args.verify:
+        report = converters.verify(module, conv.variables, conv.state_dict, image_size=size)
+        print_verification(report)
+        if not report.max_rel <= args.tolerance:  # NaN fails too
+            print(
+                f"{PROG}: error: verification failed: relative difference {report.max_rel:.3e} "
+                f"exceeds --tolerance {args.tolerance:g}; nothing written",
+                file=sys.stderr,
+            )
+            return EXIT_MISMATCH
+    counts = set(conv.num_batches_tracked.values())
+    checkpoint.save(
+        out,
+        module,
+        conv.variables,
+        overwrite=args.overwrite,
+        converted_from="torch",
+        source=str(Path(args.input).resolve()),
+        source_sha256=conv.source_sha256,
+        ema=bool(args.ema),
+        # How merge and eval read data for it (None: the data's own statistics).
+        image_size=size,
+        normalization=norm,
+        # Kept so the reverse conversion can reproduce the state_dict bit for bit.
+        torch_num_batches_tracked=counts.pop() if len(counts) == 1 else conv.num_batches_tracked,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+# ------------------------------------------------------------ convert-tree
+def register_convert_tree(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert-tree",
+        help="convert the PLeaS release's tree of PyTorch checkpoints into orbax checkpoints",
+        description=(
+            "Convert every model.pth under SRC (the release layout: "
+            "{rn18,rn50,rn101}/{dataset}/{v1a,v1b,v2a,v2b}/model.pth saved as {'model': "
+            "state_dict}, and {model_type}/domainnet/{domain}/{variant}/model.pth as plain "
+            "state_dicts) into the orbax checkpoint directory of the same relative path under "
+            "DST: SRC/rn18/cub/v1a/model.pth -> DST/rn18/cub/v1a/. Files already converted (a "
+            "checkpoint recording the same source sha256) are skipped, so a rerun resumes. Each "
+            "conversion is verified by running torch and Flax on one random batch; a file that "
+            "cannot be converted is reported on one line and skipped. Prints a summary table; "
+            "the exit status is 1 if any file failed."
+        ),
+    )
+    p.add_argument("src", metavar="SRC", help="root of the tree of PyTorch checkpoints")
+    p.add_argument("dst", metavar="DST", help="root of the tree of orbax checkpoints to write")
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the torch-vs-Flax logit check",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest allowed |torch - flax| relative to the largest |logit| (default 1e-4)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="side of the random verification images (default 224; 32 for CIFAR stems)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="convert again even where DST already holds a checkpoint",
+    )
+    p.add_argument(
+        "--json", default=None, metavar="FILE", help="also write the summary rows to this JSON file"
+    )
+    p.set_defaults(func=_convert_tree)
+
+
+def _convert_tree(args: argparse.Namespace) -> int:
+    import json
+
+    positive(args, "image_size")
+    import_converters()
+    from tqdm.auto import tqdm
+
+    from converters import tree
+
+    rows = []
+    for row in tree.iter_convert_tree(
+        args.src,
+        args.dst,
+        verify=args.verify,
+        overwrite=args.overwrite,
+        tolerance=args.tolerance,
+        image_size=args.image_size,
+        progress=True,
+    ):
+        if row["status"] == "failed":
+            # One line per bad file as it happens (above the progress bar); the run goes on.
+            tqdm.write(f"{PROG}: failed: {row['reason']}", file=sys.stderr)
+        rows.append(row)
+    print(tree.format_summary(rows), end="")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return EXIT_MISMATCH if any(r["status"] == "failed" for r in rows) else 0
+
+
+# ------------------------------------------------------------------ export
+def register_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint (trained, converted or merged) as a PyTorch state_dict",
+        description=(
+            "Write a pleas-jax checkpoint as a torchvision-layout PyTorch state_dict OUT (.pth) "
+            "and, beside it, OUT's .json: the architecture config, the torch class that runs it "
+            "(torchvision's resnetNN for standard configs, converters.TorchResNet for merged "
+            "widths and ResNet-20), the input size and normalisation and the classes. "
+            "converters.flax_to_torch.load(OUT) rebuilds the torch model. A merged model's "
+            "block-sparse layers are written dense (their forbidden blocks are zeros). A merge "
+            "with separate label spaces needs --head a or --head b: that head becomes fc. "
+            "Torch and Flax are run on one random batch and compared before anything is written."
+        ),
+    )
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory")
+    p.add_argument("output", metavar="OUT", help="state_dict file to write (.pth or .pt)")
+    p.add_argument(
+        "--head",
+        choices=("a", "b"),
+        default=None,
+        help="for a merged backbone with separate heads: which source model's head becomes fc",
+    )
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the torch-vs-Flax logit check",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest allowed |torch - flax| relative to the largest |logit| (default 1e-4)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT and its .json")
+    p.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pleas_jax import workflow
+
+    out = Path(args.output)
+    if out.suffix not in (".pth", ".pt"):
+        raise CommandError(f"{out}: name the state_dict file .pth or .pt")
+    if not out.parent.is_dir():
+        raise CommandError(f"{out}: parent directory {out.parent} does not exist")
+    model = workflow.load_model(args.checkpoint)
+    converters = import_converters()
+    from converters import flax_to_torch
+
+    for p in (out, flax_to_torch.info_path(out)):
+        if p.exists() and not args.overwrite:
+            raise CommandError(f"{p}: already exists (pass --overwrite to replace it)")
+    module, variables, classes = model.module, model.variables, model.metadata.get("classes")
+    if model.heads is not None:
+        if args.head is None:
+            raise CommandError(
+                f"{args.checkpoint} is a merged backbone with separate heads "
+                f"{sorted(model.heads)}; choose the one to export with --head"
+            )
+        module, variables = flax_to_torch.with_head(module, variables, model.heads[args.head])
+        classes = (model.metadata.get("head_classes") or {}).get(args.head)
+    elif args.head is not None:
+        raise CommandError(f"{args.checkpoint} has a single classifier; --head applies to none")
+    norm = model.normalization
+    state_dict, info = flax_to_torch.to_torch(
+        module,
+        variables,
+        # A converted checkpoint gives torch's BN counters back, bit for bit.
+        num_batches_tracked=model.metadata.get("torch_num_batches_tracked", 0),
+        image_size=model.image_size,
+        normalization=None if norm is None else {"mean": norm[0], "std": norm[1]},
+        classes=None if classes is None else list(classes),
+        head=args.head,
+        source=str(Path(args.checkpoint).resolve()),
+    )
+    print(
+        f"exporting {args.checkpoint}: {info['torch_class']}, "
+        f"{'no classifier' if module.num_classes is None else f'{module.num_classes} classes'}"
+    )
+    if args.verify:
+        dense = module.clone(splits=()) if module.splits else module
+        report = converters.verify(dense, variables, state_dict, image_size=model.image_size)
+        print_verification(report)
+        if not report.max_rel <= args.tolerance:  # NaN fails too
+            print(
+                f"{PROG}: error: verification failed: relative difference {report.max_rel:.3e} "
+                f"exceeds --tolerance {args.tolerance:g}; nothing written",
+                file=sys.stderr,
+            )
+            return EXIT_MISMATCH
+    path, meta = flax_to_torch.save(out, state_dict, info, overwrite=args.overwrite)
+    print(f"wrote {path} and {meta}")
+    return 0

@@ -1,0 +1,168 @@
+"""``pleas-jax export`` and converters.flax_to_torch: pleas-jax checkpoints as torch models.
+
+Truths: a merged checkpoint's own predictions through pleas_jax (block-sparse
+layers, routed heads), torchvision's resnet18 loading the file with no help from
+us, and a torchvision checkpoint's tensors coming back bit for bit after
+convert -> export.
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from converters import flax_to_torch
+from pleas_jax import checkpoint, merge, models, workflow
+from pleas_jax.cli import main
+from tests.converters.helpers import TOLERANCE, torchvision_model
+from tests.helpers import images, init, randomize_norms
+
+SIZE = 16
+
+
+def _nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+def _rel(got, want):
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def run(argv, capsys):
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    """A budget-1.5 merge of two 5-class ResNet-20s with separate heads (block-sparse layers)."""
+    m = models.resnet20(num_classes=5, width=4)
+    va = randomize_norms(init(m, SIZE), 1)
+    vb = randomize_norms(init(m, SIZE, seed=2), 3)
+    data = [images(32, SIZE, seed=s) for s in range(2)]
+    res = merge(
+        (m, va),
+        (m, vb),
+        data,
+        1.5,
+        matching="weight",
+        least_squares=None,
+        heads="separate",
+        count_xla_flops=False,
+        progress=False,
+    )
+    assert res.module.splits  # the export must densify block-structured layers
+    path = tmp_path_factory.mktemp("merged") / "ab"
+    checkpoint.save(
+        path,
+        res.module,
+        res.variables,
+        heads=res.heads,
+        image_size=SIZE,
+        head_classes={"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9]},
+    )
+    return path
+
+
+@pytest.mark.parametrize("head", ["a", "b"])
+def test_exported_merge_predicts_what_the_checkpoint_predicts(merged, head, tmp_path, capsys):
+    out = tmp_path / f"ab_{head}.pth"
+    rc, stdout, _ = run(["export", merged, out, "--head", head], capsys)
+    assert rc == 0
+    assert "verify: converters.torch_to_flax.TorchResNet" in stdout
+    net, info = flax_to_torch.load(out)
+    assert info["head"] == head and info["image_size"] == SIZE
+    assert info["classes"] == ([0, 1, 2, 3, 4] if head == "a" else [5, 6, 7, 8, 9])
+    assert info["normalization"] is None and info["config"]["splits"] == []
+    x = images(8, SIZE, seed=11)
+    want = workflow.predict(workflow.load_model(merged), x, head=head)
+    with torch.no_grad():
+        got = net(_nchw(x)).numpy()
+    assert got.shape == (8, 5)
+    assert _rel(got, want) < TOLERANCE
+
+
+def test_a_standard_config_loads_into_torchvision_as_is(tmp_path):
+    m = models.resnet("resnet18", num_classes=7)
+    v = randomize_norms(init(m, 32), 4)
+    sd, info = flax_to_torch.to_torch(m, v, image_size=32)
+    assert info["torch_class"] == "torchvision.models.resnet18"
+    path, meta = flax_to_torch.save(tmp_path / "r18.pth", sd, info)
+    assert meta == tmp_path / "r18.json" and json.loads(meta.read_text())["arch"] == "resnet18"
+    net = torchvision.models.resnet18(num_classes=7)
+    net.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    x = images(2, 32, seed=5)
+    with torch.no_grad():
+        got = net.eval()(_nchw(x)).numpy()
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(m.apply(v, x))
+    assert _rel(got, want) < TOLERANCE
+
+
+def test_convert_then_export_gives_the_torch_checkpoint_back_bit_for_bit(tmp_path, capsys):
+    net = torchvision_model("resnet18", num_classes=10, seed=3)
+    original = net.state_dict()
+    torch.save(original, tmp_path / "in.pth")
+    assert run(["convert", tmp_path / "in.pth", tmp_path / "ckpt"], capsys)[0] == 0
+    rc, _, _ = run(["export", tmp_path / "ckpt", tmp_path / "out.pth", "--no-verify"], capsys)
+    assert rc == 0
+    back = torch.load(tmp_path / "out.pth", weights_only=True)
+    assert list(back) == list(original)
+    for k, t in original.items():
+        assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
+    info = json.loads((tmp_path / "out.json").read_text())
+    assert info["image_size"] == 224 and info["normalization"]["mean"][0] == pytest.approx(0.485)
+
+
+def test_export_errors_leave_nothing_behind(merged, tmp_path, capsys):
+    out = tmp_path / "x.pth"
+    rc, _, err = run(["export", merged, out], capsys)
+    assert rc == 2 and "separate heads ['a', 'b']" in err and "--head" in err
+    rc, _, err = run(["export", merged, tmp_path / "x.npz", "--head", "a"], capsys)
+    assert rc == 2 and ".pth or .pt" in err
+    rc, _, err = run(["export", merged, out, "--head", "a", "--tolerance", "-1"], capsys)
+    assert rc == 1 and "verification failed" in err and "nothing written" in err
+    assert list(tmp_path.iterdir()) == []
+
+    single = tmp_path / "single"
+    m = models.resnet20(num_classes=3, width=4)
+    checkpoint.save(single, m, init(m, SIZE), image_size=SIZE)
+    rc, _, err = run(["export", single, out, "--head", "a"], capsys)
+    assert rc == 2 and "single classifier" in err
+    out.write_bytes(b"keep")
+    rc, _, err = run(["export", single, out], capsys)
+    assert rc == 2 and "already exists" in err and out.read_bytes() == b"keep"
+    assert run(["export", single, out, "--overwrite"], capsys)[0] == 0
+    assert flax_to_torch.load(out)[1]["classes"] is None
+
+
+def test_save_is_all_or_nothing_and_load_checks_what_it_reads(tmp_path, monkeypatch):
+    m = models.resnet20(num_classes=3, width=4)
+    sd, info = flax_to_torch.to_torch(m, init(m, SIZE), image_size=SIZE)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        flax_to_torch.save(tmp_path / "m.pth", sd, info)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    path, meta = flax_to_torch.save(tmp_path / "m.pth", sd, info)
+    with pytest.raises(FileExistsError):
+        flax_to_torch.save(path, sd, info)
+    wider = dict(info, config=models.resnet20(num_classes=3, width=8).config())
+    meta.write_text(json.dumps(wider))
+    with pytest.raises(flax_to_torch.ConversionError, match="do not fit"):
+        flax_to_torch.load(path)
+    meta.write_text(json.dumps(dict(info, format="something else")))
+    with pytest.raises(flax_to_torch.ConversionError, match="not a pleas-jax torch export"):
+        flax_to_torch.load(path)
+    meta.unlink()
+    with pytest.raises(flax_to_torch.ConversionError, match="no m.json beside it"):
+        flax_to_torch.load(path)
