@@ -38,12 +38,3 @@ def import_converters():
             f"this command needs PyTorch ({e.name} is not installed): pip install 'pleas-jax[torch]'"
         ) from None
     return converters
-
-
-def print_verification(report) -> None:
-    """One line for a :class:`converters.Verification`."""
-    print(
-        f"verify: {report.reference} vs Flax on a random batch {list(report.shape)}: "
-        f"max abs diff {report.max_abs:.3e}, max rel diff {report.max_rel:.3e} "
-        f"(largest |logit| {report.scale:.3e})"
-    )

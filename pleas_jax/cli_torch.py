@@ -16,8 +16,47 @@ from pleas_jax.cli_base import (
     CommandError,
     import_converters,
     positive,
-    print_verification,
 )
+
+
+def _verify_arguments(p: argparse.ArgumentParser, *, default: bool) -> None:
+    """``--verify`` (opt-in) or ``--no-verify`` (opt-out), and ``--tolerance``."""
+    if default:
+        p.add_argument(
+            "--no-verify",
+            dest="verify",
+            action="store_false",
+            help="skip the torch-vs-Flax logit check",
+        )
+    else:
+        p.add_argument(
+            "--verify",
+            action="store_true",
+            help="run torch and Flax on the same random batch and print the logit differences",
+        )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest allowed |torch - flax| relative to the largest |logit| (default 1e-4)",
+    )
+
+
+def _failed(report, tolerance: float) -> bool:
+    """Print ``report``; say on stderr, and return True, when it exceeds ``tolerance``."""
+    print(
+        f"verify: {report.reference} vs Flax on a random batch {list(report.shape)}: "
+        f"max abs diff {report.max_abs:.3e}, max rel diff {report.max_rel:.3e} "
+        f"(largest |logit| {report.scale:.3e})"
+    )
+    if report.max_rel <= tolerance:  # NaN fails too
+        return False
+    print(
+        f"{PROG}: error: verification failed: relative difference {report.max_rel:.3e} "
+        f"exceeds --tolerance {tolerance:g}; nothing written",
+        file=sys.stderr,
+    )
+    return True
 
 
 # ----------------------------------------------------------------- convert
@@ -44,17 +83,7 @@ def register_convert(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--num-classes", type=int, default=None, help="expected classifier size")
     p.add_argument("--ema", action="store_true", help="convert the EMA copy of the weights")
-    p.add_argument(
-        "--verify",
-        action="store_true",
-        help="run torch and Flax on the same random batch and print the logit differences",
-    )
-    p.add_argument(
-        "--tolerance",
-        type=float,
-        default=1e-4,
-        help="largest allowed |torch - flax| relative to the largest |logit| (default 1e-4)",
-    )
+    _verify_arguments(p, default=False)
     p.add_argument(
         "--image-size",
         type=int,
@@ -101,13 +130,7 @@ def _convert(args: argparse.Namespace) -> int:
         norm = IMAGENET_NORMALIZATION if args.normalization == "imagenet" else None
     if args.verify:
         report = converters.verify(module, conv.variables, conv.state_dict, image_size=size)
-        print_verification(report)
-        if not report.max_rel <= args.tolerance:  # NaN fails too
-            print(
-                f"{PROG}: error: verification failed: relative difference {report.max_rel:.3e} "
-                f"exceeds --tolerance {args.tolerance:g}; nothing written",
-                file=sys.stderr,
-            )
+        if _failed(report, args.tolerance):
             return EXIT_MISMATCH
     counts = set(conv.num_batches_tracked.values())
     checkpoint.save(
@@ -148,18 +171,7 @@ def register_convert_tree(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("src", metavar="SRC", help="root of the tree of PyTorch checkpoints")
     p.add_argument("dst", metavar="DST", help="root of the tree of orbax checkpoints to write")
-    p.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="skip the torch-vs-Flax logit check",
-    )
-    p.add_argument(
-        "--tolerance",
-        type=float,
-        default=1e-4,
-        help="largest allowed |torch - flax| relative to the largest |logit| (default 1e-4)",
-    )
+    _verify_arguments(p, default=True)
     p.add_argument(
         "--image-size",
         type=int,
@@ -230,18 +242,7 @@ def register_export(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="for a merged backbone with separate heads: which source model's head becomes fc",
     )
-    p.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="skip the torch-vs-Flax logit check",
-    )
-    p.add_argument(
-        "--tolerance",
-        type=float,
-        default=1e-4,
-        help="largest allowed |torch - flax| relative to the largest |logit| (default 1e-4)",
-    )
+    _verify_arguments(p, default=True)
     p.add_argument("--overwrite", action="store_true", help="replace OUT and its .json")
     p.set_defaults(func=_export)
 
@@ -291,13 +292,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.verify:
         dense = module.clone(splits=()) if module.splits else module
         report = converters.verify(dense, variables, state_dict, image_size=model.image_size)
-        print_verification(report)
-        if not report.max_rel <= args.tolerance:  # NaN fails too
-            print(
-                f"{PROG}: error: verification failed: relative difference {report.max_rel:.3e} "
-                f"exceeds --tolerance {args.tolerance:g}; nothing written",
-                file=sys.stderr,
-            )
+        if _failed(report, args.tolerance):
             return EXIT_MISMATCH
     path, meta = flax_to_torch.save(out, state_dict, info, overwrite=args.overwrite)
     print(f"wrote {path} and {meta}")
