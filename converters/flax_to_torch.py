@@ -17,7 +17,7 @@ and ResNet-20 need :class:`converters.TorchResNet`, which :func:`load` builds.
 Example::
 
     sd, info = to_torch(module, variables)                 # or head="a" for a merged pair
-    save("merged.pth", sd, info)                           # merged.pth + merged.json
+    save("merged.pth", sd, info)                           # merged.pth + merged.pth.json
     net, info = load("merged.pth")                         # net(x) with x [N, 3, S, S]
 """
 
@@ -45,8 +45,10 @@ FORMAT_VERSION = 1
 
 
 def info_path(path: str | os.PathLike) -> Path:
-    """The JSON file that goes with an exported ``state_dict`` file: ``X.pth`` -> ``X.json``."""
-    return Path(path).with_suffix(".json")
+    """The JSON file that goes with an exported ``state_dict`` file: ``X.pth`` -> ``X.pth.json``
+    (the whole name, so that it cannot take the place of a ``X.json`` of the user's)."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
 
 
 def with_head(

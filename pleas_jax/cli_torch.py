@@ -225,8 +225,8 @@ def register_export(sub: argparse._SubParsersAction) -> None:
         help="export a checkpoint (trained, converted or merged) as a PyTorch state_dict",
         description=(
             "Write a pleas-jax checkpoint as a torchvision-layout PyTorch state_dict OUT (.pth) "
-            "and, beside it, OUT's .json: the architecture config, the torch class that runs it "
-            "(torchvision's resnetNN for standard configs, converters.TorchResNet for merged "
+            "and, beside it, OUT.json (e.g. m.pth.json): the architecture config, the torch "
+            "class that runs it (torchvision's resnetNN for standard configs, converters.TorchResNet for merged "
             "widths and ResNet-20), the input size and normalisation and the classes. "
             "converters.flax_to_torch.load(OUT) rebuilds the torch model. A merged model's "
             "block-sparse layers are written dense (their forbidden blocks are zeros). A merge "
@@ -243,7 +243,7 @@ def register_export(sub: argparse._SubParsersAction) -> None:
         help="for a merged backbone with separate heads: which source model's head becomes fc",
     )
     _verify_arguments(p, default=True)
-    p.add_argument("--overwrite", action="store_true", help="replace OUT and its .json")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT and OUT.json")
     p.set_defaults(func=_export)
 
 

@@ -92,7 +92,7 @@ def test_a_standard_config_loads_into_torchvision_as_is(tmp_path):
     sd, info = flax_to_torch.to_torch(m, v, image_size=32)
     assert info["torch_class"] == "torchvision.models.resnet18"
     path, meta = flax_to_torch.save(tmp_path / "r18.pth", sd, info)
-    assert meta == tmp_path / "r18.json" and json.loads(meta.read_text())["arch"] == "resnet18"
+    assert meta == tmp_path / "r18.pth.json" and json.loads(meta.read_text())["arch"] == "resnet18"
     net = torchvision.models.resnet18(num_classes=7)
     net.load_state_dict(torch.load(path, weights_only=True), strict=True)
     x = images(2, 32, seed=5)
@@ -114,7 +114,7 @@ def test_convert_then_export_gives_the_torch_checkpoint_back_bit_for_bit(tmp_pat
     assert list(back) == list(original)
     for k, t in original.items():
         assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
-    info = json.loads((tmp_path / "out.json").read_text())
+    info = json.loads((tmp_path / "out.pth.json").read_text())
     assert info["image_size"] == 224 and info["normalization"]["mean"][0] == pytest.approx(0.485)
 
 
@@ -164,5 +164,5 @@ def test_save_is_all_or_nothing_and_load_checks_what_it_reads(tmp_path, monkeypa
     with pytest.raises(flax_to_torch.ConversionError, match="not a pleas-jax torch export"):
         flax_to_torch.load(path)
     meta.unlink()
-    with pytest.raises(flax_to_torch.ConversionError, match="no m.json beside it"):
+    with pytest.raises(flax_to_torch.ConversionError, match="no m.pth.json beside it"):
         flax_to_torch.load(path)
