@@ -276,7 +276,14 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory; a pleas-jax checkpoint is a directory")
+        hint = (
+            f" (a PyTorch file: convert it first, pleas-jax convert {path} DIR)"
+            if path.suffix in (".pth", ".pt", ".safetensors")
+            else ""
+        )
+        raise CheckpointError(
+            f"{path}: not a directory; a pleas-jax checkpoint is a directory{hint}"
+        )
     meta_file = path / METADATA_FILE
     if not meta_file.is_file() or not (path / ARRAYS_DIR).is_dir():
         raise CheckpointError(

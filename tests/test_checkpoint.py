@@ -144,8 +144,14 @@ def test_not_our_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="other: not a pleas-jax checkpoint"):
         checkpoint.load(tmp_path / "other")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(CheckpointError, match="not a directory"):
+    with pytest.raises(CheckpointError, match="not a directory") as e:
         checkpoint.load(tmp_path / "file")
+    assert "convert" not in str(e.value)
+    (tmp_path / "model.pth").write_bytes(b"\0")
+    with pytest.raises(
+        CheckpointError, match=r"a PyTorch file: convert it first, pleas-jax convert"
+    ):
+        checkpoint.load(tmp_path / "model.pth")
 
 
 def test_metadata_that_does_not_match_the_arrays(tmp_path, resnet20):
