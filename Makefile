@@ -26,7 +26,7 @@ test: install lint
 demo: install
 	$(VENV)/bin/pleas-jax demo
 
-CODE := pleas_jax converters experiments bench tests
+CODE := pleas_jax converters experiments bench examples tests
 
 lint: install
 	$(VENV)/bin/ruff check $(CODE)

@@ -35,10 +35,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--a", default=str(CHECKPOINTS / "mnist5k_seed0"), help="model A")
     parser.add_argument("--b", default=str(CHECKPOINTS / "mnist5k_seed1"), help="model B")
-    parser.add_argument("--budget", type=float, default=1.5,
-                        help="merged compute relative to one model, in [1, 2] (default 1.5)")
-    parser.add_argument("--images", type=int, default=400,
-                        help="training images the merge sees (default 400)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=1.5,
+        help="merged compute relative to one model, in [1, 2] (default 1.5)",
+    )
+    parser.add_argument(
+        "--images", type=int, default=400, help="training images the merge sees (default 400)"
+    )
     args = parser.parse_args()
 
     # 1. Load two models of the same architecture: (module, variables) pairs plus the
@@ -72,8 +77,10 @@ def main() -> None:
     table = budget_lib.layer_table(module_a, va, spec, batches[0].shape[1:])
     ratios = budget_lib.ratios_for_budget("uniform", table, spec, args.budget)
     achieved = budget_lib.relative_compute(table, spec, ratios)
-    print(f"ratios: {np.mean(list(ratios.values())):.3f} on average for budget "
-          f"{args.budget} (achieved {achieved:.3f})")
+    print(
+        f"ratios: {np.mean(list(ratios.values())):.3f} on average for budget "
+        f"{args.budget} (achieved {achieved:.3f})"
+    )
 
     # 5. Partial merge: per group the best-matched pairs are averaged, the rest kept
     #    from A and from B; channels are laid out [merged | A-only | B-only].
@@ -86,7 +93,15 @@ def main() -> None:
     # 6. Least squares: every conv/linear layer is refit (closed form) so the merged
     #    model reproduces both source models' features; then BatchNorm statistics.
     merged, _ = pleas_jax.least_squares(
-        module_a, va, module_b, vb, spec, blocks, merged_module, merged, batches,
+        module_a,
+        va,
+        module_b,
+        vb,
+        spec,
+        blocks,
+        merged_module,
+        merged,
+        batches,
         mode="closed_form",
     )
     merged = pleas_jax.recompute_batch_norm(merged_module, merged, batches)
