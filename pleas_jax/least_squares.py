@@ -44,13 +44,13 @@ per-layer mean squared error with optax from features recomputed per batch,
 as the paper's code does; it also serves layers whose Gram would exceed a
 memory bound.
 
-This module holds the solve and the whole fit; the pieces live in modules
-of one concept each, re-exported here so that callers keep one place to
-import least squares from: layer geometry and the kernel <-> matrix layout
+This module holds the whole fit; the pieces live in modules of one concept
+each, re-exported here so that callers keep one place to import least squares
+from: layer geometry and the kernel <-> matrix layout
 (:mod:`pleas_jax.ls_layers`), the features both modes read per batch
-(:mod:`pleas_jax.ls_data`), the statistics (:mod:`pleas_jax.ls_statistics`),
-their memory bound (:mod:`pleas_jax.ls_memory`) and the gradient mode
-(:mod:`pleas_jax.ls_descent`). Layer geometry (kernel size, strides,
+(:mod:`pleas_jax.ls_data`), the statistics (:mod:`pleas_jax.ls_statistics`)
+and their memory bound (:mod:`pleas_jax.ls_memory`), the closed-form solve
+(:mod:`pleas_jax.ls_solve`) and the gradient mode (:mod:`pleas_jax.ls_descent`). Layer geometry (kernel size, strides,
 padding, dilation, bias) is read from the Flax modules while tracing the
 forward pass (every ``nn.Conv`` and ``nn.Dense`` call is intercepted), not
 guessed from shapes, and the patch geometry is checked against the output
@@ -67,20 +67,16 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from pleas_jax import distributed
 from pleas_jax.ls_data import Batches, _data_passes, _images
 from pleas_jax.ls_descent import feature_residuals, gradient_descent
 from pleas_jax.ls_layers import (
-    _HI,
     Layer,
     apply_solution,
     channel_mask,
@@ -102,6 +98,7 @@ from pleas_jax.ls_memory import (
     memory_report,
     statistics_memory,
 )
+from pleas_jax.ls_solve import RIDGE_CENTRES, initial_residuals, residuals, solve
 from pleas_jax.ls_statistics import GRAM_METHODS, batch_sums, layer_statistics
 from pleas_jax.partial import GroupBlocks
 from pleas_jax.products import PRECISION_MODES, check_precision
@@ -142,191 +139,6 @@ __all__ = [
 ]
 
 MODES = ("closed_form", "gd")
-RIDGE_CENTRES = ("init", "zero")
-
-
-# ---------------------------------------------------------------------- solve
-def _allowed_sets(layer: Layer):
-    """``(first output, end output, allowed rows)`` per output block."""
-    mask = matrix_mask(layer)
-    mo, ao, bo = layer.out_splits
-    return [
-        (lo, lo + n, np.flatnonzero(mask[:, lo]))
-        for lo, n in ((0, mo), (mo, ao), (mo + ao, bo))
-        if n
-    ]
-
-
-def _pinv_solve(a, c):
-    s, v = jnp.linalg.eigh(a)
-    tol = jnp.finfo(a.dtype).eps * a.shape[0] * jnp.max(jnp.abs(s))
-    keep = s > tol
-    inv = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
-    return jnp.matmul(v, inv[:, None] * jnp.matmul(v.T, c, precision=_HI), precision=_HI)
-
-
-def _ridge_solve(g, rhs, centre, ridge, method):
-    """``(g + λI)⁻¹ (rhs + λ centre)`` with ``λ = ridge · trace(g) / n``, by
-    Cholesky or by an eigendecomposition pseudo-inverse."""
-    n = g.shape[0]
-    g = 0.5 * (g + g.T)
-    tr = jnp.trace(g)
-    # A block whose inputs are all zero (dead units) has g = 0 and rhs = 0:
-    # any positive λ then returns the centre, the limit of a vanishing ridge.
-    lam = jnp.where(tr > 0, ridge * tr / n, 1.0)
-    a = g + lam * jnp.eye(n, dtype=g.dtype)
-    b = rhs + lam * centre
-    if method == "eigh":
-        return _pinv_solve(a, b)
-    # Jacobi scaling (unit diagonal) changes nothing in exact arithmetic and
-    # keeps channels of very different energy from spoiling fp32 Cholesky.
-    d = jnp.diagonal(a)
-    s = jnp.where(d > 0, jax.lax.rsqrt(jnp.where(d > 0, d, 1.0)), 1.0)
-    a = a * s[:, None] * s[None, :]
-    w = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a, lower=True), b * s[:, None])
-    return w * s[:, None]
-
-
-@functools.partial(jax.jit, static_argnames=("sets", "ridge", "centre", "method"))
-def _solve_matrix(gram, cross, init, init_grad, sets, ridge, centre, method):
-    """All output blocks of one layer and whether every weight is finite;
-    ``sets`` as from :func:`_allowed_sets` (hashable). With ``init`` (W0) the
-    unknown is ``D = W − W0``:
-    ``(G + λI) D = −R0 + λ (Z − W0)`` with ``R0 = G W0 − C`` and Z the centre."""
-    relative = init is not None
-    w = init if relative else jnp.zeros_like(cross)
-    for lo, hi, idx in sets:
-        idx = np.asarray(idx)
-        g = gram[idx][:, idx]
-        if relative:
-            rhs = -init_grad[idx, lo:hi]
-            shift = jnp.zeros_like(rhs) if centre == "init" else -init[idx, lo:hi]
-            w = w.at[idx, lo:hi].add(_ridge_solve(g, rhs, shift, ridge, method))
-        else:
-            rhs = cross[idx, lo:hi]
-            w = w.at[idx, lo:hi].set(_ridge_solve(g, rhs, jnp.zeros_like(rhs), ridge, method))
-    return w, jnp.all(jnp.isfinite(w))
-
-
-def solve(
-    stats: Mapping[str, Mapping[str, Any]], *, ridge: float = 1e-4, ridge_centre: str | None = None
-) -> dict[str, dict[str, Any]]:
-    """Block-constrained ridge solve of every layer in ``stats``.
-
-    Per layer, three solves (merged outputs on every input, A-only outputs on
-    ``[merged, A-only]``, B-only outputs on ``[merged, B-only]``), each
-    ``W_S = (G_SS + λI)⁻¹ (C_S + λ W0_S)`` with ``λ = ridge · trace(G_SS) / |S|``
-    by Cholesky in fp32 (pseudo-inverse by ``eigh`` where that fails). Weights
-    outside the allowed sets are exactly zero.
-
-    Args:
-      stats: from :func:`layer_statistics`.
-      ridge: relative ridge (0 for plain least squares).
-      ridge_centre: ``"init"`` pulls towards the merge weights W0 (needs stats
-        taken with ``init``), ``"zero"`` towards zero; by default ``"init"``
-        where the stats carry W0, else ``"zero"``.
-
-    Returns:
-      layer name -> ``{"kernel": [*k, C_in, C_out], "bias": [C_out] (if the
-      layer has one), "fallback": bool (a block needed the pseudo-inverse)}``.
-
-    Raises:
-      ValueError: a non-finite solution (names the layer), or ``init`` centre
-        without init statistics.
-    """
-    if ridge < 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
-    if ridge_centre not in (*RIDGE_CENTRES, None):
-        raise ValueError(f"ridge_centre must be one of {RIDGE_CENTRES}, got {ridge_centre!r}")
-    out = {}
-    problems = []
-    for name, s in stats.items():
-        layer = s["layer"]
-        relative = "init" in s
-        centre = ridge_centre or ("init" if relative else "zero")
-        if centre == "init" and not relative:
-            raise ValueError(f"layer {name}: ridge_centre='init' needs statistics taken with init")
-        sets = tuple((lo, hi, tuple(int(i) for i in idx)) for lo, hi, idx in _allowed_sets(layer))
-        args = (None, s["init"], s["init_grad"]) if relative else (s["cross"], None, None)
-        problems.append((name, layer, s["gram"], args, sets, centre))
-
-    def cholesky(p):
-        _, _, gram, args, sets, centre = p
-        with jax.default_matmul_precision("highest"):
-            return _solve_matrix(gram, *args, sets, float(ridge), centre, "cholesky")
-
-    with jax.default_matmul_precision("highest"):
-        # Every layer's Cholesky solve is dispatched before any result is
-        # read (on a CPU from several threads, one core each), and their
-        # finiteness comes back in one transfer: waiting on each layer in
-        # turn would leave an accelerator idle between solves.
-        solved = distributed.map_programs(cholesky, problems, cost=lambda p: p[1].dim ** 3)
-        finite = jax.device_get([ok for _, ok in solved])
-        for problem, (w, _), ok in zip(problems, solved, finite, strict=True):
-            name, layer, gram, args, sets, centre = problem
-            # NaN from Cholesky means the matrix is not positive definite (no
-            # ridge on a rank-deficient Gram, or round-off); the pseudo-inverse
-            # then gives the least-squares solution of smallest norm.
-            fb = not bool(ok)
-            if fb:
-                w, finite = _solve_matrix(gram, *args, sets, float(ridge), centre, "eigh")
-                if not bool(finite):
-                    raise ValueError(
-                        f"layer {name}: the least-squares solution is not finite (features overflow?)"
-                    )
-            out[name] = {**matrix_to_weights(layer, w), "fallback": fb}
-    return out
-
-
-@jax.jit
-def _sse_plain(gram, cross, target_sq, w):
-    gw = jnp.matmul(gram, w, precision=_HI)
-    return jnp.sum(w * gw) - 2.0 * jnp.sum(w * cross) + jnp.sum(target_sq)
-
-
-@jax.jit
-def _sse_relative(gram, init, init_grad, init_sq, w):
-    # Taken relative to W0, so round-off scales with the change, not with Σ Ỹ².
-    d = w - init
-    return (
-        jnp.sum(init_sq)
-        + 2.0 * jnp.sum(d * init_grad)
-        + jnp.sum(d * jnp.matmul(gram, d, precision=_HI))
-    )
-
-
-def residuals(
-    stats: Mapping[str, Mapping[str, Any]], weights: Mapping[str, Mapping[str, Any]]
-) -> dict[str, float]:
-    """Mean squared error of each layer of ``stats`` with the given weights.
-
-    ``Σ ‖X̃W − Ỹ‖² / (rows · C_out)`` from the accumulated sums, for every layer
-    present in both ``stats`` and ``weights`` (``{"kernel", "bias"}``).
-    """
-    sse, counts, c_out = {}, {}, {}
-    for name, s in stats.items():
-        if name not in weights:
-            continue
-        layer = s["layer"]
-        w = weights_to_matrix(layer, weights[name]["kernel"], weights[name].get("bias"))
-        if "init" in s:
-            sse[name] = _sse_relative(s["gram"], s["init"], s["init_grad"], s["init_sq"], w)
-        else:
-            sse[name] = _sse_plain(s["gram"], s["cross"], s["target_sq"], w)
-        counts[name], c_out[name] = s["count"], layer.c_out
-    # One transfer for all layers, not one wait per layer.
-    got, got_counts = jax.device_get((sse, counts))
-    return {n: float(got[n]) / (float(got_counts[n]) * c_out[n]) for n in sse}
-
-
-def initial_residuals(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """:func:`residuals` of the W0 that ``stats`` were taken relative to, read
-    off ``Σ (X̃W0 − Ỹ)²`` (no Gram product: it is the same sum for D = 0)."""
-    sums = jax.device_get({name: (jnp.sum(s["init_sq"]), s["count"]) for name, s in stats.items()})
-    return {
-        name: float(sums[name][0]) / (float(sums[name][1]) * s["layer"].c_out)
-        for name, s in stats.items()
-    }
 
 
 # ----------------------------------------------------------------- top level
@@ -462,6 +274,7 @@ def least_squares(
                 "before": before[n],
                 "after": after[n],
                 "fallback": part[n]["fallback"],
+                "solver": part[n]["solver"],
             }
         del stats  # the next chunk's sums take its place on the device
     if descent:
@@ -493,6 +306,7 @@ def least_squares(
                 "before": before[n],
                 "after": after[n],
                 "fallback": False,
+                "solver": None,
             }
     variables = apply_solution(merged_variables, solution)
     report = {

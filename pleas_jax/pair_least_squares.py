@@ -76,13 +76,13 @@ from pleas_jax.least_squares import (
     RIDGE_CENTRES,
     Layer,
     StatisticsOverBound,
-    _pinv_solve,
     apply_solution,
     layer_statistics,
     memory_chunks,
     memory_report,
 )
 from pleas_jax.ls_data import Batches
+from pleas_jax.ls_solve import _cholesky_solve, _pinv_solve
 from pleas_jax.pair_problems import _from_matrix, _problem
 from pleas_jax.partial import GroupBlocks
 from pleas_jax.tree import to_dict
@@ -241,20 +241,15 @@ def _solve_block(gram, r0, pull, blk, ridge, method):
     g = gram[r[:, None], r[None, :]] * (rv[:, None] * rv[None, :])
     tr = jnp.trace(g)
     lam = jnp.where(tr > 0, ridge * tr / jnp.maximum(jnp.sum(rv), 1.0), 1.0)
-    a = g + jnp.diag(lam * rv + (1.0 - rv))
+    diag = lam * rv + (1.0 - rv)
     rhs = (-r0[r[:, None], c[None, :]] + lam * pull[r[:, None], c[None, :]]) * (
         rv[:, None] * cv[None, :]
     )
     if method == "eigh":
-        return _pinv_solve(a, rhs)
-    # Jacobi scaling: features of very different energy would otherwise
-    # cost Cholesky digits.
-    d = jnp.diagonal(a)
-    sc = jax.lax.rsqrt(jnp.where(d > 0, d, 1.0))
-    x = jax.scipy.linalg.cho_solve(
-        jax.scipy.linalg.cho_factor(a * sc[:, None] * sc[None, :], lower=True), rhs * sc[:, None]
-    )
-    return x * sc[:, None]
+        return _pinv_solve(g + jnp.diag(diag), rhs)
+    # Padded rows add 1 to the diagonal, real ones λ: the smaller is the floor.
+    floor = jnp.where(ridge > 0, jnp.minimum(lam, 1.0), 0.0)
+    return _cholesky_solve(g, diag, rhs, method, floor)
 
 
 @functools.partial(jax.jit, static_argnames=("centre", "method"))
@@ -389,29 +384,30 @@ def fit(
                 int(steps),
                 float(learning_rate),
             )
-            results = {n: (params[n], before[n], after[n], False) for n in problems}
+            results = {n: (params[n], before[n], after[n], None) for n in problems}
         else:
 
             def one(n):
                 with jax.default_matmul_precision("highest"):
                     args = (stats.sums[n], problems[n].args, float(ridge), ridge_centre)
-                    out = _solve_layer(*args, "cholesky")
-                    # NaN from Cholesky: not positive definite (no ridge on a
-                    # rank-deficient Gram); the pseudo-inverse then gives the
-                    # least-squares solution of smallest norm.
-                    fb = not bool(jnp.all(jnp.isfinite(out[0])))
-                    if fb:
-                        out = _solve_layer(*args, "eigh")
+                    # NaN from fp32 Cholesky: not positive definite to its
+                    # round-off; float64 on the host then solves the same
+                    # system, and the pseudo-inverse (least squares of
+                    # smallest norm) where there is no ridge (see ls_solve).
+                    for solver in ("cholesky", "cholesky_f64", "eigh"):
+                        out = _solve_layer(*args, solver)
+                        if bool(jnp.all(jnp.isfinite(out[0]))):
+                            break
                     # To the host at once: the device then holds the sums and
                     # one layer's projection and factorisation (on a CPU, one
                     # per thread), never every solution.
-                    return (*jax.device_get(out), fb)
+                    return (*jax.device_get(out), solver)
 
             solved = distributed.map_programs(
                 one, list(problems), cost=lambda n: problems[n].layer.dim ** 3
             )
             results = dict(zip(problems, solved, strict=True))
-    for n, (w, before, after, fb) in results.items():
+    for n, (w, before, after, solver) in results.items():
         layer = problems[n].layer
         w = np.asarray(w)[: layer.dim, : layer.c_out]
         if not np.all(np.isfinite(w)):
@@ -424,7 +420,8 @@ def fit(
             "method": mode,
             "before": float(before) / scale,
             "after": float(after) / scale,
-            "fallback": bool(fb),
+            "fallback": solver in ("cholesky_f64", "eigh"),
+            "solver": solver,  # None for gradient descent
         }
     variables = apply_solution(merged_variables, solution)
     report = {
