@@ -32,8 +32,10 @@ the ridge vanishes the result is the least-squares solution nearest W0, the
 one plain gradient descent started from W0 converges to. ``"zero"`` is the
 textbook ridge ``(G + λI)⁻¹ C``; at ridge 1e-4 it shrinks every layer a
 little, which on a budget-2 ResNet-20 compounds to 5e-3 of the logit scale
-(``"init"``: 3e-7). Cholesky runs in fp32 on the Jacobi-scaled matrix, with
-an ``eigh`` pseudo-inverse where it fails. When the statistics carry
+(``"init"``: 3e-7). Cholesky runs in fp32 on the Jacobi-scaled matrix; where
+fp32 round-off defeats it (wide layers on few rows) the same system is solved
+in float64 on the host, and with no ridge to make it definite by an ``eigh``
+pseudo-inverse (:mod:`pleas_jax.ls_solve`). When the statistics carry
 the merge weights W0, the solve and the residuals are written relative to W0
 (they also accumulate ``R0 = Σ X̃ᵀ(X̃W0 − Ỹ)`` and the exact residual of W0), so
 fp32 round-off scales with how far the solution moves rather than with the
