@@ -122,15 +122,14 @@ def resize(x: np.ndarray, size: int) -> np.ndarray:
 def _split(x, y, seed: int = 0):
     """Deterministic stratified split: per class, the last TEST_FRACTION of a seeded shuffle."""
     rng = np.random.default_rng(seed)
-    train_parts: list[np.ndarray] = [np.zeros(0, np.int64)]
-    test_parts: list[np.ndarray] = [np.zeros(0, np.int64)]
+    train_ids: list[int] = []
+    test_ids: list[int] = []
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
         k = int(round(len(idx) * TEST_FRACTION))
-        test_parts.append(idx[len(idx) - k :])
-        train_parts.append(idx[: len(idx) - k])
-    train = np.sort(np.concatenate(train_parts)).astype(np.int64)
-    test = np.sort(np.concatenate(test_parts)).astype(np.int64)
+        test_ids.extend(idx[len(idx) - k :])
+        train_ids.extend(idx[: len(idx) - k])
+    train, test = np.sort(train_ids).astype(np.int64), np.sort(test_ids).astype(np.int64)
     return _rows(x, train), y[train], _rows(x, test), y[test]
 
 

@@ -200,10 +200,11 @@ def solve(
             # no ridge on a rank-deficient Gram, the pseudo-inverse gives the
             # least-squares solution of smallest norm.
             solver = "cholesky"
-            for solver in () if bool(ok) else ("cholesky_f64", "eigh"):
-                w, ok = _solve_matrix(gram, *args, sets, float(ridge), centre, solver)
-                if bool(ok):
-                    break
+            if not bool(ok):
+                for solver in ("cholesky_f64", "eigh"):
+                    w, ok = _solve_matrix(gram, *args, sets, float(ridge), centre, solver)
+                    if bool(ok):
+                        break
             if not bool(ok):
                 raise ValueError(
                     f"layer {name}: the least-squares solution is not finite (features overflow?)"
