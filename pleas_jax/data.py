@@ -12,8 +12,12 @@ A data spec is a string:
   the class folders, as the two splits. A large folder is read lazily
   (:class:`LazyImages`: only the images a merge, an evaluation or a training
   batch uses are decoded, when it uses them).
-- ``tfds:NAME[/CONFIG][:SPLIT]``: a TensorFlow Datasets source read with
-  ``tfds.data_source`` (no TensorFlow needed; imported only here).
+- ``tfds:NAME[/CONFIG][:SPLIT]``: a prepared TensorFlow Datasets dataset
+  (``array_record`` files) read with ``tfds.data_source``: no TensorFlow
+  needed, nothing downloaded. Its ``train`` split and its ``test`` (else
+  ``validation``) split, or one named split, deterministically split. A large
+  one is read lazily like a folder (its labels are read up front: every
+  record once, no image decoded).
 
 Any spec may end in a label subset, ``mnist5k[0-4]`` or ``digits[1,3,5]``: only
 those classes are kept and relabelled ``0..k-1`` in ascending order. Images are
@@ -41,7 +45,7 @@ DEFAULT_SIZE = 32
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 IMAGENET_SIZE = 224
 TEST_FRACTION = 0.2
-# A folder whose images would take more than this as float32 is read lazily
+# A folder or tfds dataset whose images would take more than this as float32 is read lazily
 # (:class:`LazyImages`): a merge then decodes only the images it uses, e.g.
 # 1,000 of ImageNet's 1.28M (~770 GB as float32 at 224 px).
 EAGER_BYTES = 1 << 30
@@ -57,7 +61,8 @@ class Dataset:
 
     Attributes:
       x_train, x_test: ``[N, H, W, C]`` float32, normalised: numpy arrays, or
-        for a large ``folder:`` spec :class:`LazyImages` (read when indexed).
+        for a large ``folder:`` or ``tfds:`` spec :class:`LazyImages` (read
+        when indexed).
       y_train, y_test: ``[N]`` int32 labels in ``[0, num_classes)``.
       classes: original label of each class index.
       name: the spec it came from.
@@ -247,44 +252,21 @@ def _folder(path: str, size: int, lazy: bool | None):
     return _split(out[0], out[1]) if len(parts) == 1 else tuple(out)
 
 
-def _tfds(rest: str, size: int, data_dir: str | None):
+def _tfds(rest: str, size: int, data_dir: str | None, lazy: bool | None):
+    from pleas_jax.tfds_images import TfdsImages  # imports tensorflow-datasets
+
     name, _, split = rest.partition(":")
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        raise DataError(
-            "tfds: sources need tensorflow-datasets: pip install 'pleas-jax[tfds]'"
-        ) from None
-
-    def read(split_name):
-        try:
-            source = tfds.data_source(name, split=split_name, data_dir=data_dir, download=False)
-        except Exception as e:
-            raise DataError(
-                f"cannot open tfds dataset {name!r} split {split_name!r} ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); prepare it with `tfds build {name}` "
-                "or pass its data_dir"
-            ) from None
-        from PIL import Image
-
-        xs, ys = [], []
-        for ex in source:
-            img = np.asarray(ex["image"], np.uint8)
-            if img.ndim == 3 and img.shape[-1] == 1:
-                img = img[..., 0]
-            # PIL, not jax.image.resize: real datasets have an image size per
-            # example, and a jitted resize would compile once per size.
-            out = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))
-            xs.append((out[..., None] if out.ndim == 2 else out).astype(np.float32) / 255.0)
-            ys.append(int(ex["label"]))
-        return np.stack(xs), np.asarray(ys, np.int32)
-
-    if split:
-        x, y = read(split)
-        return _split(x, y)
-    x, y = read("train")
-    xt, yt = read("test")
-    return x, y, xt, yt
+    readers = [TfdsImages.open(name, split or "train", data_dir)]
+    if not split:
+        readers.append(TfdsImages.open(name, readers[0].held_out_split(), data_dir))
+    if lazy is None:
+        n = sum(len(r) for r in readers)
+        lazy = n * size * size * readers[0].channels * 4 > EAGER_BYTES
+    out: list = []
+    for r in readers:
+        x = LazyImages(r, size)
+        out += [x if lazy else np.asarray(x), r.labels()]
+    return _split(out[0], out[1]) if len(readers) == 1 else tuple(out)
 
 
 def load(
@@ -302,10 +284,11 @@ def load(
         to normalise with, instead of this training split's own statistics
         (for a lazily read split, those of :data:`STATS_IMAGES` of its images,
         a seeded sample).
-      lazy: ``folder:`` specs only: serve :class:`LazyImages`, which decode
-        images when indexed (``True``), decode every image now (``False``), or
-        decide by size (``None``: lazily when the float32 images would exceed
-        :data:`EAGER_BYTES`). Other specs are read whole.
+      lazy: ``folder:`` and ``tfds:`` specs: serve :class:`LazyImages`, which
+        decode images when indexed (``True``), decode every image now
+        (``False``), or decide by size (``None``: lazily when the float32
+        images would exceed :data:`EAGER_BYTES`). Other specs are read whole.
+      data_dir: where ``tfds:`` datasets are prepared (tfds's default if ``None``).
 
     Raises:
       DataError: unknown spec, missing file or folder, unreadable data, a
@@ -322,7 +305,7 @@ def load(
     elif base.startswith("folder:"):
         parts = _folder(base[7:], image_size, lazy)
     elif base.startswith("tfds:"):
-        parts = _tfds(base[5:], image_size, data_dir)
+        parts = _tfds(base[5:], image_size, data_dir, lazy)
     else:
         raise DataError(
             f"unknown data spec {spec!r}; use digits, mnist5k, npz:PATH, folder:PATH or tfds:NAME"

@@ -1,9 +1,10 @@
-"""Image files read on demand: the lazy arrays behind large ``folder:`` specs.
+"""Images read on demand: the lazy arrays behind large ``folder:`` and ``tfds:`` specs.
 
 :func:`read_images` decodes files (RGB, resized, float32 in ``[0, 1]``) on a
-few threads; :class:`LazyImages` stands for the array of a list of files and
-decodes only what is indexed. :class:`DataError` is the error of every data
-spec that cannot be read (:mod:`pleas_jax.data` re-exports it).
+few threads; :class:`LazyImages` stands for the array of a list of files (or
+of any :class:`ImageReader`, such as a tfds split) and decodes only what is
+indexed. :class:`DataError` is the error of every data spec that cannot be
+read (:mod:`pleas_jax.data` re-exports it).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -45,8 +47,37 @@ def read_images(paths: Sequence[Path], size: int) -> np.ndarray:
         return np.stack(list(pool.map(lambda p: read_image(p, size), paths)))
 
 
+@runtime_checkable
+class ImageReader(Protocol):
+    """Where :class:`LazyImages` reads from: ``len(reader)`` images of
+    ``reader.channels`` channels; ``reader.read(indices, size)`` decodes
+    those, float32 ``[n, size, size, channels]`` in ``[0, 1]``."""
+
+    channels: int
+
+    def __len__(self) -> int: ...
+
+    def read(self, indices: Sequence[int], size: int) -> np.ndarray: ...
+
+
+class ImageFiles:
+    """An :class:`ImageReader` over image files (decoded as RGB)."""
+
+    channels = 3
+
+    def __init__(self, files: Sequence[Path]):
+        self.files = tuple(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, indices: Sequence[int], size: int) -> np.ndarray:
+        """Files ``indices`` as float32 ``[n, size, size, 3]`` in ``[0, 1]``."""
+        return read_images([self.files[i] for i in indices], size)
+
+
 class LazyImages:
-    """Images ``[N, S, S, 3]`` of a folder, read from their files when indexed.
+    """Images ``[N, S, S, C]`` read from their files (or records) when indexed.
 
     It stands for the float32 array of the (normalised) images wherever this
     package reads images: ``len(x)``, ``x.shape``, ``x[i]``, ``x[a:b]``,
@@ -55,19 +86,21 @@ class LazyImages:
     :meth:`normalized` return lazy views.
 
     Args:
-      files: the image files.
+      files: the image files (``C = 3``), or an :class:`ImageReader`.
       size: side ``S`` the images are resized to.
       index: which of ``files``, in order (default: all).
-      mean, std: ``[3]`` normalisation applied on reading, or ``None``.
+      mean, std: ``[C]`` normalisation applied on reading, or ``None``.
     """
 
     ndim = 4
     dtype = np.dtype(np.float32)
 
-    def __init__(self, files: Sequence[Path], size: int, *, index=None, mean=None, std=None):
-        self._files = tuple(files)
+    def __init__(
+        self, files: Sequence[Path] | ImageReader, size: int, *, index=None, mean=None, std=None
+    ):
+        self._reader = files if isinstance(files, ImageReader) else ImageFiles(files)
         self._size = int(size)
-        self._index = np.arange(len(self._files)) if index is None else np.asarray(index, np.int64)
+        self._index = np.arange(len(self._reader)) if index is None else np.asarray(index, np.int64)
         self._mean, self._std = mean, std
 
     def __len__(self) -> int:
@@ -75,7 +108,7 @@ class LazyImages:
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        return (len(self._index), self._size, self._size, 3)
+        return (len(self._index), self._size, self._size, self._reader.channels)
 
     def __repr__(self) -> str:
         return f"LazyImages(shape={self.shape}, normalised={self._mean is not None})"
@@ -83,16 +116,16 @@ class LazyImages:
     def take(self, key) -> LazyImages:
         """A lazy view of the images ``key`` selects (as ``x[key]`` would)."""
         return LazyImages(
-            self._files, self._size, index=self._index[key], mean=self._mean, std=self._std
+            self._reader, self._size, index=self._index[key], mean=self._mean, std=self._std
         )
 
     def normalized(self, mean, std) -> LazyImages:
         """A lazy view whose images come out as ``(x - mean) / std``; with
         ``None``, as read (in ``[0, 1]``)."""
         if mean is None or std is None:
-            return LazyImages(self._files, self._size, index=self._index)
+            return LazyImages(self._reader, self._size, index=self._index)
         return LazyImages(
-            self._files,
+            self._reader,
             self._size,
             index=self._index,
             mean=np.asarray(mean, np.float32),
@@ -104,7 +137,7 @@ class LazyImages:
             raise TypeError("LazyImages index the first axis only; take x[i] and index the array")
         if isinstance(key, int | np.integer):
             return self[np.asarray([key])][0]
-        x = read_images([self._files[i] for i in self._index[key]], self._size)
+        x = self._reader.read(self._index[key], self._size)
         if self._mean is not None:
             x = ((x - self._mean) / self._std).astype(np.float32)
         return x

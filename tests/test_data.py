@@ -1,4 +1,4 @@
-"""Data specs: bundled sets, subsets, npz, folders, tfds mock, batching."""
+"""Data specs: bundled sets, subsets, npz, folders, batching (tfds: test_tfds_images)."""
 
 import numpy as np
 import pytest
@@ -195,14 +195,6 @@ def test_imagenet_layout_gives_the_splits(tmp_path, lazy):
     (tmp_path / "val" / "dog").mkdir()
     with pytest.raises(data.DataError, match=r"val has classes that .*train lacks: \['dog'\]"):
         data.load(f"folder:{tmp_path}", image_size=8, lazy=lazy)
-
-
-def test_tfds_mock():
-    import tensorflow_datasets as tfds
-
-    with tfds.testing.mock_data(num_examples=12):
-        d = data.load("tfds:mnist", image_size=8)
-    assert d.x_train.shape[1:] == (8, 8, 1) and len(d.y_train) > 0
 
 
 def test_batches_cover_everything_once():

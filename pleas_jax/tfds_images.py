@@ -1,0 +1,165 @@
+"""TensorFlow Datasets splits read with ``tfds.data_source``: labels now, images when indexed.
+
+``tfds.data_source`` gives random access to a prepared dataset's
+``array_record`` files without TensorFlow. :class:`TfdsImages` reads a split's
+records with the image feature left encoded (``tfds.decode.SkipDecoding``) and
+decodes only the examples that are indexed, with PIL on a few threads, so a
+merge on ImageNet decodes its 1,000 images, not the 1.28M of the split.
+:class:`~pleas_jax.image_files.LazyImages` stands for the split's image
+array over it. tensorflow-datasets is imported here only, when a ``tfds:``
+spec is read.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pleas_jax.image_files import DataError
+
+# Records are read (and labels collected) this many at a time.
+CHUNK = 1024
+
+
+def _tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DataError(
+            "tfds: sources need tensorflow-datasets: pip install 'pleas-jax[tfds]'"
+        ) from None
+    return tfds
+
+
+def open_split(name: str, split: str, data_dir: str | None) -> Any:
+    """``tfds.data_source`` of one split with its ``image`` feature left encoded.
+
+    Raises:
+      DataError: the dataset or split is not prepared under ``data_dir`` (no
+        download is attempted), or it lacks an ``image`` or ``label`` feature.
+    """
+    tfds = _tfds()
+
+    def source(decoders):
+        return tfds.data_source(
+            name, split=split, data_dir=data_dir, download=False, decoders=decoders
+        )
+
+    try:
+        plain = source(None)
+        features = plain.dataset_info.features
+        missing = [k for k in ("image", "label") if k not in features]
+        if missing:
+            raise DataError(
+                f"tfds dataset {name!r} has no {missing[0]!r} feature (it has "
+                f"{sorted(features)}); tfds: specs read an 'image' and a 'label'"
+            )
+        # An Image feature stores PNG/JPEG bytes; skipping its decoding lets
+        # labels be read without decoding any image.
+        if isinstance(features["image"], tfds.features.Image):
+            return source({"image": tfds.decode.SkipDecoding()})
+        return plain
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(
+            f"cannot open tfds dataset {name!r} split {split!r} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); prepare it with `tfds build {name}` "
+            "or pass its data_dir"
+        ) from None
+
+
+def _as_image(value, channels: int, size: int) -> np.ndarray:
+    """An encoded image (bytes) or a decoded ``[H, W(, C)]`` uint8 array as
+    float32 ``[size, size, channels]`` in ``[0, 1]`` (PIL, bilinear)."""
+    from PIL import Image
+
+    im: Image.Image
+    if isinstance(value, bytes):
+        im = Image.open(io.BytesIO(value))
+        im.load()
+    else:
+        a = np.asarray(value, np.uint8)
+        im = Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)
+    im = im.convert("L" if channels == 1 else "RGB")
+    # PIL, not jax.image.resize: a dataset has an image size per example, and
+    # a jitted resize would compile once per size.
+    out = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255.0
+    return out[..., None] if out.ndim == 2 else out
+
+
+class TfdsImages:
+    """The images of one tfds split, for :class:`~pleas_jax.image_files.LazyImages`.
+
+    Args:
+      source: from :func:`open_split`.
+      channels: 1 (grayscale) or 3 (RGB): what every image is converted to.
+    """
+
+    def __init__(self, source: Any, channels: int):
+        self.source = source
+        self.channels = int(channels)
+
+    @classmethod
+    def open(cls, name: str, split: str, data_dir: str | None) -> TfdsImages:
+        """A split of a prepared dataset (:func:`open_split`); grayscale where
+        its image feature is declared ``[H, W, 1]``, else RGB."""
+        source = open_split(name, split, data_dir)
+        shape = tuple(getattr(source.dataset_info.features["image"], "shape", None) or ())
+        return cls(source, 1 if shape[-1:] == (1,) and len(shape) == 3 else 3)
+
+    def held_out_split(self) -> str:
+        """The dataset's held-out split: ``test``, else ``validation`` (ImageNet's).
+
+        Raises:
+          DataError: it has neither.
+        """
+        info = self.source.dataset_info
+        for s in ("test", "validation"):
+            if s in info.splits:
+                return s
+        raise DataError(
+            f"tfds dataset {info.name!r} has no test or validation split (it has "
+            f"{sorted(info.splits)}); name the split to read, tfds:{info.name}:SPLIT"
+        )
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _records(self, indices: Sequence[int]) -> list:
+        out: list = []
+        for lo in range(0, len(indices), CHUNK):
+            out += self.source.__getitems__([int(i) for i in indices[lo : lo + CHUNK]])
+        return out
+
+    def labels(self) -> np.ndarray:
+        """Every example's label, ``[N]`` int32 (reads each record, decodes no image)."""
+        return np.asarray(
+            [int(ex["label"]) for ex in self._records(range(len(self)))], np.int32
+        ).reshape(-1)
+
+    def read(self, indices: Sequence[int], size: int) -> np.ndarray:
+        """Examples ``indices`` as float32 ``[n, size, size, channels]`` in ``[0, 1]``."""
+        if len(indices) == 0:
+            return np.zeros((0, size, size, self.channels), np.float32)
+        images = [ex["image"] for ex in self._records(list(indices))]
+
+        def one(i):
+            try:
+                return _as_image(images[i], self.channels, size)
+            except Exception as e:  # PIL raises several kinds for bad bytes
+                raise DataError(
+                    f"cannot decode example {int(indices[i])} of {self.source!r}: {e}"
+                ) from None
+
+        workers = min(len(images), os.cpu_count() or 1, 8)
+        if workers == 1:
+            return np.stack([one(i) for i in range(len(images))])
+        # PIL releases the GIL while it decodes and resizes.
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            return np.stack(list(pool.map(one, range(len(images)))))
