@@ -24,6 +24,8 @@ from pleas_jax.image_files import DataError
 
 # Records are read (and labels collected) this many at a time.
 CHUNK = 1024
+# Reading the labels of a split larger than this shows a progress bar.
+PROGRESS_RECORDS = 100_000
 
 
 def _tfds():
@@ -138,10 +140,24 @@ class TfdsImages:
         return out
 
     def labels(self) -> np.ndarray:
-        """Every example's label, ``[N]`` int32 (reads each record, decodes no image)."""
-        return np.asarray(
-            [int(ex["label"]) for ex in self._records(range(len(self)))], np.int32
-        ).reshape(-1)
+        """Every example's label, ``[N]`` int32 (reads each record, decodes no image).
+
+        A split of more than :data:`PROGRESS_RECORDS` records shows a progress
+        bar: ImageNet's 1.28M take a minute or more.
+        """
+        from tqdm.auto import tqdm
+
+        n = len(self)
+        out = np.empty(n, np.int32)
+        name = f"{self.source.dataset_info.name}:{self.source.split}"
+        with tqdm(
+            total=n, desc=f"labels of {name}", unit="record", disable=n <= PROGRESS_RECORDS
+        ) as bar:
+            for lo in range(0, n, CHUNK):
+                chunk = self._records(range(lo, min(lo + CHUNK, n)))
+                out[lo : lo + len(chunk)] = [int(ex["label"]) for ex in chunk]
+                bar.update(len(chunk))
+        return out
 
     def read(self, indices: Sequence[int], size: int) -> np.ndarray:
         """Examples ``indices`` as float32 ``[n, size, size, channels]`` in ``[0, 1]``."""
