@@ -274,7 +274,7 @@ def load(
     *,
     image_size: int = DEFAULT_SIZE,
     data_dir: str | None = None,
-    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+    normalization: tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray] | None = None,
     lazy: bool | None = None,
 ) -> Dataset:
     """Read a data spec (see the module docstring) into a :class:`Dataset`.

@@ -81,13 +81,13 @@ def train(
     return {"params": params, "batch_stats": stats}
 
 
-def predict(module, variables, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def predict(module, variables, x: data_lib.Images, batch_size: int = 256) -> np.ndarray:
     """Inference outputs ``[N, ...]`` for images ``x [N, H, W, C]``, batch by batch."""
     fn = jax.jit(lambda v, xb: module.apply(v, xb))
     outs = [np.asarray(fn(variables, xb)) for xb in data_lib.batches(x, None, batch_size)]
     return np.concatenate(outs) if outs else np.zeros((0,))
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+def accuracy(logits: np.ndarray | jax.Array, labels: np.ndarray) -> float:
     """Top-1 accuracy of ``logits [N, K]`` against ``labels [N]``."""
     return float(np.mean(np.argmax(logits, axis=-1) == np.asarray(labels)))

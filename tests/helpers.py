@@ -39,6 +39,14 @@ def init(module, size=32, seed=0, channels=3):
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
+def apply(module, variables, *args, **kwargs) -> jax.Array:
+    """``module.apply(variables, *args, **kwargs)`` where it gives the output
+    alone: Flax types ``apply``'s result as the output or ``(output, state)``."""
+    out = module.apply(variables, *args, **kwargs)
+    assert isinstance(out, jax.Array), type(out)
+    return out
+
+
 def randomize_norms(variables, seed=0):
     """Give every BatchNorm non-trivial affine parameters and running statistics,
     as a trained network has, keeping units alive (positive bias) so that

@@ -1,6 +1,7 @@
 """Budget -> per-group ratios: uniform, zip and optimized allocations."""
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -78,6 +79,7 @@ def test_align_keeps_fully_separate_groups_of_any_size():
     spec = {"odd": Group(10, ()), "small": Group(6, ()), "even": Group(64, ())}
     got = budget.align_ratios(spec, {"odd": 1.0, "small": 0.5, "even": 0.3}, 8)
     assert got == {"odd": 1.0, "small": 0.0, "even": 16 / 64}
+    bad: Any  # wrong types too: align_ratios checks its argument at run time
     for bad in (0, -8, 2.5, True, "8"):
         with pytest.raises(ValueError, match="multiple"):
             budget.align_ratios(spec, got, bad)

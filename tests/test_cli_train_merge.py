@@ -200,6 +200,7 @@ def test_merge_separate_heads_and_eval_each_head(ckpts, outs, capsys):
     for _, ((_, ai, bi), (_, ao, bo)) in module.splits:
         assert ai == bi and ao == bo and ai % 2 == 0 and ao % 2 == 0
     heads = checkpoint.load_heads(outs / "m")
+    assert heads is not None
     assert heads["a"]["kernel"].shape[1] == 5 and heads["b"]["kernel"].shape[1] == 5
     for head, data in (("a", "digits[0-4]"), ("b", "digits[5-9]")):
         rc, out, err = run(["eval", outs / "m", "--data", data, "--head", head], capsys)

@@ -85,7 +85,7 @@ def test_outputs(results, capsys):
     assert "activation matching" in table and "PLeaS (closed-form LS)" in table
     assert "ensemble" in table
     # A second run reuses the cached checkpoints instead of training.
-    logs = []
+    logs: list[str] = []
     demo.source_checkpoints(SMALL, shipped=None, cache=tmp / "cache", log=logs.append)
     assert len(logs) == 4 and all(s.startswith("using ") for s in logs), logs
 

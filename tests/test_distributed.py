@@ -75,7 +75,7 @@ def test_map_programs_runs_on_threads_in_cost_order_and_returns_in_item_order():
             (a @ a.T + n * np.eye(n, dtype=np.float32), rng.normal(size=(n, 2)).astype(np.float32))
         )
     started, threads = [], set()
-    both = threading.Barrier(2, timeout=30)  # the two costliest must run at once
+    both: threading.Barrier | None = threading.Barrier(2, timeout=30)  # the two costliest at once
 
     def fn(item):
         started.append(len(item[0]))

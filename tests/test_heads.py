@@ -7,7 +7,7 @@ from pleas_jax import heads, models, partial
 from pleas_jax.permutation import identity
 from pleas_jax.spec import derive_spec
 from pleas_jax.train import accuracy
-from tests.helpers import images, init, randomize_norms
+from tests.helpers import apply, images, init, randomize_norms
 
 
 def _strip_fc(v):
@@ -30,8 +30,8 @@ def test_routed_heads_on_merged_backbone(ratio):
     la, lb = heads.apply_head(ha, feats), heads.apply_head(hb, feats)
     assert la.shape == (5, 3) and lb.shape == (5, 4)
     if ratio == 1.0:  # nothing merged: each head sees exactly its own model
-        np.testing.assert_allclose(la, ma.apply(va, x), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(lb, mb.apply(vb, x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(la, apply(ma, va, x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(lb, apply(mb, vb, x), rtol=1e-5, atol=1e-5)
     n_m, n_a, n_b = blocks[g_out].sizes
     assert np.all(np.asarray(ha["kernel"])[n_m + n_a :] == 0)
     assert np.all(np.asarray(hb["kernel"])[n_m : n_m + n_a] == 0)

@@ -134,7 +134,7 @@ def test_dead_inputs_keep_the_centre():
 class _OneConv(nn.Module):
     k: int
     stride: int
-    padding: object
+    padding: int | str
     bias: bool = False
 
     @nn.compact

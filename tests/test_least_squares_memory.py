@@ -124,7 +124,7 @@ def test_one_shot_iterator_with_several_chunks_is_refused(pair):
 def test_layer_over_the_bound(pair, monkeypatch):
     m, va, vb, spec, batches, blocks, mm, vm, layers = pair
     sizes = {n: statistics_bytes(lay) for n, lay in layers.items()}
-    big = max(sizes, key=sizes.get)
+    big = max(sizes, key=sizes.__getitem__)
     bound = sorted(set(sizes.values()))[-2]  # only the largest layer(s) exceed it
     with pytest.raises(StatisticsOverBound, match=f"layer {big}: .* {sizes[big]} bytes"):
         layer_statistics(
@@ -155,7 +155,7 @@ def test_layer_over_the_bound(pair, monkeypatch):
     # Pair statistics cannot: a clear error before any pass over the data.
     full = find_layers(m, va, spec, partial.full_blocks(spec, identity(spec), 1.0), batches[0][:1])
     full_sizes = {n: statistics_bytes(lay, init=False, target_gram=True) for n, lay in full.items()}
-    big = max(full_sizes, key=full_sizes.get)
+    big = max(full_sizes, key=full_sizes.__getitem__)
     source = _Counting(batches)
     with pytest.raises(ValueError, match=f"layer {big} needs {full_sizes[big]} bytes.*per-merge"):
         pair_statistics(m, va, m, vb, spec, source, max_memory_bytes=full_sizes[big] - 1)
@@ -183,6 +183,7 @@ def test_memory_report_matches_real_statistics(pair, b):
         ps = pair_statistics(m, va, m, vb, spec, batches[:1])
         # The pass also sums Σ Ỹ² per output, which the pair statistics drop.
         dropped = 4 * sum(lay.c_out for lay in ps.layers.values())
+        assert ps.memory is not None
         assert report["pair"]["total_bytes"] == ps.memory["total_statistics_bytes"]
         assert ps.nbytes == ps.memory["total_statistics_bytes"] - dropped
         assert ps.memory["chunks"] == 1

@@ -55,7 +55,12 @@ def test_auto_gram_takes_shifts_only_where_they_save_work(monkeypatch, hw, shift
 
     calls = []
     real = ls_statistics._shift_gram
-    monkeypatch.setattr(ls_statistics, "_shift_gram", lambda *a: calls.append(1) or real(*a))
+
+    def counted(*a):
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(ls_statistics, "_shift_gram", counted)
     layer = Layer(
         "c",
         "conv",
@@ -104,12 +109,13 @@ def test_bf16_3x_grams_of_few_rows_need_no_pseudo_inverse(kind, gram):
             (64, 0, 0),
             (8, 0, 0),
         )
-        shape = (2, 4, 4, 64)
+        shape: tuple[int, ...] = (2, 4, 4, 64)
     else:
         layer = Layer("d", "dense", (), (), (), (), True, None, None, (1024, 0, 0), (8, 0, 0))
         shape = (32, 1024)
-    x = np.maximum(rng.normal(size=shape), 0) * np.exp(rng.normal(size=shape[-1]))
-    x = jnp.asarray(x, jnp.float32)
+    x = jnp.asarray(
+        np.maximum(rng.normal(size=shape), 0) * np.exp(rng.normal(size=shape[-1])), jnp.float32
+    )
     w = {
         "kernel": jnp.asarray(rng.normal(size=layer.kernel_shape), jnp.float32),
         "bias": jnp.zeros((8,)),

@@ -89,8 +89,8 @@ def test_mask_is_respected_and_budget_two_keeps_the_ensemble(pair):
     got, _ = fit(pair[-1], blocks, vm)
     for name, lay in find_layers(m, va, spec, blocks, x[:1]).items():
         node = got["params"]
-        for k in lay.path:
-            node = node[k]
+        for key in lay.path:
+            node = node[key]
         k = np.asarray(node["kernel"])
         mi, ai, _ = lay.in_splits
         mo, ao, _ = lay.out_splits

@@ -13,7 +13,8 @@ from PIL import Image
 
 from pleas_jax import data, tfds_images
 
-tfds = pytest.importorskip("tensorflow_datasets")
+pytest.importorskip("tensorflow_datasets")
+import tensorflow_datasets as tfds
 
 TRAIN, HELD_OUT = 24, 9
 
@@ -114,14 +115,22 @@ def test_images_and_labels_match_what_was_written(data_dir, lazy):
     # Against PIL's own resize of the written image.
     raw = np.asarray(d.x_train[:1]) * d.std + d.mean
     i = int(train[0])
-    want = np.asarray(Image.fromarray(_example(i, False)).resize((8, 8), Image.BILINEAR)) / 255.0
+    want = (
+        np.asarray(Image.fromarray(_example(i, False)).resize((8, 8), Image.Resampling.BILINEAR))
+        / 255.0
+    )
     np.testing.assert_allclose(raw[0], want, atol=1e-5)
 
 
 def test_lazy_reads_only_what_is_indexed(data_dir, monkeypatch):
     decoded = []
     as_image = tfds_images._as_image
-    monkeypatch.setattr(tfds_images, "_as_image", lambda *a: decoded.append(1) or as_image(*a))
+
+    def counted(*a):
+        decoded.append(1)
+        return as_image(*a)
+
+    monkeypatch.setattr(tfds_images, "_as_image", counted)
     monkeypatch.setattr(data, "STATS_IMAGES", 5)
     lazy = data.load("tfds:pleas_test_rgb", image_size=8, data_dir=data_dir, lazy=True)
     assert len(decoded) == 5  # the statistics' sample; labels decode no image
@@ -167,7 +176,6 @@ def test_errors(data_dir):
 
 def test_a_model_reads_lazy_images_as_it_reads_the_decoded_ones(data_dir):
     from pleas_jax import models, workflow
-
     from tests.helpers import init
 
     module = models.ResNet("basic", (1,), 4, (8,), ((4,),), (True,), 3, "imagenet", (1,))

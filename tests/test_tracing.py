@@ -61,7 +61,12 @@ def test_derive_spec_traces_once_per_signature(monkeypatch):
     tracing.clear()
     traces = []
     real = spec_lib._trace
-    monkeypatch.setattr(spec_lib, "_trace", lambda *a: traces.append(1) or real(*a))
+
+    def counted(*a):
+        traces.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(spec_lib, "_trace", counted)
     m, va = _model(seed=0)
     _, vb = _model(seed=1)
     x = np.zeros((1, 8, 8, 3), np.float32)

@@ -59,7 +59,12 @@ def test_a_merge_of_a_large_folder_decodes_only_the_images_it_uses(tmp_path, mon
     monkeypatch.setattr(data, "EAGER_BYTES", 1 << 16)  # 48 training images at 64 px exceed it
     reads = []
     original = image_files.read_image
-    monkeypatch.setattr(image_files, "read_image", lambda p, s: reads.append(p) or original(p, s))
+
+    def counted(p, s):
+        reads.append(p)
+        return original(p, s)
+
+    monkeypatch.setattr(image_files, "read_image", counted)
     # A converted torchvision model records its size and ImageNet normalisation:
     # no statistics pass over the folder.
     stem = {"params": {"conv1": {"kernel": np.zeros((7, 7, 3, 64), np.float32)}}}  # 3 channels

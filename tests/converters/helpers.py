@@ -23,6 +23,11 @@ class TorchResNet20(nn.Module):
     widths w, 2w, 4w; a 1x1 conv + BN shortcut where stride or width changes.
     """
 
+    # The stages, set by name in __init__.
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+
     class Block(nn.Module):
         def __init__(self, cin, cout, stride):
             super().__init__()

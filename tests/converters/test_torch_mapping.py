@@ -111,6 +111,7 @@ def test_round_trip_resnet20_and_default_counter():
     net = resnet20_torch(width=16)
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
+            assert m.num_batches_tracked is not None  # BN tracks running statistics by default
             m.num_batches_tracked.zero_()
     sd = net.state_dict()
     module, variables = state_dict_to_flax(sd)

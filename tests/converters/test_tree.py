@@ -150,10 +150,10 @@ def test_cli_converts_verifies_reports_bad_files_and_resumes(tree, state_dicts, 
 
     # Repair the bad file: the next run converts exactly that one.
     _put(src, CORRUPT, {"model": state_dicts["rn18/cub/v1a"]})
-    rows = {r["path"]: r for r in convert_tree(src, dst, image_size=IMAGE_SIZE, progress=False)}
-    assert rows[CORRUPT]["status"] == "converted"
-    assert [rows[p]["status"] for p in GOOD] == ["skipped"] * 3
-    table = format_summary(list(rows.values()))
+    by_path = {r["path"]: r for r in convert_tree(src, dst, image_size=IMAGE_SIZE, progress=False)}
+    assert by_path[CORRUPT]["status"] == "converted"
+    assert [by_path[p]["status"] for p in GOOD] == ["skipped"] * 3
+    table = format_summary(list(by_path.values()))
     assert "1 converted, 3 skipped, 1 failed of 5" in table
 
 

@@ -9,6 +9,8 @@ ensemble: the tests can then compare accuracies exactly.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -33,7 +35,7 @@ def write_pair(root, dirs, num_classes, specs):
     """Save two tiny models (``num_classes`` each) into ``root`` at the release
     paths ``dirs``, with BN statistics of the merge images the experiment draws
     from ``specs`` (read as model A reads them)."""
-    meta = {"image_size": SIZE, "normalization": NORM}
+    meta: dict[str, Any] = {"image_size": SIZE, "normalization": NORM}
     sources = []
     for seed, k in enumerate(num_classes):
         module = tiny(k)

@@ -50,7 +50,7 @@ def test_resolution_order_and_on_the_fly_conversion(saved, tmp_path, monkeypatch
     where = root / "rn18/stanford_dogs/v1b"
     where.mkdir(parents=True)
     (where / "model.pth").write_bytes(b"torch")
-    logs = []
+    logs: list[str] = []
     got = common.resolve_checkpoint(root, "rn18", "stanford_dogs", "v1b", log=logs.append)
     assert got == where / "pleas_jax" and calls == [(where / "model.pth", got, True)]
     assert "converting" in logs[0]
@@ -98,7 +98,8 @@ def test_load_source_fills_in_the_releases_inputs(saved, tmp_path):
     meta["converted_from"] = "torch"
     (conv / checkpoint.METADATA_FILE).write_text(__import__("json").dumps(meta))
     m = common.load_source(conv)
-    assert m.image_size == 224 and m.normalization[0] == common.IMAGENET_NORMALIZATION["mean"]
+    assert m.image_size == 224 and m.normalization is not None
+    assert m.normalization[0] == common.IMAGENET_NORMALIZATION["mean"]
     assert common.load_source(conv, image_size=64).image_size == 64
     with pytest.raises(common.ExperimentError, match="not a pleas-jax checkpoint.*pleas-jax train"):
         common.load_source(tmp_path)
@@ -182,7 +183,9 @@ def test_dataset_specs(tmp_path, monkeypatch):
         common.dataset_spec("mnist", {}, None)
 
 
-class _Fake:
+class _Fake(streams.Images):
+    """Images that serves constant images: ``sample`` alone, no spec read."""
+
     def __init__(self, value):
         self.value = value
 
@@ -216,7 +219,9 @@ def test_method_runs_and_matching_cache(tmp_path):
     costs = {g: np.eye(len(p)) for g, p in perm.items()}
     common.MatchingCache(tmp_path).put(key, perm, costs)
     fresh = common.MatchingCache(tmp_path)
-    got_perm, got_costs = fresh.get(key)
+    got = fresh.get(key)
+    assert got is not None
+    got_perm, got_costs = got
     assert list(got_perm) == list(perm)
     for g in perm:
         np.testing.assert_array_equal(got_perm[g], perm[g])

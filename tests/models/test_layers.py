@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from pleas_jax.models.layers import Conv
+from tests.helpers import apply
 
 SPLITS = ((2, 3, 1), (1, 2, 3))  # (merged, A-only, B-only) inputs, then outputs
 
@@ -32,7 +33,9 @@ def test_block_conv_equals_the_dense_conv_with_zero_blocks(kw):
     params = dense.init(jax.random.key(1), x)
     params = {"params": {"kernel": _zero_forbidden(params["params"]["kernel"])}}
     block = Conv(6, use_bias=False, splits=SPLITS, **kw)
-    np.testing.assert_allclose(block.apply(params, x), dense.apply(params, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        apply(block, params, x), apply(dense, params, x), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_block_conv_rejects_what_it_cannot_compute():

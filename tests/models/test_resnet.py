@@ -7,7 +7,7 @@ import pytest
 
 from pleas_jax import models
 from pleas_jax.tree import flatten, path_str
-from tests.helpers import init, randomize_norms
+from tests.helpers import apply, init, randomize_norms
 
 # Parameter counts of torchvision's models (sum of numel over parameters, fc
 # included, 1000 classes), as printed by torchvision itself.
@@ -56,7 +56,7 @@ def test_inference_is_default_and_training_updates_stats():
     m = models.resnet20(num_classes=3)
     v = m.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
     x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
-    y = m.apply(v, x)
+    y = apply(m, v, x)
     assert y.shape == (4, 3)
     _, state = m.apply(v, x, train=True, mutable=["batch_stats"])
     before = v["batch_stats"]["bn1"]["mean"]
