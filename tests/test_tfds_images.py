@@ -170,8 +170,24 @@ def test_errors(data_dir):
         data.DataError, match="cannot open tfds dataset 'pleas_test_rgb' split 'nope'"
     ):
         data.load("tfds:pleas_test_rgb:nope", data_dir=data_dir)
-    with pytest.raises(data.DataError, match="cannot open tfds dataset 'pleas_absent'"):
+    with pytest.raises(
+        data.DataError, match="cannot open tfds dataset 'pleas_absent'.*TFDS_DATA_DIR"
+    ):
         data.load("tfds:pleas_absent", data_dir=data_dir)
+
+
+def test_tfrecord_files_say_how_to_convert(data_dir, tmp_path):
+    # Writing TFRecord files needs TensorFlow; a copy of an array_record
+    # dataset whose info names TFRecord is what tfds then tries to open.
+    import shutil
+
+    shutil.copytree(f"{data_dir}/pleas_test_rgb", tmp_path / "pleas_test_rgb")
+    info = tmp_path / "pleas_test_rgb" / "1.0.0" / "dataset_info.json"
+    text = info.read_text()
+    assert '"fileFormat": "array_record"' in text
+    info.write_text(text.replace('"fileFormat": "array_record"', '"fileFormat": "tfrecord"'))
+    with pytest.raises(data.DataError, match="stored as TFRecord.*--out_file_format=array_record"):
+        data.load("tfds:pleas_test_rgb", data_dir=str(tmp_path))
 
 
 def test_a_model_reads_lazy_images_as_it_reads_the_decoded_ones(data_dir):
