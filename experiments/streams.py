@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -259,7 +259,13 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=-1) == labels))
 
 
-def merge_sample(sets: Sequence[Images], images: int, seed: int) -> np.ndarray:
+class Sampled(Protocol):
+    """What :func:`merge_sample` draws from (:class:`Images`, or anything with its ``sample``)."""
+
+    def sample(self, split: str, n: int, seed: int) -> np.ndarray: ...
+
+
+def merge_sample(sets: Sequence[Sampled], images: int, seed: int) -> np.ndarray:
     """``images`` raw training images drawn evenly from ``sets`` (a seeded sample
     of each), interleaved by a seeded shuffle so that every batch mixes the tasks."""
     share = [images // len(sets) + (i < images % len(sets)) for i in range(len(sets))]

@@ -183,8 +183,8 @@ def test_dataset_specs(tmp_path, monkeypatch):
         common.dataset_spec("mnist", {}, None)
 
 
-class _Fake(streams.Images):
-    """Images that serves constant images: ``sample`` alone, no spec read."""
+class _Fake:
+    """Constant images, with :class:`streams.Images`'s ``sample`` alone."""
 
     def __init__(self, value):
         self.value = value
