@@ -74,15 +74,16 @@ class Images:
             import tensorflow_datasets as tfds
 
             name = self._tfds_name
+            assert name is not None  # only tfds specs reach here
             try:
                 self._sources[split] = tfds.data_source(
                     name, split=split, data_dir=self.data_dir, download=False
                 )
             except Exception as e:  # tfds raises many kinds for a missing dataset
-                first = str(e).splitlines()[0] if str(e) else ""
+                from pleas_jax.tfds_images import open_error
+
                 raise ExperimentError(
-                    f"cannot open tfds dataset {name!r} split {split!r} ({type(e).__name__}: "
-                    f"{first}); prepare it with `tfds build {name}` or pass --data-dir"
+                    str(open_error(name, split, e, where="--data-dir (or TFDS_DATA_DIR)"))
                 ) from None
         return self._sources[split]
 

@@ -69,21 +69,31 @@ def open_split(name: str, split: str, data_dir: str | None) -> Any:
     except DataError:
         raise
     except Exception as e:  # tfds raises many kinds for a missing or unreadable dataset
-        first = str(e).splitlines()[0] if str(e) else ""
-        if "TFRECORD" in first.upper():
-            # tfds build writes TFRecord files by default; only array_record
-            # files can be read by index.
-            raise DataError(
-                f"tfds dataset {name!r} is stored as TFRecord files, which tfds.data_source "
-                "cannot read by index; convert it with `tfds convert_format "
-                "--dataset_version_dir=DIR --out_file_format=array_record` or rebuild it "
-                f"with `tfds build {name} --file_format=array_record`"
-            ) from None
-        raise DataError(
-            f"cannot open tfds dataset {name!r} split {split!r} ({type(e).__name__}: {first}); "
-            f"prepare it with `tfds build {name} --file_format=array_record` and point "
-            "TFDS_DATA_DIR (or data_dir) at the directory that holds it"
-        ) from None
+        raise open_error(name, split, e) from None
+
+
+def open_error(
+    name: str, split: str, error: Exception, where: str = "TFDS_DATA_DIR (or data_dir)"
+) -> DataError:
+    """The error for a dataset ``tfds.data_source`` could not open: what to run.
+
+    ``where`` names how the caller is told the data directory.
+    """
+    first = str(error).splitlines()[0] if str(error) else ""
+    if "TFRECORD" in first.upper():
+        # tfds build writes TFRecord files by default; only array_record files
+        # can be read by index.
+        return DataError(
+            f"tfds dataset {name!r} is stored as TFRecord files, which tfds.data_source "
+            "cannot read by index; convert it with `tfds convert_format "
+            "--dataset_version_dir=DIR --out_file_format=array_record` or rebuild it "
+            f"with `tfds build {name} --file_format=array_record`"
+        )
+    return DataError(
+        f"cannot open tfds dataset {name!r} split {split!r} ({type(error).__name__}: {first}); "
+        f"prepare it with `tfds build {name} --file_format=array_record` and point "
+        f"{where} at the directory that holds it"
+    )
 
 
 def _as_image(value, channels: int, size: int) -> np.ndarray:
