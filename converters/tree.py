@@ -192,7 +192,7 @@ def convert_checkpoint(
       image_size: the side of the images the model reads, recorded in the
         metadata for merge and eval, and ``S`` of the verification batch
         (default 224 for ImageNet stems, 32 for CIFAR ones; with the input
-        normalisation of :func:`pleas_jax.workflow.input_convention`).
+        normalisation and crop of :func:`pleas_jax.workflow.input_convention`).
       release: the release-layout fields of the file (:func:`describe_path`); a
         ``model_type`` of rn18/rn50/rn101 must match the inferred architecture.
         Stored in the metadata under ``release``.
@@ -230,7 +230,7 @@ def convert_checkpoint(
             f"(stages {list(module.stage_sizes)}, {module.block} blocks) but lies under "
             f"{model_type}/, which means {MODEL_TYPES[model_type]}"
         )
-    size, norm = workflow.input_convention(module)
+    size, norm, crop = workflow.input_convention(module)
     size = image_size or size
     record = None
     if verify:
@@ -259,6 +259,7 @@ def convert_checkpoint(
             ema=False,
             image_size=size,
             normalization=norm,
+            crop=crop,
             # As `pleas-jax convert` keeps it: the reverse conversion is then bit-exact.
             torch_num_batches_tracked=(
                 counts.pop() if len(counts) == 1 else conv.num_batches_tracked

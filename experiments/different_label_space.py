@@ -116,11 +116,11 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
 
     size, bs = a.image_size, args.batch_size
     ks = {ta: a.module.num_classes, tb: b.module.num_classes}
-    sets = {t: streams.Images(specs[t], size, args.data_dir, ks[t]) for t in (ta, tb)}
+    sets = {t: streams.Images(specs[t], size, args.data_dir, ks[t], a.crop) for t in (ta, tb)}
 
     with common.maybe_mock_data(args.mock_data):
         if args.matching_data is not None:
-            raw = streams.Images(args.matching_data, size, args.data_dir).sample(
+            raw = streams.Images(args.matching_data, size, args.data_dir, crop=a.crop).sample(
                 "train", args.images, args.seed
             )
         else:

@@ -55,12 +55,14 @@ DOMAINNET_PAIRS = (
 )
 ORDERS = (("v1a", "v1b"), ("v1b", "v1a"))
 # The release's torchvision models were trained on 224 px inputs normalised
-# with ImageNet's statistics (what `pleas-jax convert` records for an ImageNet
-# stem, and assumes for checkpoints converted before it did).
+# with ImageNet's statistics and evaluated on the central 224 px of images
+# resized to 256 px (what `pleas-jax convert` records for an ImageNet stem, and
+# assumes for checkpoints converted before it did).
 # Spelled out, not imported: this module imports no JAX (pleas_jax does); a
 # test holds them equal to pleas_jax.data's.
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 RELEASE_IMAGE_SIZE = 224
+RELEASE_CROP = 0.875
 RESULT_FILE = "result.json"
 ENV_CHECKPOINTS = "MODEL_CHECKPOINTS_DIR"
 ENV_NABIRDS = "NABIRDS_DIR"

@@ -93,13 +93,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
     evals = list(args.eval_domains)
     size = a.image_size
     sets = {
-        d: streams.Images(spec(d), size, args.data_dir, k) for d in dict.fromkeys([da, db, *evals])
+        d: streams.Images(spec(d), size, args.data_dir, k, a.crop)
+        for d in dict.fromkeys([da, db, *evals])
     }
     bs = args.batch_size
 
     with common.maybe_mock_data(args.mock_data):
         if args.matching_data is not None:
-            raw = streams.Images(args.matching_data, size, args.data_dir).sample(
+            raw = streams.Images(args.matching_data, size, args.data_dir, crop=a.crop).sample(
                 "train", args.images, args.seed
             )
         else:

@@ -29,6 +29,7 @@ from experiments.release import (
     DOMAINS,
     ENV_CHECKPOINTS,
     IMAGENET_NORMALIZATION,
+    RELEASE_CROP,
     RELEASE_IMAGE_SIZE,
     ExperimentError,
     _pleas,
@@ -118,10 +119,11 @@ def load_source(path: str | os.PathLike, image_size: int | None = None) -> wf.Mo
     """A source checkpoint as a :class:`pleas_jax.workflow.Model` whose metadata
     says how to read its inputs.
 
-    The release's models were trained on ImageNet-normalised 224 px images;
-    a conversion that does not record its inputs (one made before
-    ``pleas-jax convert`` recorded them) gets those filled in, whatever its
-    stem. ``image_size`` overrides the checkpoint's.
+    The release's models were trained on ImageNet-normalised 224 px images
+    and evaluated on the central 224 px of images resized to 256 px; a
+    conversion that does not record its inputs (one made before ``pleas-jax
+    convert`` recorded them) gets those filled in, whatever its stem.
+    ``image_size`` overrides the checkpoint's.
 
     Raises:
       ExperimentError: not a checkpoint (with how to get one).
@@ -138,6 +140,8 @@ def load_source(path: str | os.PathLike, image_size: int | None = None) -> wf.Mo
     converted = meta.get("converted_from") == "torch"
     if "normalization" not in meta and converted:
         meta["normalization"] = IMAGENET_NORMALIZATION
+    if "crop" not in meta and converted:
+        meta["crop"] = RELEASE_CROP
     if image_size is not None:
         meta["image_size"] = int(image_size)
     elif "image_size" not in meta and converted:

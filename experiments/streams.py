@@ -45,6 +45,9 @@ class Images:
       num_classes: the label space of the model reading it; labels must lie in
         ``[0, num_classes)`` (a non-tfds spec that relabels the classes it holds is
         mapped back when they are a subset of that range).
+      crop: how images reach ``image_size`` (:attr:`pleas_jax.workflow.Model.crop`:
+        ``None`` resizes them whole; the release's models, 0.875: the central
+        224 px of images resized to 256 px, as they were evaluated).
     """
 
     def __init__(
@@ -53,10 +56,12 @@ class Images:
         image_size: int,
         data_dir: str | None = None,
         num_classes: int | None = None,
+        crop: float | None = None,
     ):
         from pleas_jax import data
 
         self.spec, self.image_size, self.data_dir = spec, int(image_size), data_dir
+        self.crop = data.check_crop(crop)
         self.num_classes = num_classes
         base, subset = data.parse_subset(spec)
         rest = base[5:] if base.startswith("tfds:") else None
@@ -92,7 +97,9 @@ class Images:
             from pleas_jax import data
 
             try:
-                ds = data.load(self.spec, image_size=self.image_size, data_dir=self.data_dir)
+                ds = data.load(
+                    self.spec, image_size=self.image_size, data_dir=self.data_dir, crop=self.crop
+                )
             except data.DataError as e:
                 raise ExperimentError(str(e)) from None
             classes = np.asarray(ds.classes)
@@ -149,9 +156,13 @@ class Images:
             if hasattr(source, "__getitems__")
             else [source[i] for i in idx]
         )
+        from pleas_jax.tfds_images import decode_image
+
         xs, ys = [], []
         for ex in examples:
-            xs.append(_resize(np.asarray(ex["image"]), self.image_size))
+            img = np.asarray(ex["image"])
+            gray = img.ndim == 2 or img.shape[-1] == 1
+            xs.append(decode_image(img, 1 if gray else 3, self.image_size, self.crop))
             ys.append(int(ex["label"]))
         x = np.stack(xs) if xs else np.zeros((0, self.image_size, self.image_size, 3), np.float32)
         y = np.asarray(ys, np.int32)
@@ -183,24 +194,6 @@ class Images:
         size = self.size(split)
         for start in range(0, size, chunk):
             yield self.read(split, range(start, min(start + chunk, size)))
-
-
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    """``[H, W(, C)]`` uint8 -> ``[size, size, C]`` float32 in ``[0, 1]`` (PIL bilinear)."""
-    if img.ndim == 2:
-        img = img[..., None]
-    if img.shape[:2] != (size, size):
-        from PIL import Image
-
-        if img.shape[-1] == 3:
-            img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))
-            return img.astype(np.float32) / 255.0
-        channels = [
-            np.asarray(Image.fromarray(img[..., c]).resize((size, size), Image.Resampling.BILINEAR))
-            for c in range(img.shape[-1])
-        ]
-        img = np.stack(channels, axis=-1)
-    return img.astype(np.float32) / 255.0
 
 
 # ----------------------------------------------------------------- models

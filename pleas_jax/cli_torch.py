@@ -98,8 +98,30 @@ def register_convert(sub: argparse._SubParsersAction) -> None:
         help="input normalisation to record: ImageNet's mean and std, or each data spec's "
         "own training statistics (default imagenet for an ImageNet stem, data for a CIFAR stem)",
     )
+    p.add_argument(
+        "--crop",
+        type=_crop,
+        default="default",
+        metavar="F|none",
+        help="how merge and eval bring images to --image-size: resize the shorter side to "
+        "size/F and take the central square (torchvision's evaluation: F=0.875, 256 then "
+        "224), or 'none' to resize whole images (default 0.875 for an ImageNet stem, none for "
+        "a CIFAR stem)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_convert)
+
+
+def _crop(text: str) -> float | str | None:
+    if text in ("none", "default"):
+        return None if text == "none" else text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] or 'none', got {text!r}")
+    return value
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -124,8 +146,9 @@ def _convert(args: argparse.Namespace) -> int:
         f"converted {args.input}: {models.arch_name(module) or 'custom ResNet'}, "
         f"{module.block} blocks {list(module.stage_sizes)}, {head}"
     )
-    size, norm = workflow.input_convention(module)
+    size, norm, crop = workflow.input_convention(module)
     size = args.image_size or size
+    crop = crop if args.crop == "default" else args.crop
     if args.normalization is not None:
         norm = IMAGENET_NORMALIZATION if args.normalization == "imagenet" else None
     if args.verify:
@@ -145,6 +168,7 @@ def _convert(args: argparse.Namespace) -> int:
         # How merge and eval read data for it (None: the data's own statistics).
         image_size=size,
         normalization=norm,
+        crop=crop,
         # Kept so the reverse conversion can reproduce the state_dict bit for bit.
         torch_num_batches_tracked=counts.pop() if len(counts) == 1 else conv.num_batches_tracked,
     )
@@ -281,6 +305,7 @@ def _export(args: argparse.Namespace) -> int:
         num_batches_tracked=model.metadata.get("torch_num_batches_tracked", 0),
         image_size=model.image_size,
         normalization=None if norm is None else {"mean": norm[0], "std": norm[1]},
+        crop=model.crop,
         classes=None if classes is None else list(classes),
         head=args.head,
         source=str(Path(args.checkpoint).resolve()),

@@ -21,7 +21,9 @@ A data spec is a string:
 
 Any spec may end in a label subset, ``mnist5k[0-4]`` or ``digits[1,3,5]``: only
 those classes are kept and relabelled ``0..k-1`` in ascending order. Images are
-float32 NHWC, normalised with the training split's per-channel mean and std
+float32 NHWC, resized whole to the requested size or, with a ``crop``, resized and
+centre-cropped as torchvision evaluates ImageNet models (:func:`load`), and
+normalised with the training split's per-channel mean and std
 (or with given statistics: a trained model must see its own training inputs'
 normalisation, e.g. when evaluated on another label subset).
 """
@@ -37,13 +39,23 @@ from pathlib import Path
 import numpy as np
 
 # DataError, Images and LazyImages belong to this API; image_files (below) defines them.
-from pleas_jax.image_files import DataError, Images, LazyImages, read_images
+from pleas_jax.image_files import (
+    DataError,
+    ImageFiles,
+    Images,
+    LazyImages,
+    check_crop,
+    crop_box,
+    read_images,
+)
 
 DEFAULT_SIZE = 32
 # torchvision's ImageNet input statistics (images in [0, 1]): what its ResNets,
 # and the PLeaS release's, were trained on.
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 IMAGENET_SIZE = 224
+# ...evaluated on the central 224 px of images resized to 256 px (shorter side).
+IMAGENET_CROP = 0.875
 TEST_FRACTION = 0.2
 # A folder or tfds dataset whose images would take more than this as float32 is read lazily
 # (:class:`LazyImages`): a merge then decodes only the images it uses, e.g.
@@ -112,16 +124,21 @@ def parse_subset(spec: str) -> tuple[str, tuple[int, ...] | None]:
     return m.group("base"), tuple(sorted(set(labels)))
 
 
-def resize(x: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize of ``[N, H, W, C]`` to ``[N, size, size, C]`` (float32)."""
+def resize(x: np.ndarray, size: int, crop: float | None = None) -> np.ndarray:
+    """Bilinear (antialiased) resize of ``[N, H, W, C]`` to ``[N, size, size, C]``
+    (float32): squashed, or with ``crop`` resized and centre-cropped like image
+    files (:func:`pleas_jax.image_files.crop_box`)."""
     x = np.asarray(x, np.float32)
-    if x.shape[1:3] == (size, size):
-        return x
-    import jax
-
-    return np.asarray(
-        jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), method="bilinear", antialias=True)
+    h, w, top, left = (
+        (size, size, 0, 0) if crop is None else crop_box(x.shape[1], x.shape[2], size, crop)
     )
+    if x.shape[1:3] != (h, w):
+        import jax
+
+        x = np.asarray(
+            jax.image.resize(x, (x.shape[0], h, w, x.shape[3]), method="bilinear", antialias=True)
+        )
+    return x[:, top : top + size, left : left + size]
 
 
 def _split(x, y, seed: int = 0):
@@ -217,7 +234,7 @@ def _class_files(root: Path, classes: Sequence[str]) -> tuple[list[Path], list[i
     return files, ys
 
 
-def _folder(path: str, size: int, lazy: bool | None):
+def _folder(path: str, size: int, lazy: bool | None, crop: float | None):
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"no such folder: {path}")
@@ -242,9 +259,9 @@ def _folder(path: str, size: int, lazy: bool | None):
     if lazy is None:
         lazy = sum(len(files) for files, _ in parts) * size * size * 3 * 4 > EAGER_BYTES
     read = (
-        (lambda files: LazyImages(files, size))
+        (lambda files: LazyImages(ImageFiles(files, crop), size))
         if lazy
-        else (lambda files: read_images(files, size))
+        else (lambda files: read_images(files, size, crop))
     )
     out = []
     for files, ys in parts:
@@ -252,13 +269,13 @@ def _folder(path: str, size: int, lazy: bool | None):
     return _split(out[0], out[1]) if len(parts) == 1 else tuple(out)
 
 
-def _tfds(rest: str, size: int, data_dir: str | None, lazy: bool | None):
+def _tfds(rest: str, size: int, data_dir: str | None, lazy: bool | None, crop: float | None):
     from pleas_jax.tfds_images import TfdsImages  # imports tensorflow-datasets
 
     name, _, split = rest.partition(":")
-    readers = [TfdsImages.open(name, split or "train", data_dir)]
+    readers = [TfdsImages.open(name, split or "train", data_dir, crop)]
     if not split:
-        readers.append(TfdsImages.open(name, readers[0].held_out_split(), data_dir))
+        readers.append(TfdsImages.open(name, readers[0].held_out_split(), data_dir, crop))
     if lazy is None:
         n = sum(len(r) for r in readers)
         lazy = n * size * size * readers[0].channels * 4 > EAGER_BYTES
@@ -276,6 +293,7 @@ def load(
     data_dir: str | None = None,
     normalization: tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray] | None = None,
     lazy: bool | None = None,
+    crop: float | None = None,
 ) -> Dataset:
     """Read a data spec (see the module docstring) into a :class:`Dataset`.
 
@@ -289,12 +307,20 @@ def load(
         (``False``), or decide by size (``None``: lazily when the float32
         images would exceed :data:`EAGER_BYTES`). Other specs are read whole.
       data_dir: where ``tfds:`` datasets are prepared (tfds's default if ``None``).
+      crop: how images reach ``image_size``: ``None`` resizes them to
+        ``image_size x image_size`` whatever their shape; a fraction ``c`` in
+        ``(0, 1]`` resizes the shorter side to ``image_size / c`` (aspect
+        kept) and takes the central square, as torchvision evaluates its
+        ImageNet models (``c = 0.875``: 256 px, then the central 224 px;
+        :data:`IMAGENET_CROP`).
 
     Raises:
       DataError: unknown spec, missing file or folder, unreadable data, a
         label subset naming classes the data lacks, or a ``normalization``
         whose channels differ from the images'.
+      ValueError: a ``crop`` outside ``(0, 1]``.
     """
+    crop = check_crop(crop)
     base, subset = parse_subset(spec)
     if base == "digits":
         parts = _digits()
@@ -303,9 +329,9 @@ def load(
     elif base.startswith("npz:"):
         parts = _npz(base[4:])
     elif base.startswith("folder:"):
-        parts = _folder(base[7:], image_size, lazy)
+        parts = _folder(base[7:], image_size, lazy, crop)
     elif base.startswith("tfds:"):
-        parts = _tfds(base[5:], image_size, data_dir, lazy)
+        parts = _tfds(base[5:], image_size, data_dir, lazy, crop)
     else:
         raise DataError(
             f"unknown data spec {spec!r}; use digits, mnist5k, npz:PATH, folder:PATH or tfds:NAME"
@@ -318,8 +344,13 @@ def load(
         raise DataError(f"{spec!r}: the data has no class {missing} (classes: {list(present)})")
     relabel = {c: i for i, c in enumerate(classes)}
     keep, keep_t = np.isin(y, classes), np.isin(yt, classes)
+    # Folders and tfds records are decoded at image_size already; arrays are
+    # resized here, after the subset drops what is not kept.
+    sized = base.startswith(("folder:", "tfds:"))
     x, xt = (
-        a.take(k) if isinstance(a, LazyImages) else resize(a[k], image_size)
+        a.take(k)
+        if isinstance(a, LazyImages)
+        else (a[k] if sized else resize(a[k], image_size, crop))
         for a, k in ((x, keep), (xt, keep_t))
     )
     y = np.asarray([relabel[int(c)] for c in y[keep]], np.int32)

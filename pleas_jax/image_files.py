@@ -1,7 +1,7 @@
 """Images read on demand: the lazy arrays behind large ``folder:`` and ``tfds:`` specs.
 
-:func:`read_images` decodes files (RGB, resized, float32 in ``[0, 1]``) on a
-few threads; :class:`LazyImages` stands for the array of a list of files (or
+:func:`read_images` decodes files (RGB, resized or resized and centre-cropped
+by :func:`fit`, float32 in ``[0, 1]``) on a few threads; :class:`LazyImages` stands for the array of a list of files (or
 of any :class:`ImageReader`, such as a tfds split) and decodes only what is
 indexed. :class:`DataError` is the error of every data spec that cannot be
 read (:mod:`pleas_jax.data` re-exports it).
@@ -21,30 +21,70 @@ class DataError(ValueError):
     """A data spec that cannot be read; the message says why."""
 
 
-def read_image(path: Path, size: int) -> np.ndarray:
-    """One image file as float32 ``[size, size, 3]`` in ``[0, 1]`` (RGB, bilinear)."""
+def check_crop(crop: float | None) -> float | None:
+    """``crop`` as a float in ``(0, 1]``, or ``None`` (squash).
+
+    Raises:
+      ValueError: anything else.
+    """
+    if crop is None:
+        return None
+    if isinstance(crop, bool) or not isinstance(crop, int | float) or not 0 < crop <= 1:
+        raise ValueError(f"crop must be a fraction in (0, 1] or None, got {crop!r}")
+    return float(crop)
+
+
+def crop_box(height: int, width: int, size: int, crop: float) -> tuple[int, int, int, int]:
+    """Where torchvision's eval transform puts an ``height x width`` image:
+    ``Resize(int(size / crop))`` (shorter side, aspect kept) then
+    ``CenterCrop(size)``. Returns ``(resized height, resized width, top, left)``
+    of the ``size x size`` window (``crop=0.875``, ``size=224``: 256 then 224)."""
+    short = int(size / crop + 1e-9)
+    if height <= width:
+        h, w = short, int(short * width / height)
+    else:
+        h, w = int(short * height / width), short
+    return h, w, int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+
+
+def fit(im, size: int, crop: float | None = None):
+    """A PIL image at ``size x size``: squashed (``crop=None``), or resized
+    and centre-cropped as torchvision evaluates ImageNet models
+    (:func:`crop_box`; bilinear, as ``transforms.Resize`` on PIL images)."""
+    from PIL import Image
+
+    if crop is None:
+        return im.resize((size, size), Image.Resampling.BILINEAR)
+    h, w, top, left = crop_box(im.height, im.width, size, crop)
+    if (h, w) != (im.height, im.width):
+        im = im.resize((w, h), Image.Resampling.BILINEAR)
+    return im.crop((left, top, left + size, top + size))
+
+
+def read_image(path: Path, size: int, crop: float | None = None) -> np.ndarray:
+    """One image file as float32 ``[size, size, 3]`` in ``[0, 1]`` (RGB; :func:`fit`)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            out = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+            out = np.asarray(fit(im.convert("RGB"), size, crop))
     except Exception as e:  # PIL raises several kinds for a bad file
         raise DataError(f"cannot read image {path}: {e}") from None
     return out.astype(np.float32) / 255.0
 
 
-def read_images(paths: Sequence[Path], size: int) -> np.ndarray:
+def read_images(paths: Sequence[Path], size: int, crop: float | None = None) -> np.ndarray:
     """Image files as float32 ``[n, size, size, 3]``, decoded on a few threads
     (PIL releases the GIL while it decodes and resizes)."""
     if not paths:
         return np.zeros((0, size, size, 3), np.float32)
     workers = min(len(paths), os.cpu_count() or 1, 8)
     if workers == 1:
-        return np.stack([read_image(p, size) for p in paths])
+        return np.stack([read_image(p, size, crop) for p in paths])
     import concurrent.futures
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return np.stack(list(pool.map(lambda p: read_image(p, size), paths)))
+        return np.stack(list(pool.map(lambda p: read_image(p, size, crop), paths)))
 
 
 @runtime_checkable
@@ -61,19 +101,20 @@ class ImageReader(Protocol):
 
 
 class ImageFiles:
-    """An :class:`ImageReader` over image files (decoded as RGB)."""
+    """An :class:`ImageReader` over image files (decoded as RGB, :func:`fit` with ``crop``)."""
 
     channels = 3
 
-    def __init__(self, files: Sequence[Path]):
+    def __init__(self, files: Sequence[Path], crop: float | None = None):
         self.files = tuple(files)
+        self.crop = check_crop(crop)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def read(self, indices: Sequence[int], size: int) -> np.ndarray:
         """Files ``indices`` as float32 ``[n, size, size, 3]`` in ``[0, 1]``."""
-        return read_images([self.files[i] for i in indices], size)
+        return read_images([self.files[i] for i in indices], size, self.crop)
 
 
 class LazyImages:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pleas_jax.image_files import DataError
+from pleas_jax.image_files import DataError, check_crop, fit
 
 # Records are read (and labels collected) this many at a time.
 CHUNK = 1024
@@ -96,9 +96,10 @@ def open_error(
     )
 
 
-def _as_image(value, channels: int, size: int) -> np.ndarray:
+def decode_image(value, channels: int, size: int, crop: float | None = None) -> np.ndarray:
     """An encoded image (bytes) or a decoded ``[H, W(, C)]`` uint8 array as
-    float32 ``[size, size, channels]`` in ``[0, 1]`` (PIL, bilinear)."""
+    float32 ``[size, size, channels]`` in ``[0, 1]`` (PIL; squashed, or
+    resized and centre-cropped: :func:`~pleas_jax.image_files.fit`)."""
     from PIL import Image
 
     im: Image.Image
@@ -111,7 +112,7 @@ def _as_image(value, channels: int, size: int) -> np.ndarray:
     im = im.convert("L" if channels == 1 else "RGB")
     # PIL, not jax.image.resize: a dataset has an image size per example, and
     # a jitted resize would compile once per size.
-    out = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255.0
+    out = np.asarray(fit(im, size, crop), np.float32) / 255.0
     return out[..., None] if out.ndim == 2 else out
 
 
@@ -121,19 +122,24 @@ class TfdsImages:
     Args:
       source: from :func:`open_split`.
       channels: 1 (grayscale) or 3 (RGB): what every image is converted to.
+      crop: ``None`` squashes every image to the requested size; a fraction
+        resizes and centre-crops (:func:`~pleas_jax.image_files.fit`).
     """
 
-    def __init__(self, source: Any, channels: int):
+    def __init__(self, source: Any, channels: int, crop: float | None = None):
         self.source = source
         self.channels = int(channels)
+        self.crop = check_crop(crop)
 
     @classmethod
-    def open(cls, name: str, split: str, data_dir: str | None) -> TfdsImages:
+    def open(
+        cls, name: str, split: str, data_dir: str | None, crop: float | None = None
+    ) -> TfdsImages:
         """A split of a prepared dataset (:func:`open_split`); grayscale where
         its image feature is declared ``[H, W, 1]``, else RGB."""
         source = open_split(name, split, data_dir)
         shape = tuple(getattr(source.dataset_info.features["image"], "shape", None) or ())
-        return cls(source, 1 if shape[-1:] == (1,) and len(shape) == 3 else 3)
+        return cls(source, 1 if shape[-1:] == (1,) and len(shape) == 3 else 3, crop)
 
     def held_out_split(self) -> str:
         """The dataset's held-out split: ``test``, else ``validation`` (ImageNet's).
@@ -187,7 +193,7 @@ class TfdsImages:
 
         def one(i):
             try:
-                return _as_image(images[i], self.channels, size)
+                return decode_image(images[i], self.channels, size, self.crop)
             except Exception as e:  # PIL raises several kinds for bad bytes
                 raise DataError(
                     f"cannot decode example {int(indices[i])} of {self.source!r}: {e}"

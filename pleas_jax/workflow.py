@@ -96,25 +96,40 @@ class Model:
         return None if norm is None else (list(norm["mean"]), list(norm["std"]))
 
     @property
+    def crop(self) -> float | None:
+        """How images reach :attr:`image_size` for it (``crop`` of
+        :func:`pleas_jax.data.load`): the checkpoint's ``crop``, else
+        :func:`input_convention`'s for a converted checkpoint, else ``None``
+        (resized whole, as ``pleas-jax train`` reads them)."""
+        if "crop" in self.metadata:
+            crop = self.metadata["crop"]
+        elif self.metadata.get("converted_from") == "torch":
+            crop = input_convention(self.module)[2]
+        else:
+            crop = None
+        return None if crop is None else float(crop)
+
+    @property
     def channels(self) -> int:
         """Image channels the stem conv reads."""
         return int(self.variables["params"]["conv1"]["kernel"].shape[-2])
 
 
-def input_convention(module) -> tuple[int, dict[str, list[float]] | None]:
+def input_convention(module) -> tuple[int, dict[str, list[float]] | None, float | None]:
     """How a torchvision-layout ResNet reads its inputs when its checkpoint does
-    not say: ``(image_size, normalization)``.
+    not say: ``(image_size, normalization, crop)``.
 
-    An ImageNet stem (7x7/2 conv, max-pool) means torchvision's recipe: 224 px
-    images normalised with ImageNet's statistics
-    (:data:`pleas_jax.data.IMAGENET_NORMALIZATION`). A CIFAR stem means 32 px
-    and no recorded statistics (``None``: each data spec's own). ``pleas-jax
-    convert`` records these unless told otherwise; checkpoints converted before
-    it did fall back to them.
+    An ImageNet stem (7x7/2 conv, max-pool) means torchvision's recipe: the
+    central 224 px of images resized to 256 px, normalised with ImageNet's
+    statistics (:data:`pleas_jax.data.IMAGENET_NORMALIZATION`,
+    :data:`~pleas_jax.data.IMAGENET_CROP`). A CIFAR stem means 32 px images
+    resized whole and no recorded statistics (``None``: each data spec's own).
+    ``pleas-jax convert`` records these unless told otherwise; checkpoints
+    converted before it did fall back to them.
     """
     if getattr(module, "stem", None) == "imagenet":
-        return data_lib.IMAGENET_SIZE, data_lib.IMAGENET_NORMALIZATION
-    return data_lib.DEFAULT_SIZE, None
+        return data_lib.IMAGENET_SIZE, data_lib.IMAGENET_NORMALIZATION, data_lib.IMAGENET_CROP
+    return data_lib.DEFAULT_SIZE, None, None
 
 
 # ------------------------------------------------------------------ helpers
@@ -244,14 +259,18 @@ def load_model(path: str | os.PathLike) -> Model:
 
 
 def dataset_for(model: Model, spec: str, *, image_size: int | None = None) -> data_lib.Dataset:
-    """``spec`` read at the model's image size with its training normalisation.
+    """``spec`` read at the model's image size with its training normalisation
+    (and its :attr:`Model.crop`).
 
     Raises:
       DataError: a bad spec.
       RunError: images whose channels the model cannot read.
     """
     dataset = data_lib.load(
-        spec, image_size=image_size or model.image_size, normalization=model.normalization
+        spec,
+        image_size=image_size or model.image_size,
+        normalization=model.normalization,
+        crop=model.crop,
     )
     channels = dataset.x_train.shape[-1]
     if channels != model.channels:
@@ -489,6 +508,8 @@ def merge_checkpoints(
     if model_a.normalization is not None:
         mean, std = model_a.normalization
         info["normalization"] = {"mean": mean, "std": std}
+    # The merge read its data as A reads it; so does every later use of it.
+    info["crop"] = model_a.crop
     classes_a = _classes(model_a)
     if mode == "shared" and classes_a is not None:
         info["classes"] = list(classes_a)

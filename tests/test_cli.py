@@ -87,6 +87,7 @@ def test_convert_auto_resnet50_dataparallel_37_classes(files, outs, capsys):
     assert meta["config"]["stream_widths"] == [256, 512, 1024, 2048]
     # How merge and eval will read inputs: torchvision's ImageNet recipe.
     assert meta["image_size"] == 224 and meta["normalization"] == IMAGENET
+    assert meta["crop"] == 0.875
     np.testing.assert_array_equal(
         np.asarray(variables["params"]["fc"]["kernel"]), files["r50"]["fc.weight"].numpy().T
     )
@@ -103,12 +104,14 @@ def test_convert_auto_resnet50_dataparallel_37_classes(files, outs, capsys):
             "96",
             "--normalization",
             "data",
+            "--crop",
+            "none",
         ],
         capsys,
     )
     assert rc == 0, err
     model = workflow.load_model(outs / "plain")
-    assert model.image_size == 96 and model.normalization is None
+    assert model.image_size == 96 and model.normalization is None and model.crop is None
     _, plain = checkpoint.load(outs / "plain")
     _, expect = state_dict_to_flax(files["r50"])
     for coll in ("params", "batch_stats"):
@@ -151,7 +154,7 @@ def test_existing_output_needs_overwrite(files, outs, capsys):
     assert run(["convert", src, outs / "r20"], capsys)[0] == 0
     # A CIFAR stem: 32 px, and each data spec's own normalisation.
     meta = checkpoint.load_metadata(outs / "r20")
-    assert meta["image_size"] == 32 and meta["normalization"] is None
+    assert meta["image_size"] == 32 and meta["normalization"] is None and meta["crop"] is None
     rc, _, err = run(["convert", src, outs / "r20"], capsys)
     assert rc == 2 and "already exists" in err
     assert run(["convert", src, outs / "r20", "--overwrite"], capsys)[0] == 0
@@ -244,6 +247,11 @@ def test_usage_error_exits_2(capsys):
         main(["convert"])
     assert e.value.code == 2
     assert "the following arguments are required: IN, OUT" in capsys.readouterr().err
+    for bad in ("0", "1.5", "nan", "half"):
+        with pytest.raises(SystemExit) as e:
+            main(["convert", "a.pth", "b", "--crop", bad])
+        assert e.value.code == 2
+        assert f"expected a fraction in (0, 1] or 'none', got '{bad}'" in capsys.readouterr().err
 
 
 # -------------------------------------------------------- the console script

@@ -100,7 +100,7 @@ def test_train_is_seeded_and_records_its_recipe(ckpts, outs, capsys):
     assert meta["image_size"] == 16 and meta["training"]["seed"] == 0
     assert meta["training"]["epochs"] == 2 and meta["training"]["width"] == 4
     assert meta["command"].startswith("pleas-jax train --width 4")
-    assert set(meta["normalization"]) == {"mean", "std"}
+    assert set(meta["normalization"]) == {"mean", "std"} and "crop" not in meta
     # eval reads the checkpoint the way it was trained and agrees with train.
     rc, out, err = run(["eval", outs / "again", "--data", "digits[0-4]"], capsys)
     assert rc == 0, err
@@ -112,11 +112,17 @@ def test_train_is_seeded_and_records_its_recipe(ckpts, outs, capsys):
 
 
 # ------------------------------------------------------------- merge + eval
-def test_merge_shared_head_and_eval(ckpts, outs, capsys):
+def test_merge_shared_head_and_eval(ckpts, outs, capsys, tmp_path):
+    # A reads its images centre-cropped (as a converted torchvision model does):
+    # the merge reads its data so, and the merged model records it.
+    a = tmp_path / "a"
+    shutil.copytree(ckpts["a"], a)
+    meta_file = a / checkpoint.METADATA_FILE
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "crop": 0.75}))
     argv = [
         "merge",
         "--a",
-        ckpts["a"],
+        a,
         "--b",
         ckpts["a2"],
         "--data",
@@ -145,7 +151,7 @@ def test_merge_shared_head_and_eval(ckpts, outs, capsys):
     assert meta["merge"]["matching"] == "activation" and meta["images"] == 200
     assert meta["merge"]["matching_dtype"] == "bfloat16"
     assert meta["merge"]["ls_precision"] == meta["merge"]["matching_precision"] == "bf16_3x"
-    assert meta["merged_from"]["a"]["path"] == str(ckpts["a"])
+    assert meta["merged_from"]["a"]["path"] == str(a) and meta["crop"] == 0.75
     assert meta["command"].startswith("pleas-jax merge --a")
     module, _ = checkpoint.load(outs / "m")
     assert module.splits and checkpoint.load_heads(outs / "m") is None

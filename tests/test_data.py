@@ -104,9 +104,9 @@ def _count_reads(monkeypatch):
     reads = []
     original = image_files.read_image
 
-    def counting(path, size):
+    def counting(path, size, crop=None):
         reads.append(path)
-        return original(path, size)
+        return original(path, size, crop)
 
     monkeypatch.setattr(image_files, "read_image", counting)
     return reads

@@ -122,15 +122,28 @@ def test_images_and_labels_match_what_was_written(data_dir, lazy):
     np.testing.assert_allclose(raw[0], want, atol=1e-5)
 
 
+@pytest.mark.parametrize("lazy", [False, True])
+def test_crop_reads_the_central_square(data_dir, lazy):
+    """Records are cropped as image files are (test_image_files checks that
+    geometry against torchvision)."""
+    from pleas_jax.image_files import fit
+
+    d = data.load("tfds:pleas_test_rgb", image_size=8, data_dir=data_dir, lazy=lazy, crop=0.75)
+    raw = np.asarray(d.x_train) * d.std + d.mean
+    for row, i in enumerate(_ids(d.x_train, d.mean, d.std)[:4]):
+        want = np.asarray(fit(Image.fromarray(_example(int(i), False)), 8, 0.75)) / 255.0
+        np.testing.assert_allclose(raw[row], want, atol=1e-5)
+
+
 def test_lazy_reads_only_what_is_indexed(data_dir, monkeypatch):
     decoded = []
-    as_image = tfds_images._as_image
+    as_image = tfds_images.decode_image
 
     def counted(*a):
         decoded.append(1)
         return as_image(*a)
 
-    monkeypatch.setattr(tfds_images, "_as_image", counted)
+    monkeypatch.setattr(tfds_images, "decode_image", counted)
     monkeypatch.setattr(data, "STATS_IMAGES", 5)
     lazy = data.load("tfds:pleas_test_rgb", image_size=8, data_dir=data_dir, lazy=True)
     assert len(decoded) == 5  # the statistics' sample; labels decode no image

@@ -38,12 +38,23 @@ def test_converted_checkpoints_without_input_metadata_read_torchvisions_inputs(a
     assert old.image_size == (224 if imagenet else 32)
     expected = (IMAGENET_NORMALIZATION["mean"], IMAGENET_NORMALIZATION["std"]) if imagenet else None
     assert old.normalization == expected
+    # torchvision evaluates ImageNet models on the central 224 px of 256 px images.
+    assert old.crop == (0.875 if imagenet else None)
     recorded = Model(
-        module, {}, metadata={"converted_from": "torch", "image_size": 64, "normalization": None}
+        module,
+        {},
+        metadata={
+            "converted_from": "torch",
+            "image_size": 64,
+            "normalization": None,
+            "crop": None if imagenet else 0.5,
+        },
     )
     assert recorded.image_size == 64 and recorded.normalization is None
+    assert recorded.crop == (None if imagenet else 0.5)
     trained = Model(module, {}, metadata={"normalization": {"mean": [0.5], "std": [0.25]}})
     assert trained.image_size == 32 and trained.normalization == ([0.5], [0.25])
+    assert trained.crop is None
 
 
 def test_a_merge_of_a_large_folder_decodes_only_the_images_it_uses(tmp_path, monkeypatch):
@@ -60,9 +71,9 @@ def test_a_merge_of_a_large_folder_decodes_only_the_images_it_uses(tmp_path, mon
     reads = []
     original = image_files.read_image
 
-    def counted(p, s):
-        reads.append(p)
-        return original(p, s)
+    def counted(p, s, crop=None):
+        reads.append((p, crop))
+        return original(p, s, crop)
 
     monkeypatch.setattr(image_files, "read_image", counted)
     # A converted torchvision model records its size and ImageNet normalisation:
@@ -78,3 +89,5 @@ def test_a_merge_of_a_large_folder_decodes_only_the_images_it_uses(tmp_path, mon
     batches = merge_batches(dataset, images=10, batch_size=4)
     assert [b.shape for b in batches] == [(4, 64, 64, 3), (4, 64, 64, 3), (2, 64, 64, 3)]
     assert len(reads) == 10 and len(set(reads)) == 10
+    # ...as torchvision evaluates it: resized, then the central square.
+    assert {crop for _, crop in reads} == {0.875}

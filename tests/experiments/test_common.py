@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import common, datasets, merging, options, release, runs, sources, streams
-from pleas_jax import checkpoint
+from pleas_jax import checkpoint, data
 from tests.experiments.conftest import SIZE, tiny
 
 
@@ -90,7 +90,7 @@ def test_checkpoints_root(tmp_path, monkeypatch):
 
 def test_load_source_fills_in_the_releases_inputs(saved, tmp_path):
     m = common.load_source(saved)
-    assert m.image_size == SIZE and m.normalization is None
+    assert m.image_size == SIZE and m.normalization is None and m.crop is None
     meta = checkpoint.load_metadata(saved)
     conv = tmp_path / "conv"
     shutil.copytree(saved, conv)
@@ -100,6 +100,7 @@ def test_load_source_fills_in_the_releases_inputs(saved, tmp_path):
     m = common.load_source(conv)
     assert m.image_size == 224 and m.normalization is not None
     assert m.normalization[0] == common.IMAGENET_NORMALIZATION["mean"]
+    assert m.crop == common.RELEASE_CROP == data.IMAGENET_CROP
     assert common.load_source(conv, image_size=64).image_size == 64
     with pytest.raises(common.ExperimentError, match="not a pleas-jax checkpoint.*pleas-jax train"):
         common.load_source(tmp_path)
@@ -158,6 +159,10 @@ def test_tfds_images_are_read_by_index_and_missing_ones_say_how_to_build(tmp_pat
         assert y.dtype == np.int32 and ((0 <= y) & (y < 345)).all()
         with pytest.raises(common.ExperimentError, match="has label .* predicts 3 classes"):
             streams.Images("tfds:domainnet/real", 8, num_classes=3).read("test", range(12))
+        # As the release's models read them: the mock's 16 px resized to 9, the central 8.
+        cropped = streams.Images("tfds:domainnet/real", 8, num_classes=345, crop=0.875)
+        assert not np.array_equal(cropped.sample("train", 5, seed=0), x)
+        assert cropped.sample("train", 5, seed=0).shape == x.shape
         one = streams.Images("tfds:imagenet_v2:test", 8)
         assert one.size("train") == 12 and one.sample("train", 20, seed=1).shape == (12, 8, 8, 3)
         with pytest.raises(common.ExperimentError, match="names one split.*tfds:imagenet_v2\\)"):
@@ -247,6 +252,7 @@ HOMES = {
         "MODEL_TYPES",
         "ORDERS",
         "RATIOS",
+        "RELEASE_CROP",
         "RELEASE_IMAGE_SIZE",
         "RESULT_FILE",
         "VARIANTS",
