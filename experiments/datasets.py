@@ -59,22 +59,53 @@ def dataset_spec(name: str, overrides: Mapping[str, str], data_dir: str | None) 
 MOCK_IMAGE_SIZE = 16
 
 
-def _mock_source(examples: int):
-    """A stand-in for ``DatasetBuilder.as_data_source``: ``examples`` random RGB
-    images ``[16, 16, 3]`` with random labels of the dataset's label space, seeded
-    by dataset, config and split. tfds' own mock draws images of random sizes;
-    fixed small ones keep the tests' reading cheap."""
+class _MockSource:
+    """A stand-in for a tfds data source (``tfds.data_source``): ``examples``
+    random RGB images ``[16, 16, 3]`` with random labels of the dataset's label
+    space, seeded by dataset, config and split. Images come PNG-encoded when
+    the reader skips their decoding (``tfds.decode.SkipDecoding``), as array_record
+    files hold them, else as arrays. tfds' own mock draws images of random
+    sizes and encodes them with TensorFlow; fixed small ones keep the tests'
+    reading cheap."""
 
-    def as_data_source(builder, split=None, *args, **kwargs):
+    def __init__(self, builder, split, examples: int, decoders=None):
+        import tensorflow_datasets as tfds
+
+        self.dataset_info, self.split = builder.info, split
         config = builder.builder_config.name if builder.builder_config else ""
-        seed = zlib.crc32(f"{builder.name}/{config}/{split}".encode())
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(zlib.crc32(f"{builder.name}/{config}/{split}".encode()))
         k = builder.info.features["label"].num_classes
         size = (MOCK_IMAGE_SIZE, MOCK_IMAGE_SIZE, 3)
-        return [
-            {"image": rng.integers(0, 256, size, dtype=np.uint8), "label": int(rng.integers(k))}
+        self._examples = [
+            (rng.integers(0, 256, size, dtype=np.uint8), int(rng.integers(k)))
             for _ in range(examples)
         ]
+        self._encoded = isinstance((decoders or {}).get("image"), tfds.decode.SkipDecoding)
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, i: int) -> dict:
+        image, label = self._examples[i]
+        if self._encoded:
+            import io
+
+            from PIL import Image
+
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            return {"image": buf.getvalue(), "label": label}
+        return {"image": image, "label": label}
+
+    def __getitems__(self, keys) -> list[dict]:
+        return [self[int(i)] for i in keys]
+
+
+def _mock_source(examples: int):
+    """A stand-in for ``DatasetBuilder.as_data_source`` (:class:`_MockSource`)."""
+
+    def as_data_source(builder, split=None, *args, decoders=None, **kwargs):
+        return _MockSource(builder, split, examples, decoders)
 
     return as_data_source
 

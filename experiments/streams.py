@@ -6,8 +6,9 @@ domains hold 586k images, ~350 GB as float32). :class:`Images` reads a spec
 lazily instead:
 
 - ``tfds:NAME[/CONFIG]`` (no label subset) is read with ``tfds.data_source``
-  by index: a merge's sample reads only the sampled images, an evaluation
-  streams the split in chunks. Images are resized with PIL (bilinear) and
+  by index (:class:`pleas_jax.tfds_images.TfdsImages`): a merge's sample reads
+  only the sampled images, an evaluation streams the split in chunks. Images
+  are decoded on a few threads and resized with PIL (bilinear), and
   labels keep the dataset's own ids, so a model sees its whole label space even
   where a chunk lacks some classes. ``tfds:NAME:SPLIT`` serves that one split
   (as merge data, e.g. ``--matching-data tfds:imagenet_v2:test``).
@@ -76,20 +77,17 @@ class Images:
     # ------------------------------------------------------------ sources
     def _tfds(self, split: str):
         if split not in self._sources:
-            import tensorflow_datasets as tfds
+            from pleas_jax.image_files import DataError
+            from pleas_jax.tfds_images import TfdsImages
 
             name = self._tfds_name
             assert name is not None  # only tfds specs reach here
             try:
-                self._sources[split] = tfds.data_source(
-                    name, split=split, data_dir=self.data_dir, download=False
+                self._sources[split] = TfdsImages.open(
+                    name, split, self.data_dir, self.crop, where="--data-dir (or TFDS_DATA_DIR)"
                 )
-            except Exception as e:  # tfds raises many kinds for a missing dataset
-                from pleas_jax.tfds_images import open_error
-
-                raise ExperimentError(
-                    str(open_error(name, split, e, where="--data-dir (or TFDS_DATA_DIR)"))
-                ) from None
+            except DataError as e:
+                raise ExperimentError(str(e)) from None
         return self._sources[split]
 
     def _loaded(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -148,24 +146,8 @@ class Images:
         if self._tfds_name is None:
             x, y = self._loaded()[split]
             return x[rows], y[rows]
-        source = self._tfds(self._split or split)
-        idx = [int(i) for i in rows]
-        # Array-record sources read a batch of records in one call.
-        examples = (
-            source.__getitems__(idx)
-            if hasattr(source, "__getitems__")
-            else [source[i] for i in idx]
-        )
-        from pleas_jax.tfds_images import decode_image
-
-        xs, ys = [], []
-        for ex in examples:
-            img = np.asarray(ex["image"])
-            gray = img.ndim == 2 or img.shape[-1] == 1
-            xs.append(decode_image(img, 1 if gray else 3, self.image_size, self.crop))
-            ys.append(int(ex["label"]))
-        x = np.stack(xs) if xs else np.zeros((0, self.image_size, self.image_size, 3), np.float32)
-        y = np.asarray(ys, np.int32)
+        # Records read in one call, images decoded on a few threads.
+        x, y = self._tfds(self._split or split).labeled(rows, self.image_size)
         if self.num_classes is not None and len(y) and (y.min() < 0 or y.max() >= self.num_classes):
             raise ExperimentError(
                 f"{self.spec!r} has label {int(y.max())} but the model predicts "

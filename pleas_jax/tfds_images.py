@@ -38,8 +38,13 @@ def _tfds():
     return tfds
 
 
-def open_split(name: str, split: str, data_dir: str | None) -> Any:
+def open_split(
+    name: str, split: str, data_dir: str | None, where: str = "TFDS_DATA_DIR (or data_dir)"
+) -> Any:
     """``tfds.data_source`` of one split with its ``image`` feature left encoded.
+
+    ``where`` names, in the error for a missing dataset, how the caller is told
+    the data directory.
 
     Raises:
       DataError: the dataset or split is not prepared under ``data_dir`` (no
@@ -69,7 +74,7 @@ def open_split(name: str, split: str, data_dir: str | None) -> Any:
     except DataError:
         raise
     except Exception as e:  # tfds raises many kinds for a missing or unreadable dataset
-        raise open_error(name, split, e) from None
+        raise open_error(name, split, e, where) from None
 
 
 def open_error(
@@ -133,11 +138,11 @@ class TfdsImages:
 
     @classmethod
     def open(
-        cls, name: str, split: str, data_dir: str | None, crop: float | None = None
+        cls, name: str, split: str, data_dir: str | None, crop: float | None = None, **kw: str
     ) -> TfdsImages:
-        """A split of a prepared dataset (:func:`open_split`); grayscale where
-        its image feature is declared ``[H, W, 1]``, else RGB."""
-        source = open_split(name, split, data_dir)
+        """A split of a prepared dataset (:func:`open_split`, which takes ``kw``);
+        grayscale where its image feature is declared ``[H, W, 1]``, else RGB."""
+        source = open_split(name, split, data_dir, **kw)
         shape = tuple(getattr(source.dataset_info.features["image"], "shape", None) or ())
         return cls(source, 1 if shape[-1:] == (1,) and len(shape) == 3 else 3, crop)
 
@@ -187,21 +192,26 @@ class TfdsImages:
 
     def read(self, indices: Sequence[int], size: int) -> np.ndarray:
         """Examples ``indices`` as float32 ``[n, size, size, channels]`` in ``[0, 1]``."""
+        return self.labeled(indices, size)[0]
+
+    def labeled(self, indices: Sequence[int], size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Examples ``indices``: images as :meth:`read` gives them, and labels ``[n]`` int32."""
         if len(indices) == 0:
-            return np.zeros((0, size, size, self.channels), np.float32)
-        images = [ex["image"] for ex in self._records(list(indices))]
+            return np.zeros((0, size, size, self.channels), np.float32), np.zeros(0, np.int32)
+        examples = self._records(list(indices))
+        labels = np.asarray([int(ex["label"]) for ex in examples], np.int32)
 
         def one(i):
             try:
-                return decode_image(images[i], self.channels, size, self.crop)
+                return decode_image(examples[i]["image"], self.channels, size, self.crop)
             except Exception as e:  # PIL raises several kinds for bad bytes
                 raise DataError(
                     f"cannot decode example {int(indices[i])} of {self.source!r}: {e}"
                 ) from None
 
-        workers = min(len(images), os.cpu_count() or 1, 8)
+        workers = min(len(examples), os.cpu_count() or 1, 8)
         if workers == 1:
-            return np.stack([one(i) for i in range(len(images))])
+            return np.stack([one(i) for i in range(len(examples))]), labels
         # PIL releases the GIL while it decodes and resizes.
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            return np.stack(list(pool.map(one, range(len(images)))))
+            return np.stack(list(pool.map(one, range(len(examples))))), labels
