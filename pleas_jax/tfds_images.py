@@ -138,11 +138,16 @@ class TfdsImages:
 
     @classmethod
     def open(
-        cls, name: str, split: str, data_dir: str | None, crop: float | None = None, **kw: str
+        cls,
+        name: str,
+        split: str,
+        data_dir: str | None,
+        crop: float | None = None,
+        where: str = "TFDS_DATA_DIR (or data_dir)",
     ) -> TfdsImages:
-        """A split of a prepared dataset (:func:`open_split`, which takes ``kw``);
+        """A split of a prepared dataset (:func:`open_split`, with ``where``);
         grayscale where its image feature is declared ``[H, W, 1]``, else RGB."""
-        source = open_split(name, split, data_dir, **kw)
+        source = open_split(name, split, data_dir, where)
         shape = tuple(getattr(source.dataset_info.features["image"], "shape", None) or ())
         return cls(source, 1 if shape[-1:] == (1,) and len(shape) == 3 else 3, crop)
 
