@@ -289,6 +289,9 @@ def _eval(args: argparse.Namespace) -> int:
             "head": args.head,
             "accuracy": round(acc, 6),
             "examples": len(dataset.y_test),
+            # How the images were read (Model.image_size, Model.crop).
+            "image_size": int(dataset.x_test.shape[1]),
+            "crop": model.crop,
         }
     )
     return 0

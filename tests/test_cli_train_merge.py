@@ -159,6 +159,7 @@ def test_merge_shared_head_and_eval(ckpts, outs, capsys, tmp_path):
     assert rc == 0, err
     result = last_json(out)
     assert 0.0 <= result["accuracy"] <= 1.0 and result["examples"] == 180
+    assert result["image_size"] == 16 and result["crop"] == 0.75
     assert sorted(p.name for p in outs.iterdir()) == ["m", "report.json"]
 
 
