@@ -72,27 +72,27 @@ class Model:
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     name: str = "model"
 
+    def _input(self, key: str, convention: int, default: Any) -> Any:
+        # The checkpoint's record (None included), else torchvision's
+        # convention for a converted checkpoint, else ``default``.
+        if key in self.metadata:
+            return self.metadata[key]
+        if self.metadata.get("converted_from") == "torch":
+            return input_convention(self.module)[convention]
+        return default
+
     @property
     def image_size(self) -> int:
         """Image side the model reads: the checkpoint's ``image_size``, else
         :func:`input_convention`'s for a converted checkpoint, else 32."""
-        if "image_size" in self.metadata:
-            return int(self.metadata["image_size"])
-        if self.metadata.get("converted_from") == "torch":
-            return input_convention(self.module)[0]
-        return data_lib.DEFAULT_SIZE
+        return int(self._input("image_size", 0, data_lib.DEFAULT_SIZE))
 
     @property
     def normalization(self) -> tuple[list[float], list[float]] | None:
         """``(mean, std)`` per channel of its training inputs: the checkpoint's
         ``normalization`` (``None`` recorded: the data's own statistics), else
         :func:`input_convention`'s for a converted checkpoint, else ``None``."""
-        if "normalization" in self.metadata:
-            norm = self.metadata["normalization"]
-        elif self.metadata.get("converted_from") == "torch":
-            norm = input_convention(self.module)[1]
-        else:
-            norm = None
+        norm = self._input("normalization", 1, None)
         return None if norm is None else (list(norm["mean"]), list(norm["std"]))
 
     @property
@@ -101,12 +101,7 @@ class Model:
         :func:`pleas_jax.data.load`): the checkpoint's ``crop``, else
         :func:`input_convention`'s for a converted checkpoint, else ``None``
         (resized whole, as ``pleas-jax train`` reads them)."""
-        if "crop" in self.metadata:
-            crop = self.metadata["crop"]
-        elif self.metadata.get("converted_from") == "torch":
-            crop = input_convention(self.module)[2]
-        else:
-            crop = None
+        crop = self._input("crop", 2, None)
         return None if crop is None else float(crop)
 
     @property
