@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import tempfile
@@ -45,6 +46,8 @@ from pleas_jax import data as data_lib
 from pleas_jax import heads as heads_lib
 from pleas_jax import train as train_lib
 from pleas_jax.merge import merge
+
+_log = logging.getLogger(__name__)
 
 HEADS_CHOICES = ("auto", "shared", "separate")
 
@@ -366,7 +369,8 @@ def merge_batches(
 def check_pair(a: Model, b: Model, *, image_size: int | None = None) -> None:
     """Raise :class:`RunError` unless ``a`` and ``b`` can be merged: the same
     architecture and widths, the same input channels, and the same image size
-    unless ``image_size`` overrides both."""
+    unless ``image_size`` overrides both. Logs a warning where they read images
+    differently (:attr:`Model.crop`): a merge reads its data as ``a`` does."""
     ca, cb = dict(a.module.config()), dict(b.module.config())
     for c in (ca, cb):
         c.pop("num_classes")
@@ -388,6 +392,19 @@ def check_pair(a: Model, b: Model, *, image_size: int | None = None) -> None:
     for m in (a, b):
         if m.heads is not None:
             raise RunError(f"{m.name} is already a merge with separate heads; merge source models")
+    if a.crop != b.crop:
+        _log.warning(
+            "%s reads images %s but %s %s; the merge reads them as %s does",
+            a.name,
+            _reading(a),
+            b.name,
+            _reading(b),
+            a.name,
+        )
+
+
+def _reading(m: Model) -> str:
+    return "resized whole" if m.crop is None else f"centre-cropped ({m.crop:g})"
 
 
 def heads_mode(a: Model, b: Model, heads: str = "auto") -> str:

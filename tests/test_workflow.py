@@ -9,7 +9,7 @@ import pytest
 
 from pleas_jax import data, image_files, models
 from pleas_jax.data import IMAGENET_NORMALIZATION
-from pleas_jax.workflow import Model, dataset_for, merge_batches, write_json
+from pleas_jax.workflow import Model, check_pair, dataset_for, merge_batches, write_json
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -91,3 +91,18 @@ def test_a_merge_of_a_large_folder_decodes_only_the_images_it_uses(tmp_path, mon
     assert len(reads) == 10 and len(set(reads)) == 10
     # ...as torchvision evaluates it: resized, then the central square.
     assert {crop for _, crop in reads} == {0.875}
+
+
+def test_a_pair_that_reads_images_differently_is_merged_with_a_warning(caplog):
+    module = models.resnet("resnet18", num_classes=3)
+    stem = {"params": {"conv1": {"kernel": np.zeros((7, 7, 3, 64), np.float32)}}}
+    converted = Model(module, stem, metadata={"converted_from": "torch"}, name="c")
+    trained = Model(module, stem, metadata={"image_size": 224}, name="t")
+    with caplog.at_level("WARNING", logger="pleas_jax.workflow"):
+        check_pair(converted, converted)
+        assert not caplog.records
+        check_pair(converted, trained)
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "c reads images centre-cropped (0.875) but t resized whole; the merge reads them as c does"
+    )
