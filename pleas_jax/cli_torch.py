@@ -113,15 +113,16 @@ def register_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _crop(text: str) -> float | str | None:
+    from pleas_jax.image_files import check_crop
+
     if text in ("none", "default"):
         return None if text == "none" else text
     try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] or 'none', got {text!r}")
-    return value
+        return check_crop(float(text))
+    except ValueError:  # not a number, or outside (0, 1]
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction in (0, 1] or 'none', got {text!r}"
+        ) from None
 
 
 def _convert(args: argparse.Namespace) -> int:

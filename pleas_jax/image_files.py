@@ -1,18 +1,18 @@
 """Images read on demand: the lazy arrays behind large ``folder:`` and ``tfds:`` specs.
 
-:func:`read_images` decodes files (RGB, resized or resized and centre-cropped
-by :func:`fit`, float32 in ``[0, 1]``) on a few threads; :class:`LazyImages` stands for the array of a list of files (or
-of any :class:`ImageReader`, such as a tfds split) and decodes only what is
-indexed. :class:`DataError` is the error of every data spec that cannot be
+:func:`read_images` decodes files (RGB, squashed or resized and centre-cropped
+by :func:`fit`, float32 in ``[0, 1]``) on a few threads; :class:`LazyImages`
+stands for the array of a list of files (or of any :class:`ImageReader`, such
+as a tfds split) and decodes only what is indexed. :class:`DataError` is the error of every data spec that cannot be
 read (:mod:`pleas_jax.data` re-exports it).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -73,18 +73,23 @@ def read_image(path: Path, size: int, crop: float | None = None) -> np.ndarray:
     return out.astype(np.float32) / 255.0
 
 
-def read_images(paths: Sequence[Path], size: int, crop: float | None = None) -> np.ndarray:
-    """Image files as float32 ``[n, size, size, 3]``, decoded on a few threads
-    (PIL releases the GIL while it decodes and resizes)."""
-    if not paths:
-        return np.zeros((0, size, size, 3), np.float32)
-    workers = min(len(paths), os.cpu_count() or 1, 8)
+def decode_on_threads(decode: Callable[[Any], np.ndarray], items: Sequence) -> np.ndarray:
+    """``np.stack([decode(item) for item in items])`` on up to 8 threads (PIL
+    releases the GIL while it decodes and resizes)."""
+    workers = min(len(items), os.cpu_count() or 1, 8)
     if workers == 1:
-        return np.stack([read_image(p, size, crop) for p in paths])
+        return np.stack([decode(item) for item in items])
     import concurrent.futures
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return np.stack(list(pool.map(lambda p: read_image(p, size, crop), paths)))
+        return np.stack(list(pool.map(decode, items)))
+
+
+def read_images(paths: Sequence[Path], size: int, crop: float | None = None) -> np.ndarray:
+    """Image files as float32 ``[n, size, size, 3]``, decoded on a few threads."""
+    if not paths:
+        return np.zeros((0, size, size, 3), np.float32)
+    return decode_on_threads(lambda p: read_image(p, size, crop), paths)
 
 
 @runtime_checkable

@@ -12,15 +12,13 @@ spec is read.
 
 from __future__ import annotations
 
-import concurrent.futures
 import io
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from pleas_jax.image_files import DataError, check_crop, fit
+from pleas_jax.image_files import DataError, check_crop, decode_on_threads, fit
 
 # Records are read (and labels collected) this many at a time.
 CHUNK = 1024
@@ -214,9 +212,4 @@ class TfdsImages:
                     f"cannot decode example {int(indices[i])} of {self.source!r}: {e}"
                 ) from None
 
-        workers = min(len(examples), os.cpu_count() or 1, 8)
-        if workers == 1:
-            return np.stack([one(i) for i in range(len(examples))]), labels
-        # PIL releases the GIL while it decodes and resizes.
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            return np.stack(list(pool.map(one, range(len(examples))))), labels
+        return decode_on_threads(one, range(len(examples))), labels

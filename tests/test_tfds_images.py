@@ -70,7 +70,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
 
 
 class PleasTestRgb(_Builder):
-    pass
+    """RGB images; train and validation splits (the defaults above)."""
 
 
 class PleasTestGray(_Builder):
