@@ -35,7 +35,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from pleas_jax import checkpoint
+from pleas_jax import checkpoint, user_cache
 from pleas_jax import train as train_lib
 from pleas_jax import workflow as wf
 from pleas_jax.merge import merge
@@ -46,11 +46,8 @@ PLOT_FILE = "accuracy_vs_budget.png"
 
 
 def default_cache() -> Path:
-    """``$PLEAS_JAX_CACHE``, else ``$XDG_CACHE_HOME/pleas-jax``, else ``~/.cache/pleas-jax``."""
-    if os.environ.get("PLEAS_JAX_CACHE"):
-        return Path(os.environ["PLEAS_JAX_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "pleas-jax"
+    """The user's cache directory (:func:`pleas_jax.user_cache.root`)."""
+    return user_cache.root()
 
 
 @dataclasses.dataclass(frozen=True)

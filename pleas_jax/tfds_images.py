@@ -18,12 +18,16 @@ from typing import Any
 
 import numpy as np
 
+from pleas_jax import user_cache
 from pleas_jax.image_files import DataError, check_crop, decode_on_threads, fit
 
 # Records are read (and labels collected) this many at a time.
 CHUNK = 1024
 # Reading the labels of a split larger than this shows a progress bar.
 PROGRESS_RECORDS = 100_000
+# The labels of a split this large (over a second to read) are kept in the
+# user's cache (pleas_jax.user_cache), keyed by the split's files.
+CACHE_RECORDS = 20_000
 
 
 def _tfds():
@@ -177,8 +181,42 @@ class TfdsImages:
         """Every example's label, ``[N]`` int32 (reads each record, decodes no image).
 
         A split of more than :data:`PROGRESS_RECORDS` records shows a progress
-        bar: ImageNet's 1.28M take a minute or more.
+        bar: ImageNet's 1.28M take a minute or more. A split of at least
+        :data:`CACHE_RECORDS` is read once: its labels are kept in the user's
+        cache (:func:`pleas_jax.user_cache.root`) under a key of the dataset's
+        directory, split and files (names, sizes, modification times), so a
+        rebuilt dataset is read again.
         """
+        n = len(self)
+        stamp = self._cache_key() if n >= CACHE_RECORDS else None
+        if stamp is not None:
+            cached = user_cache.load("tfds-labels", stamp)
+            if cached is not None and cached.shape == (n,) and cached.dtype == np.int32:
+                return cached
+        out = self._read_labels()
+        if stamp is not None:
+            user_cache.store("tfds-labels", stamp, out)
+        return out
+
+    def _cache_key(self) -> dict | None:
+        """What the labels are derived from, or ``None`` when the files cannot be listed."""
+        from pathlib import Path
+
+        info = self.source.dataset_info
+        try:
+            where = Path(str(info.data_dir)).resolve()
+            files = [p for p in where.iterdir() if ".array_record" in p.name]
+            files.append(where / "dataset_info.json")
+            return {
+                "dir": str(where),
+                "split": str(self.source.split),
+                "records": len(self),
+                "files": user_cache.file_stamps(files),
+            }
+        except OSError:  # a remote or unusual data_dir: read the labels every time
+            return None
+
+    def _read_labels(self) -> np.ndarray:
         from tqdm.auto import tqdm
 
         n = len(self)

@@ -216,3 +216,43 @@ def test_a_model_reads_lazy_images_as_it_reads_the_decoded_ones(data_dir):
     logits = {k: workflow.predict(model, d.x_test, batch_size=4) for k, d in got.items()}
     assert logits[True].shape == (HELD_OUT, 3)
     np.testing.assert_allclose(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
+def test_labels_of_a_large_split_are_read_once(data_dir, monkeypatch, tmp_path):
+    import os
+    from pathlib import Path
+
+    cache = tmp_path / "cache" / "tfds-labels"
+    monkeypatch.setenv("PLEAS_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tfds_images, "CACHE_RECORDS", 10)
+    reads = []
+    read = tfds_images.TfdsImages._read_labels
+
+    def counted(self):
+        reads.append(str(self.source.split))
+        return read(self)
+
+    def labels(split):
+        return tfds_images.TfdsImages.open("pleas_test_rgb", split, data_dir).labels()
+
+    monkeypatch.setattr(tfds_images.TfdsImages, "_read_labels", counted)
+    first = labels("train")
+    assert reads == ["train"] and len(list(cache.iterdir())) == 1
+    again = labels("train")
+    assert reads == ["train"]  # from the cache
+    np.testing.assert_array_equal(again, first)
+    train = tfds_images.TfdsImages.open("pleas_test_rgb", "train", data_dir)
+    np.testing.assert_array_equal(first, read(train))
+    # A split under the threshold (9 records) is not kept; another split is its own entry.
+    labels("validation")
+    assert len(list(cache.iterdir())) == 1
+    labels("train[:12]")
+    labels("train[:12]")
+    assert reads == ["train", "validation", "train[:12]"] and len(list(cache.iterdir())) == 2
+    # A rewritten record file is read again.
+    version = Path(data_dir) / "pleas_test_rgb" / "1.0.0"
+    (shard,) = [p for p in version.iterdir() if "train.array_record" in p.name]
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    labels("train")
+    assert reads[-1] == "train" and len(reads) == 4
