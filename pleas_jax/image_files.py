@@ -61,13 +61,25 @@ def fit(im, size: int, crop: float | None = None):
     return im.crop((left, top, left + size, top + size))
 
 
+def as_mode(im, mode: str):
+    """A PIL image converted to ``mode`` (``"RGB"`` or ``"L"``). 16-bit
+    grayscale images (PIL modes ``I;16*`` and ``I``) are scaled to 8 bits first:
+    PIL's own conversion clips them, so mid-grey would read as white."""
+    from PIL import Image
+
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        a = np.asarray(im, np.float64)
+        im = Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8))
+    return im.convert(mode)
+
+
 def read_image(path: Path, size: int, crop: float | None = None) -> np.ndarray:
     """One image file as float32 ``[size, size, 3]`` in ``[0, 1]`` (RGB; :func:`fit`)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            out = np.asarray(fit(im.convert("RGB"), size, crop))
+            out = np.asarray(fit(as_mode(im, "RGB"), size, crop))
     except Exception as e:  # PIL raises several kinds for a bad file
         raise DataError(f"cannot read image {path}: {e}") from None
     return out.astype(np.float32) / 255.0

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pleas_jax import user_cache
-from pleas_jax.image_files import DataError, check_crop, decode_on_threads, fit
+from pleas_jax.image_files import DataError, as_mode, check_crop, decode_on_threads, fit
 
 # Records are read (and labels collected) this many at a time.
 CHUNK = 1024
@@ -116,7 +116,7 @@ def decode_image(value, channels: int, size: int, crop: float | None = None) -> 
     else:
         a = np.asarray(value, np.uint8)
         im = Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)
-    im = im.convert("L" if channels == 1 else "RGB")
+    im = as_mode(im, "L" if channels == 1 else "RGB")
     # PIL, not jax.image.resize: a dataset has an image size per example, and
     # a jitted resize would compile once per size.
     out = np.asarray(fit(im, size, crop), np.float32) / 255.0

@@ -135,8 +135,25 @@ def _check_out(out: Path, overwrite: bool) -> None:
     # Checked before any slow work, so a typo costs nothing.
     if out.exists() and not overwrite:
         raise RunError(f"{out}: already exists (pass --overwrite to replace it)")
+    if out.exists():
+        # checkpoint.save refuses this too, but only after the training or merge.
+        try:
+            checkpoint.load_metadata(out)
+        except checkpoint.CheckpointError:
+            raise RunError(
+                f"{out}: exists and is not a pleas-jax checkpoint; refusing to replace it"
+            ) from None
     if not out.parent.is_dir():
         raise RunError(f"{out}: parent directory {out.parent} does not exist")
+
+
+def _check_json_out(path: str | os.PathLike) -> None:
+    """A JSON file can be written at ``path`` (checked before slow work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise RunError(f"{path}: is a directory; name the JSON file to write")
+    if not path.parent.is_dir():
+        raise RunError(f"{path}: parent directory {path.parent} does not exist")
 
 
 def jsonable(x):
@@ -171,9 +188,22 @@ def write_json(path: str | os.PathLike, value: Any) -> Path:
     return path
 
 
-def _classes(model: Model) -> tuple[int, ...] | None:
-    classes = model.metadata.get("classes")
+def _classes(model: Model, head: str | None = None) -> tuple[int, ...] | None:
+    """The original labels ``model`` (or its separate ``head``) was trained on,
+    where its metadata records them."""
+    if head is None:
+        classes = model.metadata.get("classes")
+    else:
+        classes = (model.metadata.get("head_classes") or {}).get(head)
     return None if classes is None else tuple(classes)
+
+
+def _check_test_split(dataset: data_lib.Dataset) -> None:
+    if len(dataset.y_test) == 0:
+        raise RunError(
+            f"{dataset.name!r} has no test images (too few images per class for a "
+            f"{data_lib.TEST_FRACTION:g} test fraction); nothing to score a model on"
+        )
 
 
 # ------------------------------------------------------------------ training
@@ -211,6 +241,7 @@ def train_checkpoint(
     out = Path(out)
     _check_out(out, overwrite)
     dataset = data_lib.load(data, image_size=image_size)
+    _check_test_split(dataset)
     module = models.resnet(arch, num_classes=dataset.num_classes, width=width)
     recipe = {
         "arch": arch,
@@ -334,14 +365,36 @@ def predict(
 
 
 def evaluate(
-    model: Model, dataset: data_lib.Dataset, *, head: str | None = None, batch_size: int = 250
+    model: Model,
+    dataset: data_lib.Dataset,
+    *,
+    head: str | None = None,
+    batch_size: int = 250,
+    check_classes: bool = True,
 ) -> float:
     """Top-1 accuracy on ``dataset``'s test split (see :func:`predict` for ``head``).
 
+    Args:
+      check_classes: refuse a dataset whose classes (original labels, e.g.
+        ``(5, ..., 9)`` for ``digits[5-9]``) differ from those the model (or
+        ``head``) was trained on, where its metadata records them: a score of a
+        0-4 model on digits 5-9 relabelled 0-4 would mean nothing. ``False``
+        scores it anyway (data whose labels mean the same under other numbers).
+
     Raises:
-      RunError: the model (or head) predicts a different number of classes
-        than the dataset has.
+      RunError: no test images; other classes than the model's (see
+        ``check_classes``); the model (or head) predicts a different number
+        of classes than the dataset has.
     """
+    _check_test_split(dataset)
+    trained = _classes(model, head if model.heads is not None else None)
+    if check_classes and trained is not None and trained != tuple(dataset.classes):
+        which = model.name if head is None else f"{model.name} head {head!r}"
+        raise RunError(
+            f"{which} was trained on classes {_span(trained)} but {dataset.name!r} has "
+            f"classes {_span(dataset.classes)}; read the same classes (a label subset such as "
+            f"[0-4]), or pass --any-classes if these labels mean the same"
+        )
     logits = predict(model, dataset.x_test, head=head, batch_size=batch_size)
     if logits.shape[-1] != dataset.num_classes:
         which = model.name if head is None else f"{model.name} head {head!r}"
@@ -350,6 +403,14 @@ def evaluate(
             f"{dataset.num_classes}"
         )
     return train_lib.accuracy(logits, dataset.y_test)
+
+
+def _span(classes: Sequence[int]) -> str:
+    """``[0, 1, 2, 3, 4]`` as ``0-4``; other lists as they are (at most 8 shown)."""
+    c = list(classes)
+    if len(c) > 2 and c == list(range(c[0], c[0] + len(c))):
+        return f"{c[0]}-{c[-1]}"
+    return str(c if len(c) <= 8 else [*c[:8], "..."])
 
 
 # ------------------------------------------------------------------- merging
@@ -450,7 +511,7 @@ def merge_checkpoints(
     merged model (a backbone plus heads ``"a"``/``"b"`` for separate label
     spaces) and metadata: the sources, data, settings and the merge report.
     Nothing is written unless the merge completes; ``report`` (a JSON file)
-    is written after the checkpoint.
+    is written just before the checkpoint.
 
     Returns:
       the merge report (JSON-able).
@@ -461,8 +522,8 @@ def merge_checkpoints(
     """
     out = Path(out)
     _check_out(out, overwrite)
-    if report is not None and not Path(report).parent.is_dir():
-        raise RunError(f"{report}: parent directory {Path(report).parent} does not exist")
+    if report is not None:
+        _check_json_out(report)
     if not 1.0 <= budget <= 2.0 or math.isnan(budget):
         raise RunError(f"budget must lie in [1, 2] (compute relative to one model), got {budget}")
     model_a, model_b = load_model(a), load_model(b)
@@ -527,11 +588,13 @@ def merge_checkpoints(
         info["classes"] = list(classes_a)
     if mode == "separate":
         info["head_classes"] = {"a": _classes(model_a), "b": _classes(model_b)}
+    # The report first: a checkpoint without its report would block the rerun
+    # ("already exists"); a report without its checkpoint is overwritten by it.
+    if report is not None:
+        write_json(report, rep)
     checkpoint.save(
         out, result.module, result.variables, heads=result.heads, overwrite=overwrite, **info
     )
-    if report is not None:
-        write_json(report, rep)
     return rep
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from pleas_jax import budget, checkpoint, models
+from pleas_jax import train as train_lib
 from pleas_jax.cli import main
 from pleas_jax.spec import derive_spec
 
@@ -215,6 +216,9 @@ def test_merge_separate_heads_and_eval_each_head(ckpts, outs, capsys):
         assert last_json(out)["head"] == head
     rc, _, err = run(["eval", outs / "m", "--data", "digits[0-4]"], capsys)
     assert rc == 2 and "separate heads ['a', 'b']; choose one with --head" in err
+    # Each head is scored on its own task's classes only.
+    rc, _, err = run(["eval", outs / "m", "--data", "digits[5-9]", "--head", "a"], capsys)
+    assert rc == 2 and "head 'a' was trained on classes 0-4 but 'digits[5-9]'" in err
     rc, _, err = run(["eval", ckpts["a"], "--data", "digits[0-4]", "--head", "a"], capsys)
     assert rc == 2 and "has a single classifier" in err
 
@@ -237,11 +241,22 @@ def test_merge_separate_heads_and_eval_each_head(ckpts, outs, capsys):
         ("merge-budget", r"budget must lie in \[1, 2\]"),
         ("merge-shared-different-classes", r"a shared head needs the same classes"),
         ("merge-report-dir", r"parent directory .*nodir does not exist"),
+        ("merge-report-is-a-dir", r"is a directory; name the JSON file to write"),
+        ("eval-other-classes", r"trained on classes 0-4 but 'digits\[5-9\]' has classes 5-9"),
+        ("train-empty-test-split", r"has no test images"),
+        ("train-overwrite-not-a-checkpoint", r"plain: exists and is not a pleas-jax checkpoint"),
         ("merge-unit-multiple", r"--unit-multiple must be positive, got 0"),
     ],
 )
-def test_bad_input_one_line_error_and_nothing_written(case, message, ckpts, outs, tmp_path, capsys):
+def test_bad_input_one_line_error_and_nothing_written(
+    case, message, ckpts, outs, tmp_path, capsys, monkeypatch
+):
     a, b = ckpts["a"], ckpts["b"]
+    (tmp_path / "plain").mkdir()
+    x = np.zeros((10, 16, 16), np.uint8)
+    np.savez(tmp_path / "no_test.npz", x=x, y=np.arange(10) % 2, x_test=x[:0], y_test=np.zeros(0))
+    # Each of these is refused before any slow work: training would fail the test.
+    monkeypatch.setattr(train_lib, "train", lambda *a, **k: pytest.fail("trained first"))
     merge = [
         "merge",
         "--a",
@@ -262,7 +277,7 @@ def test_bad_input_one_line_error_and_nothing_written(case, message, ckpts, outs
         "train-existing-out": ["train", *TRAIN, "--data", "digits", "--out", a],
         "eval-missing": ["eval", tmp_path / "nope", "--data", "digits"],
         "eval-not-a-checkpoint": ["eval", outs, "--data", "digits"],
-        "eval-wrong-classes": ["eval", a, "--data", "digits"],
+        "eval-wrong-classes": ["eval", a, "--data", "digits", "--any-classes"],
         "eval-rgb-on-gray": ["eval", ckpts["rgb"], "--data", "digits[0-4]"],
         "merge-missing-b": [*merge[:4], tmp_path / "nope", *merge[5:]],
         "merge-unknown-data": [*merge[:6], "mnist6k", *merge[7:]],
@@ -271,6 +286,25 @@ def test_bad_input_one_line_error_and_nothing_written(case, message, ckpts, outs
         "merge-budget": [*merge[:8], 2.5, *merge[9:]],
         "merge-shared-different-classes": [*merge, "--heads", "shared"],
         "merge-report-dir": [*merge, "--report", tmp_path / "nodir" / "r.json"],
+        "merge-report-is-a-dir": [*merge, "--report", tmp_path],
+        "eval-other-classes": ["eval", a, "--data", "digits[5-9]"],
+        "train-empty-test-split": [
+            "train",
+            *TRAIN,
+            "--data",
+            f"npz:{tmp_path / 'no_test.npz'}",
+            "--out",
+            outs / "t",
+        ],
+        "train-overwrite-not-a-checkpoint": [
+            "train",
+            *TRAIN,
+            "--data",
+            "digits",
+            "--out",
+            tmp_path / "plain",
+            "--overwrite",
+        ],
         "merge-unit-multiple": [*merge, "--unit-multiple", 0],
     }[case]
     before = sorted(p.name for p in a.parent.iterdir())
@@ -281,6 +315,29 @@ def test_bad_input_one_line_error_and_nothing_written(case, message, ckpts, outs
     assert "Traceback" not in out + err
     assert list(outs.iterdir()) == []
     assert sorted(p.name for p in a.parent.iterdir()) == before
+
+
+def test_a_merge_whose_report_cannot_be_written_leaves_no_checkpoint(
+    ckpts, outs, capsys, monkeypatch
+):
+    from pleas_jax import workflow
+
+    def fail(path, value):
+        raise OSError(f"[Errno 28] No space left on device: {path!r}")
+
+    monkeypatch.setattr(workflow, "write_json", fail)
+    argv = ["merge", "--a", ckpts["a"], "--b", ckpts["a2"], "--data", "digits[0-4]"]
+    argv += ["--budget", 1.5, "--least-squares", "none", *MERGE]
+    rc, _, err = run([*argv, "--out", outs / "m", "--report", outs / "r.json"], capsys)
+    assert rc == 2 and "No space left on device" in err
+    # A rerun is not blocked by a checkpoint left from the failed one.
+    assert list(outs.iterdir()) == []
+
+
+def test_eval_of_other_classes_with_any_classes(ckpts, capsys):
+    rc, out, err = run(["eval", ckpts["a"], "--data", "digits[5-9]", "--any-classes"], capsys)
+    assert rc == 0, err
+    assert last_json(out)["examples"] > 0
 
 
 def test_interrupted_merge_leaves_no_output(ckpts, outs, capsys, monkeypatch):

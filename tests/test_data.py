@@ -219,3 +219,64 @@ def test_given_normalization():
     np.testing.assert_allclose(same.x_train, (raw - full.mean) / full.std, atol=1e-5)
     with pytest.raises(data.DataError, match="1-channel images but the normalization has 3"):
         data.load("digits", image_size=8, normalization=([0.5] * 3, [0.2] * 3))
+
+
+def test_npz_pixel_types_are_scaled_to_the_unit_range(tmp_path):
+    rng = np.random.default_rng(3)
+    x8 = rng.integers(0, 256, size=(20, 6, 6, 3)).astype(np.uint8)
+    y = np.arange(20) % 2
+    stats = ([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])  # a recorded normalisation, as eval uses
+
+    def read(name, x):
+        # A given test split: the training images are read in their order.
+        np.savez(tmp_path / name, x_train=x, y_train=y, x_test=x[:2], y_test=y[:2])
+        return np.asarray(
+            data.load(f"npz:{tmp_path / name}", image_size=6, normalization=stats).x_train
+        )
+
+    want = (x8 / 255.0 - 0.5) / 0.25
+    np.testing.assert_allclose(read("u8.npz", x8), want, atol=1e-5)
+    for dtype in (np.int64, np.int32, np.uint32, np.int16):
+        np.testing.assert_allclose(read("i.npz", x8.astype(dtype)), want, atol=1e-5)
+    np.testing.assert_allclose(read("f.npz", x8 / 255.0), want, atol=1e-5)
+    np.testing.assert_allclose(read("u16.npz", x8.astype(np.uint16) * 257), want, atol=1e-5)
+    with pytest.raises(data.DataError, match=r"0-255 \(or be uint16\), got int64 values -1\.\.2"):
+        read("neg.npz", np.where(x8 == 0, -1, x8.astype(np.int64)))
+    with pytest.raises(data.DataError, match=r"channels first \(NCHW\)"):
+        read("nchw.npz", x8.transpose(0, 3, 1, 2).repeat(2, axis=2).repeat(2, axis=3))
+
+
+def test_npz_float_images_past_one_are_warned_of(tmp_path, caplog):
+    x = np.random.default_rng(0).uniform(0, 255, size=(10, 4, 4, 1))
+    np.savez(tmp_path / "f.npz", x=x, y=np.arange(10) % 2)
+    with caplog.at_level("WARNING", "pleas_jax.data"):
+        data.load(f"npz:{tmp_path / 'f.npz'}", image_size=4)
+    assert "read as values in [0, 1], but they reach 25" in caplog.text
+
+
+def test_npz_labels_must_be_class_integers(tmp_path):
+    x = np.zeros((8, 4, 4, 1), np.uint8)
+
+    def load(y):
+        np.savez(tmp_path / "l.npz", x=x, y=y)
+        return data.load(f"npz:{tmp_path / 'l.npz'}", image_size=4)
+
+    # Keras's CIFAR archives hold labels as [N, 1]; integral floats are labels too.
+    assert load((np.arange(8) % 2)[:, None]).classes == (0, 1)
+    assert load((np.arange(8) % 2).astype(np.float32)).classes == (0, 1)
+    for bad in (np.array(["cat", "dog"] * 4), np.arange(8) / 2, np.arange(8) - 1):
+        with pytest.raises(data.DataError, match="must hold non-negative integer class labels"):
+            load(bad)
+    with pytest.raises(data.DataError, match=r"one label per image, \[8\], got \[8, 2\]"):
+        load(np.zeros((8, 2), np.int64))
+
+
+def test_a_training_split_without_images_is_an_error(tmp_path):
+    x = np.zeros((6, 4, 4, 1), np.uint8)
+    # Class 2 exists only among the test images.
+    np.savez(tmp_path / "t.npz", x_train=x, y_train=np.arange(6) % 2, x_test=x[:2], y_test=[2, 2])
+    with pytest.raises(data.DataError, match=r"the training split has no images"):
+        data.load(f"npz:{tmp_path / 't.npz'}[2]", image_size=4)
+    # With a model's recorded normalisation there is nothing to compute: it reads.
+    d = data.load(f"npz:{tmp_path / 't.npz'}[2]", image_size=4, normalization=([0.5], [0.2]))
+    assert len(d.y_train) == 0 and len(d.y_test) == 2

@@ -81,3 +81,16 @@ def test_lazy_folder_crops_as_the_eager_one(tmp_path):
 def test_bad_crop_is_an_error(bad):
     with pytest.raises(ValueError, match=r"crop must be a fraction in \(0, 1\]"):
         data.load("digits", image_size=8, crop=bad)
+
+
+def test_16_bit_grayscale_files_read_as_their_8_bit_twins(tmp_path):
+    # PIL's plain convert("RGB") clips 16-bit values: mid-grey would read as white.
+    g8 = np.random.default_rng(0).integers(0, 256, size=(9, 11)).astype(np.uint8)
+    Image.fromarray(g8).save(tmp_path / "g8.png")
+    Image.fromarray(g8.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")
+    want = image_files.read_image(tmp_path / "g8.png", 8)
+    got = image_files.read_image(tmp_path / "g16.png", 8)
+    np.testing.assert_array_equal(got, want)
+    assert abs(float(want.mean()) - g8.mean() / 255) < 0.05
