@@ -205,13 +205,13 @@ def _images(x: np.ndarray, where: str) -> np.ndarray:
         return x.astype(np.float32) / 255.0
     if not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"{where}: images must be integers or floats, got dtype {x.dtype}")
-    hi = float(np.max(x)) if x.size else 0.0
-    if hi > 1.0 + 1e-3:
+    top = float(np.max(x)) if x.size else 0.0
+    if top > 1.0 + 1e-3:
         _log.warning(
             "%s: float images are read as values in [0, 1], but they reach %g (0-255 "
             "values? save them as uint8 or divide by 255)",
             where,
-            hi,
+            top,
         )
     return x.astype(np.float32)
 
@@ -268,7 +268,7 @@ def _npz(path: str):
             raise DataError(f"{path}: {kx} must be [N, H, W, C] or [N, H, W], got {x.shape}")
         out += [_images(x, f"{path}: {kx}"), _labels(y, len(x), f"{path}: {ky}")]
     if len(out) == 2:
-        return _split(*out)
+        return _split(out[0], out[1])
     if out[0].shape[1:] != out[2].shape[1:]:
         raise DataError(
             f"{path}: training images are {out[0].shape[1:]} but test images {out[2].shape[1:]}"
