@@ -68,7 +68,11 @@ EAGER_BYTES = 1 << 30
 # The per-channel statistics of a lazily read training split come from this
 # many of its images (a seeded sample; all of them when it has fewer).
 STATS_IMAGES = 2048
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+# What torchvision's ImageFolder reads (GTSRB ships .ppm files), so that a folder
+# gives the classes and labels a torchvision-trained model saw.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+# A label range spanning more classes than this in a subset is refused.
+MAX_RANGE = 1_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,12 +124,14 @@ def parse_subset(spec: str) -> tuple[str, tuple[int, ...] | None]:
             lo, hi = part.split("-", 1)
             if not lo.isdigit() or not hi.isdigit() or int(hi) < int(lo):
                 raise DataError(f"bad label range {part!r} in {spec!r}")
+            if int(hi) - int(lo) >= MAX_RANGE:  # a typo, not a label set to expand
+                raise DataError(f"label range {part!r} in {spec!r} spans over {MAX_RANGE:,}")
             labels.extend(range(int(lo), int(hi) + 1))
         else:
             labels.append(int(part))
     if not labels:
         raise DataError(f"empty label subset in {spec!r}")
-    return m.group("base"), tuple(sorted(set(labels)))
+    return m.group("base").strip(), tuple(sorted(set(labels)))
 
 
 def resize(x: np.ndarray, size: int, crop: float | None = None) -> np.ndarray:

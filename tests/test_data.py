@@ -12,6 +12,9 @@ def test_parse_subset():
     assert data.parse_subset("npz:/a/b.npz") == ("npz:/a/b.npz", None)
     with pytest.raises(data.DataError, match="bad label range"):
         data.parse_subset("digits[4-1]")
+    assert data.parse_subset("digits [0-2]") == ("digits", (0, 1, 2))
+    with pytest.raises(data.DataError, match="spans over 1,000,000"):
+        data.parse_subset("digits[0-999999999]")
 
 
 def test_digits_split_is_deterministic_and_stratified():
@@ -83,6 +86,23 @@ def test_folder(tmp_path):
     d = data.load(f"folder:{tmp_path}", image_size=8)
     assert d.num_classes == 2 and d.x_train.shape[1:] == (8, 8, 3)
     assert len(d.y_train) + len(d.y_test) == 10
+
+
+def test_folder_reads_the_files_and_labels_torchvisions_image_folder_does(tmp_path):
+    from PIL import Image
+
+    datasets = pytest.importorskip("torchvision.datasets")
+    for c, suffix in (("a", "ppm"), ("b", "tif"), ("c", "pgm"), ("d", "jpg")):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((6, 6, 3), 30 * i, np.uint8)).convert(
+                "L" if suffix == "pgm" else "RGB"
+            ).save(tmp_path / c / f"{i}.{suffix}")
+        (tmp_path / c / "notes.txt").write_text("not an image")
+    want = [(str(p), y) for p, y in datasets.ImageFolder(str(tmp_path)).samples]
+    files, labels = data._class_files(tmp_path, sorted(p.name for p in tmp_path.iterdir()))
+    assert [(str(f), y) for f, y in zip(files, labels, strict=True)] == want
+    assert len(want) == 12
 
 
 def _image_folder(root, classes=("ant", "bee", "cat"), per_class=7, seed=0):
