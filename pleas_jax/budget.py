@@ -290,7 +290,7 @@ def sensitivity_from_costs(
         if reference is None:
             ref = float(matched.max())
         else:
-            ref = float(reference if isinstance(reference, int | float) else reference[g])
+            ref = float(reference[g] if isinstance(reference, Mapping) else reference)
         spread = ref - float(c.mean())
         if not spread > 0:
             out[g] = 1.0
@@ -300,7 +300,7 @@ def sensitivity_from_costs(
 
 
 def _check_weights(spec, weights) -> np.ndarray:
-    if isinstance(weights, int | float):
+    if not isinstance(weights, Mapping):
         weights = dict.fromkeys(spec, float(weights))
     missing = [g for g in spec if g not in weights]
     unknown = [g for g in weights if g not in spec]
@@ -364,7 +364,11 @@ def _greedy_start(comp: _Compute, w: np.ndarray, limit: float) -> np.ndarray:
         def excess(x, g=g, r=r):
             return comp(np.where(np.arange(len(n)) == g, x, r) * n) - limit
 
-        r[g] = scipy.optimize.brentq(excess, 0.0, 1.0, xtol=1e-12)
+        if excess(0.0) < 0:
+            r[g] = scipy.optimize.brentq(excess, 0.0, 1.0, xtol=1e-12)
+        # The budget is spent (brentq's root may even lie a hair past it, so a
+        # next group would have no sign change to search).
+        break
     return r
 
 

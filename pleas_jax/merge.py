@@ -250,7 +250,9 @@ def merge(
     Returns:
       a :class:`MergeResult`.
     """
-    if not isinstance(budget, int | float) or not 1.0 <= float(budget) <= 2.0:
+    if isinstance(budget, str | bool) or np.ndim(budget) != 0:
+        raise TypeError(f"budget must be a number in [1, 2], got {budget!r}")
+    if not 1.0 <= float(budget) <= 2.0:  # also rejects NaN
         raise ValueError(f"budget must lie in [1, 2] (compute relative to one model), got {budget}")
     for name, value, choices in (
         ("matching", matching, MATCHINGS),
@@ -343,10 +345,8 @@ def merge(
                 ratios, table, spec, float(budget), weights=weights
             )
         else:
+            budget_lib.separate_units(spec, ratios)  # every group named, each in [0, 1]
             group_ratios = {g: float(ratios[g]) for g in spec}
-            for g, r in group_ratios.items():
-                if not 0.0 <= r <= 1.0:
-                    raise ValueError(f"ratio of group {g} must lie in [0, 1], got {r}")
         if unit_multiple is not None:
             group_ratios = budget_lib.align_ratios(spec, group_ratios, unit_multiple)
         blocks = partial.make_blocks(spec, perm, costs, group_ratios)

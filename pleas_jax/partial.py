@@ -58,10 +58,12 @@ Blocks = dict[str, GroupBlocks]
 
 
 def n_separate(size: int, ratio: float) -> int:
-    """Units of each model kept separate in a group of ``size`` at ``ratio``."""
+    """Units of each model kept separate in a group of ``size`` at ``ratio``:
+    ``ratio * size`` rounded half up (``0.7 * 45 = 31.5 -> 32``; the tolerance
+    keeps float error, 31.499999999999996 here, from rounding a tie down)."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"a ratio must lie in [0, 1], got {ratio}")
-    return int(np.floor(ratio * size + 0.5))
+    return int(np.floor(ratio * size + 0.5 + 1e-9))
 
 
 def make_blocks(
@@ -85,7 +87,7 @@ def make_blocks(
     """
     blocks: Blocks = {}
     for g, group in spec.items():
-        r = ratios if isinstance(ratios, int | float) else ratios.get(g)
+        r = ratios.get(g) if isinstance(ratios, Mapping) else ratios
         if r is None:
             raise ValueError(f"no ratio for group {g}")
         p = np.asarray(perm[g], np.int64)

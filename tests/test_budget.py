@@ -163,6 +163,22 @@ def test_optimized_keeps_the_only_sensitive_group_separate():
     assert budget.separate_units(spec, zero) == budget.separate_units(spec, uniform)
 
 
+@pytest.mark.parametrize("arch,width", [("resnet20", 3), ("resnet20", 4), ("resnet18", 4)])
+def test_optimized_solves_every_budget_with_equal_weights(arch, width):
+    """Equal weights (identity matching gives them) once made the greedy start
+    search a group after the budget was spent; every budget must solve."""
+    _, _, spec, table = source_table(arch, 10, num_classes=10, width=width)
+    for b in np.round(np.arange(1.01, 2.0, 0.01), 2):
+        ratios = budget.optimized_ratios(table, spec, float(b), 1.0)
+        assert budget.relative_compute(table, spec, ratios) <= b + 1e-12, b
+
+
+def test_numpy_scalars_are_numbers():
+    _, _, spec, table = source_table("resnet20", 10, num_classes=10, width=4)
+    want = budget.optimized_ratios(table, spec, 1.5, 1.0)
+    assert budget.optimized_ratios(table, spec, np.float32(1.5), np.float32(1.0)) == want
+
+
 def test_sensitivity_from_costs():
     rng = np.random.default_rng(0)
     n = 32

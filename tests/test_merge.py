@@ -174,6 +174,18 @@ def test_ratio_outside_unit_interval():
     bad = {g: 1.5 for g in spec}
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
         merge((ma, va), (mb, vb), data, 1.5, ratios=bad, matching="identity", progress=False)
+    some = dict(list({g: 0.5 for g in spec}.items())[1:])
+    with pytest.raises(ValueError, match=r"ratios must name every group of the spec: missing \["):
+        merge((ma, va), (mb, vb), data, 1.5, ratios=some, matching="identity", progress=False)
+
+
+def test_budget_types():
+    (ma, va), (mb, vb), _, _ = _pair("resnet20")
+    with pytest.raises(TypeError, match="budget must be a number"):
+        merge((ma, va), (mb, vb), _no_data, "1.5", progress=False)
+    # A numpy scalar is a number: checked for its range like a float.
+    with pytest.raises(ValueError, match=r"budget must lie in \[1, 2\].*got 2.5"):
+        merge((ma, va), (mb, vb), _no_data, np.float32(2.5), progress=False)
 
 
 def test_model_mismatches_and_empty_data():

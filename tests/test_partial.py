@@ -23,6 +23,13 @@ def _pair(arch="resnet20", size=16, width=4, classes=5):
 
 def test_rounding_is_half_up():
     assert [partial.n_separate(5, r) for r in (0.0, 0.1, 0.5, 0.9, 1.0)] == [0, 1, 3, 5, 5]
+    # Exact decimal ties, checked with integers: r = k / 1000 of n units is
+    # k * n / 1000, rounded half up, even where r * n lands a hair below the tie.
+    for n in range(1, 101):
+        for k in range(1001):
+            assert partial.n_separate(n, k / 1000) == (2 * k * n + 1000) // 2000, (n, k)
+        # Whole units come back exactly.
+        assert [partial.n_separate(n, j / n) for j in range(n + 1)] == list(range(n + 1))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         partial.n_separate(4, 1.5)
 
