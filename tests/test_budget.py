@@ -176,7 +176,9 @@ def test_optimized_solves_every_budget_with_equal_weights(arch, width):
 def test_numpy_scalars_are_numbers():
     _, _, spec, table = source_table("resnet20", 10, num_classes=10, width=4)
     want = budget.optimized_ratios(table, spec, 1.5, 1.0)
-    assert budget.optimized_ratios(table, spec, np.float32(1.5), np.float32(1.0)) == want
+    b: Any = np.float32(1.5)
+    w: Any = np.float32(1.0)
+    assert budget.optimized_ratios(table, spec, b, w) == want
 
 
 def test_sensitivity_from_costs():
