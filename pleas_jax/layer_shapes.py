@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pleas_jax import tracing
+from pleas_jax.spec_rules import NOT_CALLS
 from pleas_jax.tree import Path, flatten, path_str, unflatten
 
 __all__ = ["Layer", "LayerTable", "layer_table"]
@@ -141,10 +142,18 @@ def _walk(jaxpr, env: dict, found: list, stack: tuple[str, ...]) -> None:
             # Flax's Dense puts the kernel on the right.
             idx = 1 if ins[1] is not None else 0
             found.append((eqn, ins[idx], idx, stack))
+        elif name in NOT_CALLS:
+            # A loop body runs many times and a branch maybe never: a layer in
+            # one has no single count (derive_spec refuses them too).
+            carried = [p for p in ins if p is not None]
+            if carried:
+                raise ValueError(
+                    f"parameters {path_str(carried[0])} enter a {name}: layers inside loops, "
+                    "branches or mapped calls cannot be counted; unroll them"
+                )
         else:
             for sub in _sub_jaxprs(eqn):
-                # Calls (jit, custom_jvp, remat) map operands to inputs one to
-                # one; loops do not, and are left alone.
+                # Calls (jit, custom_jvp, remat) map operands to inputs one to one.
                 if len(sub.invars) != len(eqn.invars):
                     continue
                 inner = {iv: p for iv, p in zip(sub.invars, ins, strict=True) if p is not None}
@@ -243,6 +252,11 @@ def layer_table(
 
     Returns:
       a :class:`LayerTable`.
+
+    Raises:
+      ValueError: a bad ``input_shape``, or parameters used inside a loop,
+        branch or mapped call (``scan``, ``fori_loop``, ``cond``, ...), whose
+        layers have no single count.
     """
     shape = image_shape(input_shape)
     x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)

@@ -372,7 +372,9 @@ _RULES.update(
 
 # Control flow and mapped calls change what their inner values mean (carries,
 # stacked slices, shards): entering them like a plain call would be wrong.
-_NOT_CALLS = {"cond", "while", "scan", "shard_map", "xla_pmap", "pmap", "custom_transpose"}
+NOT_CALLS = frozenset(
+    {"cond", "while", "scan", "shard_map", "xla_pmap", "pmap", "custom_transpose"}
+)
 
 
 def _frame(eqn) -> str:
@@ -396,7 +398,7 @@ def _where(eqn, stack: tuple[tuple[str, str], ...]) -> str:
 
 def _sub_jaxpr(eqn):
     """The one jaxpr a call-like equation runs on its operands, else None."""
-    if eqn.primitive.name in _NOT_CALLS:
+    if eqn.primitive.name in NOT_CALLS:
         return None
     found = [p for p in eqn.params.values() if isinstance(p, jcore.ClosedJaxpr | jcore.Jaxpr)]
     if len(found) != 1:

@@ -46,3 +46,23 @@ def test_bad_input_shape_is_an_error():
 def test_accounting_re_exports_the_table():
     for name in layer_shapes.__all__:
         assert getattr(accounting, name) is getattr(layer_shapes, name)
+
+
+def test_layers_inside_loops_are_refused_not_counted_once():
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    class Looped(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            conv = nn.Conv(3, (3, 3), padding="SAME")
+            x = conv(x)  # created outside, run three more times in a loop
+            x = jax.lax.fori_loop(0, 3, lambda i, h: conv(h), x)
+            return x.mean(axis=(1, 2))
+
+    m = Looped()
+    x = jnp.zeros((1, 8, 8, 3))
+    variables = m.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"enter a (while|scan).*cannot be counted; unroll"):
+        layer_shapes.layer_table(m, variables, {}, (8, 8, 3))
