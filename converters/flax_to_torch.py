@@ -120,19 +120,23 @@ def save(
 ) -> tuple[Path, Path]:
     """Write ``state_dict`` to ``path`` (``torch.save``) and ``info`` to its JSON file.
 
-    Both are written under temporary names and renamed into place, so a
-    failure leaves neither half-written.
+    Both are written under temporary names and renamed into place, the
+    weights first: a failure leaves neither half-written, and a JSON file
+    (which :func:`load` needs) never stands beside other weights than its own.
 
     Returns:
       ``(path, json_path)``.
 
     Raises:
       FileExistsError: either file exists and ``overwrite`` is false.
+      ConversionError: a bad file name, or a directory in the way.
     """
     path, meta = Path(path), info_path(path)
     if path.suffix not in (".pth", ".pt"):
         raise ConversionError(f"{path}: name the state_dict file .pth or .pt")
     for p in (path, meta):
+        if p.is_dir():
+            raise ConversionError(f"{p}: is a directory")
         if p.exists() and not overwrite:
             raise FileExistsError(f"{p}: already exists (pass overwrite=True to replace it)")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -140,8 +144,11 @@ def save(
     try:
         torch.save(OrderedDict(state_dict), tmp)
         tmp_meta.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp_meta, meta)
+        # An overwritten export's old JSON goes first, so no step leaves new
+        # weights described by old facts or the reverse.
+        meta.unlink(missing_ok=True)
         os.replace(tmp, path)
+        os.replace(tmp_meta, meta)
     finally:
         for p in (tmp, tmp_meta):
             p.unlink(missing_ok=True)
@@ -158,19 +165,34 @@ def load(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     ``info["normalization"]`` when that is recorded.
 
     Raises:
-      ConversionError: the JSON file is missing or not an export's, or the
-        weights do not fit the model it describes.
+      ConversionError: the JSON file is missing, unreadable or not an
+        export's; the weights file is missing or unreadable, or its weights
+        do not fit the model the JSON describes.
     """
     path, meta = Path(path), info_path(path)
     if not meta.is_file():
         raise ConversionError(f"{path}: no {meta.name} beside it; was it written by save()?")
-    info = json.loads(meta.read_text())
-    if info.get("format") != FORMAT:
+    try:
+        info = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{meta}: not valid JSON ({e})") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        got = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise ConversionError(f"{meta}: not a pleas-jax torch export (format {got!r})")
+    try:
+        net, _ = torch_model(models.from_config(info["config"]))
+    except (KeyError, TypeError, ValueError) as e:
         raise ConversionError(
-            f"{meta}: not a pleas-jax torch export (format {info.get('format')!r})"
-        )
-    net, _ = torch_model(models.from_config(info["config"]))
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+            f"{meta}: no usable architecture config ({type(e).__name__}: {e})"
+        ) from None
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file (its {meta.name} is there)")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a truncated or foreign file
+        raise ConversionError(
+            f"{path}: cannot read the weights ({type(e).__name__}: {e})"
+        ) from None
     try:
         net.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:

@@ -155,7 +155,14 @@ def infer_module(state_dict: Mapping[str, Any], num_classes: int | None = None) 
         stage_sizes.append(len(blocks[s]))
         for j in range(len(blocks[s])):
             p = f"layer{s}.{j}"
-            widths = [shape(f"{p}.conv{i}.weight", 4)[0] for i in range(1, n_convs + 1)]
+            shapes = [shape(f"{p}.conv{i}.weight", 4) for i in range(1, n_convs + 1)]
+            widths = [sh[0] for sh in shapes]
+            for i in range(1, n_convs):
+                if shapes[i][1] != widths[i - 1] and widths[i - 1] % shapes[i][1] == 0:
+                    raise ConversionError(
+                        f"{p}.conv{i + 1} reads {shapes[i][1]} of {widths[i - 1]} channels per "
+                        "output: grouped convolutions (ResNeXt) are not supported"
+                    )
             inner.append(tuple(widths[:-1]))
             down.append(f"{p}.downsample.0.weight" in state_dict)
             if j == 0:
@@ -175,7 +182,7 @@ def infer_module(state_dict: Mapping[str, Any], num_classes: int | None = None) 
             )
         num_classes = classes
     try:
-        return ResNet(
+        module = ResNet(
             block="bottleneck" if bottleneck else "basic",
             stage_sizes=tuple(stage_sizes),
             stem_width=stem_shape[0],
@@ -186,5 +193,13 @@ def infer_module(state_dict: Mapping[str, Any], num_classes: int | None = None) 
             stem=stems[stem_shape[2]],
             stage_strides=(1,) + (2,) * (n_stages - 1),
         )
+        module.validate()
     except ValueError as e:
-        raise ConversionError(f"inconsistent state_dict: {e}") from None
+        hint = (
+            " (a shortcut without parameters, such as the CIFAR ResNets' zero-padding "
+            "'option A', is not supported: only 1x1 conv + BatchNorm shortcuts)"
+            if "has no downsample" in str(e)
+            else ""
+        )
+        raise ConversionError(f"inconsistent state_dict: {e}{hint}") from None
+    return module

@@ -27,6 +27,9 @@ from pleas_jax.models import ResNet
 
 # -------------------------------------------------------------- torch -> flax
 def _numpy(t: torch.Tensor) -> np.ndarray:
+    # numpy has no bfloat16; float32 holds bf16 and fp16 values exactly.
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
     return t.detach().cpu().numpy()
 
 
@@ -55,6 +58,10 @@ def state_dict_to_flax(
     """
     if isinstance(arch, ResNet):
         module = arch
+        try:
+            module.validate()
+        except ValueError as e:
+            raise ConversionError(f"inconsistent architecture: {e}") from None
     elif arch == "auto":
         module = infer_module(state_dict, num_classes)
     else:

@@ -58,7 +58,9 @@ STATUSES = ("converted", "skipped", "failed")
 def find_checkpoints(src: str | os.PathLike) -> list[Path]:
     """Every ``model.pth`` under ``src``, as paths relative to it, sorted.
 
-    Hidden directories (names starting with ``.``) are not entered.
+    Hidden directories (names starting with ``.``) are not entered; symbolic
+    links to directories are (trees are often linked onto data disks), each
+    real directory once.
 
     Raises:
       ConversionError: ``src`` is missing or not a directory.
@@ -68,7 +70,13 @@ def find_checkpoints(src: str | os.PathLike) -> list[Path]:
         what = "no such directory" if not src.exists() else "not a directory"
         raise ConversionError(f"{src}: {what}; expected the release's checkpoint tree")
     found = []
-    for root, dirs, files in os.walk(src):
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(src, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link cycle, or a second link to one directory
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         if SOURCE_NAME in files:
             found.append((Path(root) / SOURCE_NAME).relative_to(src))
@@ -175,7 +183,9 @@ def convert_checkpoint(
     """Convert one torch checkpoint file into the orbax checkpoint directory ``dst_dir``.
 
     Skips the work when ``dst_dir`` already holds the conversion of this very file
-    (same source SHA-256 in its metadata). Parent directories of ``dst_dir`` are
+    (same source SHA-256 in its metadata), made at the requested ``image_size``
+    and verified when ``verify`` asks for it; otherwise that conversion is
+    replaced. Parent directories of ``dst_dir`` are
     created; on failure nothing is left behind (not even those parents).
 
     Args:
@@ -215,10 +225,17 @@ def convert_checkpoint(
         raise ConversionError(f"{src_pth}: no such file")
     sha = sha256_file(src_pth)
     done = _existing(dst_dir, sha, overwrite)
-    if done is not None:
+    # A conversion of this very file is kept unless this run asks for what it
+    # lacks (another image size, or a verification it skipped); then it is
+    # replaced, which loses nothing.
+    if done is not None and (
+        (image_size is None or done.get("image_size") == image_size)
+        and (not verify or done.get("verification") is not None)
+    ):
         return _row(
             src_pth, dst_dir, "skipped", **_from_metadata(done), seconds=time.perf_counter() - t0
         )
+    replace = overwrite or done is not None
 
     conv = convert_file(src_pth)
     module = conv.module
@@ -252,7 +269,7 @@ def convert_checkpoint(
             dst_dir,
             module,
             conv.variables,
-            overwrite=overwrite,
+            overwrite=replace,
             converted_from="torch",
             source=str(src_pth.resolve()),
             source_sha256=conv.source_sha256,
@@ -342,12 +359,14 @@ def iter_convert_tree(
                     image_size=image_size,
                     release=release,
                 )
-            except (ConversionError, checkpoint.CheckpointError, OSError) as e:
+            except Exception as e:  # one bad file fails its own row, not the tree
+                known = isinstance(e, ConversionError | checkpoint.CheckpointError | OSError)
+                reason = str(e) if known else f"{type(e).__name__}: {e}"
                 row = _row(
                     src_pth,
                     dst_dir,
                     "failed",
-                    reason=" ".join(str(e).split()),
+                    reason=" ".join(reason.split()),
                     seconds=time.perf_counter() - t0,
                 )
             row["path"] = str(rel.parent)

@@ -201,7 +201,9 @@ def register_convert_tree(sub: argparse._SubParsersAction) -> None:
         "--image-size",
         type=int,
         default=None,
-        help="side of the random verification images (default 224; 32 for CIFAR stems)",
+        help="side of the images the models read, recorded for merge and eval and used by "
+        "verification (default 224 for torchvision's ImageNet stem, 32 for a CIFAR stem); a "
+        "file converted before at another size is converted again",
     )
     p.add_argument(
         "--overwrite",

@@ -143,7 +143,11 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     splits: tuple = ()
 
-    def _check(self) -> None:
+    def validate(self) -> None:
+        """Raise ``ValueError`` for an inconsistent configuration (wrong entry
+        counts, or a block without a shortcut conv that changes width or
+        stride). Every forward pass checks this; a module built from outside
+        data (a converter) can check it before any tracing."""
         n_blocks = sum(self.stage_sizes)
         n_inner = 1 if self.block == "basic" else 2
         if self.block not in ("basic", "bottleneck"):
@@ -186,7 +190,7 @@ class ResNet(nn.Module):
           logits ``[N, num_classes]``, or pooled features ``[N, C]`` when
           ``num_classes`` is ``None``.
         """
-        self._check()
+        self.validate()
         x = x.astype(self.dtype)
         conv = _conv_factory(self.dtype, self.splits)
         if self.stem == "imagenet":

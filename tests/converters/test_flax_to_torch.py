@@ -163,6 +163,24 @@ def test_save_is_all_or_nothing_and_load_checks_what_it_reads(tmp_path, monkeypa
     meta.write_text(json.dumps(dict(info, format="something else")))
     with pytest.raises(flax_to_torch.ConversionError, match="not a pleas-jax torch export"):
         flax_to_torch.load(path)
+    meta.write_text(json.dumps(info)[:-20])
+    with pytest.raises(flax_to_torch.ConversionError, match="m.pth.json: not valid JSON"):
+        flax_to_torch.load(path)
+    meta.write_text(json.dumps({k: v for k, v in info.items() if k != "config"}))
+    with pytest.raises(flax_to_torch.ConversionError, match="no usable architecture config"):
+        flax_to_torch.load(path)
+    meta.write_text(json.dumps(info))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(flax_to_torch.ConversionError, match=r"m.pth: cannot read the weights"):
+        flax_to_torch.load(path)
+    path.unlink()
+    with pytest.raises(flax_to_torch.ConversionError, match=r"m.pth: no such file"):
+        flax_to_torch.load(path)
     meta.unlink()
     with pytest.raises(flax_to_torch.ConversionError, match="no m.pth.json beside it"):
         flax_to_torch.load(path)
+    # A directory in the way is refused before anything is written.
+    (tmp_path / "d.pth").mkdir()
+    with pytest.raises(flax_to_torch.ConversionError, match="d.pth: is a directory"):
+        flax_to_torch.save(tmp_path / "d.pth", sd, info, overwrite=True)
+    assert not (tmp_path / "d.pth.json").exists()

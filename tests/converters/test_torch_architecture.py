@@ -65,3 +65,34 @@ def test_state_dict_errors(r20, edit, arch, message):
     edit(sd)
     with pytest.raises(ConversionError, match=message):
         state_dict_to_flax(sd, arch=arch)
+
+
+def test_a_shortcut_without_parameters_is_a_conversion_error():
+    """CIFAR ResNets with zero-padding shortcuts ('option A') have no
+    downsample tensors: the widths change with no conv to change them."""
+    sd = {k: v for k, v in resnet20_torch().state_dict().items() if ".downsample." not in k}
+    with pytest.raises(
+        ConversionError, match=r"inconsistent state_dict: .*no downsample.*option A"
+    ):
+        infer_module(sd)
+    with pytest.raises(ConversionError, match="inconsistent state_dict"):
+        state_dict_to_flax(sd)
+
+
+def test_grouped_convolutions_are_named():
+    sd = torchvision.models.resnext50_32x4d(weights=None).state_dict()
+    with pytest.raises(ConversionError, match=r"layer1.0.conv2 reads 4 of 128 .*ResNeXt"):
+        infer_module(sd)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_state_dicts_convert_exactly(dtype):
+    sd = {
+        k: v.to(dtype) if v.is_floating_point() else v
+        for k, v in resnet20_torch().state_dict().items()
+    }
+    _, variables = state_dict_to_flax(sd)
+    kernel = variables["params"]["conv1"]["kernel"]
+    want = sd["conv1.weight"].float().permute(2, 3, 1, 0).numpy()
+    assert kernel.dtype == "float32"
+    assert (kernel == want).all()

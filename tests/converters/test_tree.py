@@ -164,6 +164,13 @@ def test_convert_checkpoint_refuses_stale_and_foreign_destinations(tree, state_d
     row = convert_checkpoint(a, out, image_size=IMAGE_SIZE)
     assert (row["status"], row["arch"], row["num_classes"]) == ("converted", "resnet18", 5)
     assert convert_checkpoint(a, out, image_size=IMAGE_SIZE)["status"] == "skipped"
+    # The same file asked for at another image size is converted again.
+    row = convert_checkpoint(a, out, image_size=IMAGE_SIZE + 8, verify=False)
+    assert row["status"] == "converted" and checkpoint.load_metadata(out)["image_size"] == 40
+    # ... and verified when a run asks for the verification the last one skipped.
+    row = convert_checkpoint(a, out, image_size=40)
+    assert row["status"] == "converted" and row["max_abs"] is not None
+    assert convert_checkpoint(a, out)["status"] == "skipped"  # no size asked for: kept
     # Another source file for the same destination: only with overwrite.
     with pytest.raises(ConversionError, match="converted from another file"):
         convert_checkpoint(b, out, verify=False)
@@ -209,3 +216,33 @@ def test_cli_errors_and_help(tree, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "SRC/rn18/cub/v1a/model.pth -> DST/rn18/cub/v1a/" in " ".join(out.split())
     assert not (tmp_path / "dst").exists()
+
+
+def test_linked_directories_are_searched_once(tmp_path, state_dicts):
+    real = tmp_path / "disk"
+    _put(real, "cub/v1a", {"model": state_dicts["rn18/cub/v1a"]})
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "rn18").symlink_to(real, target_is_directory=True)
+    (real / "cub" / "loop").symlink_to(real, target_is_directory=True)  # a cycle
+    assert find_checkpoints(src) == [Path("rn18/cub/v1a/model.pth")]
+
+
+def test_an_unexpected_error_fails_its_own_row(tree, monkeypatch):
+    """One file raising what no converter expects must not stop the others."""
+    import converters.tree as tree_lib
+
+    src, dst = tree
+    real = tree_lib.convert_file
+
+    def flaky(path):
+        if "v1b" in str(path):
+            raise RuntimeError("boom")
+        return real(path)
+
+    monkeypatch.setattr(tree_lib, "convert_file", flaky)
+    rows = convert_tree(src, dst, image_size=IMAGE_SIZE, progress=False)
+    by_path = {r["path"]: r for r in rows}
+    assert by_path["rn18/cub/v1b"]["status"] == "failed"
+    assert by_path["rn18/cub/v1b"]["reason"] == "RuntimeError: boom"
+    assert by_path["rn18/cub/v1a"]["status"] == "converted"
