@@ -227,7 +227,7 @@ def save(
         arrays = {**arrays, HEADS: head_arrays}
 
     # orbax wants absolute paths.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)).absolute()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name[:100]}.tmp-", dir=path.parent)).absolute()
     # mkdtemp makes the directory private (0700); the checkpoint should get the
     # mode a plain mkdir would, so that others sharing the machine can read it.
     tmp.chmod(0o777 & ~_umask())
@@ -255,7 +255,7 @@ def _replace(new: Path, path: Path) -> None:
     # os.replace cannot replace a non-empty directory: move the old checkpoint
     # aside, move the new one in, and only then delete the old one (or move it
     # back if the second rename fails).
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name[:100]}.old-", dir=path.parent))
     os.replace(path, old / "ckpt")
     try:
         os.replace(new, path)

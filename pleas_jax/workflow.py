@@ -173,7 +173,7 @@ def write_json(path: str | os.PathLike, value: Any) -> Path:
     """Write ``value`` as indented JSON to ``path`` atomically (temp file, then rename)."""
     path = Path(path)
     text = json.dumps(jsonable(value), indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.tmp-", dir=path.parent)
     try:
         # mkstemp makes the file private (0600); give it a plain open's mode.
         mask = os.umask(0)

@@ -94,6 +94,16 @@ def test_refuses_to_overwrite_unless_asked(tmp_path, resnet20):
     assert (tmp_path / "precious" / "thesis.tex").exists()
 
 
+def test_a_name_near_the_file_system_limit_saves_and_overwrites(tmp_path, resnet20):
+    # Temporary names add a prefix and a suffix to the name; they must stay legal.
+    module, variables = resnet20
+    name = "m" * 250
+    checkpoint.save(tmp_path / name, module, variables, run=1)
+    checkpoint.save(tmp_path / name, module, variables, overwrite=True, run=2)
+    assert checkpoint.load_metadata(tmp_path / name)["run"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
 @pytest.mark.parametrize("failure", [OSError("disk full"), KeyboardInterrupt()])
 def test_failure_mid_save_leaves_nothing(tmp_path, resnet20, monkeypatch, failure):
     module, variables = resnet20
