@@ -26,6 +26,7 @@ from pleas_jax.cli_base import (
     EXIT_ERROR,
     PROG,
     CommandError,
+    crop_arg,
     positive,
     print_json,
 )
@@ -176,6 +177,7 @@ def _register_merge(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="read the images at this size instead of the one the checkpoints record",
     )
+    _crop_argument(p, "read the merge images (recorded in the merged checkpoint)")
     p.add_argument(
         "--gd-steps", type=int, default=400, help="steps of --least-squares gd (default 400)"
     )
@@ -224,6 +226,7 @@ def _merge(args: argparse.Namespace) -> int:
         images=args.images,
         batch_size=args.batch_size,
         image_size=args.image_size,
+        crop=workflow.MODEL_CROP if args.crop == "default" else args.crop,
         gd_steps=args.gd_steps,
         matching_dtype=args.matching_dtype,
         matching_precision=args.matching_precision,
@@ -249,6 +252,18 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crop_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--crop",
+        type=crop_arg,
+        default="default",
+        metavar="F|none",
+        help=f"how to {what}: resize the shorter side to size/F and take the central square "
+        "(torchvision's evaluation: F=0.875), or 'none' to resize whole images (default: as "
+        "the checkpoint records, 0.875 for a converted ImageNet model)",
+    )
+
+
 # -------------------------------------------------------------------- eval
 def _register_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -271,6 +286,7 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--image-size", type=int, default=None, help="override the checkpoint's image size"
     )
+    _crop_argument(p, "read the test images")
     p.add_argument("--batch-size", type=int, default=250, help="(default 250)")
     p.add_argument(
         "--any-classes",
@@ -286,7 +302,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     positive(args, "image_size", "batch_size")
     model = workflow.load_model(args.checkpoint)
-    dataset = workflow.dataset_for(model, args.data, image_size=args.image_size)
+    crop = workflow.MODEL_CROP if args.crop == "default" else args.crop
+    dataset = workflow.dataset_for(model, args.data, image_size=args.image_size, crop=crop)
     acc = workflow.evaluate(
         model,
         dataset,
@@ -303,7 +320,7 @@ def _eval(args: argparse.Namespace) -> int:
             "examples": len(dataset.y_test),
             # How the images were read (Model.image_size, Model.crop).
             "image_size": int(dataset.x_test.shape[1]),
-            "crop": model.crop,
+            "crop": workflow.crop_for(model, crop),
         }
     )
     return 0

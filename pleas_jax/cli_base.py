@@ -24,6 +24,21 @@ def positive(args: argparse.Namespace, *names: str) -> None:
             raise CommandError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
+def crop_arg(text: str) -> float | str | None:
+    """``--crop F|none`` (argparse ``type``): a fraction in ``(0, 1]``, ``None``
+    for 'none', or 'default' (the option's default: the model's own)."""
+    from pleas_jax.image_files import check_crop
+
+    if text in ("none", "default"):
+        return None if text == "none" else text
+    try:
+        return check_crop(float(text))
+    except ValueError:  # not a number, or outside (0, 1]
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction in (0, 1] or 'none', got {text!r}"
+        ) from None
+
+
 def print_json(value) -> None:
     """One JSON line on stdout."""
     print(json.dumps(value))

@@ -14,6 +14,7 @@ from pleas_jax.cli_base import (
     EXIT_MISMATCH,
     PROG,
     CommandError,
+    crop_arg,
     import_converters,
     positive,
 )
@@ -100,7 +101,7 @@ def register_convert(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--crop",
-        type=_crop,
+        type=crop_arg,
         default="default",
         metavar="F|none",
         help="how merge and eval bring images to --image-size: resize the shorter side to "
@@ -110,19 +111,6 @@ def register_convert(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_convert)
-
-
-def _crop(text: str) -> float | str | None:
-    from pleas_jax.image_files import check_crop
-
-    if text in ("none", "default"):
-        return None if text == "none" else text
-    try:
-        return check_crop(float(text))
-    except ValueError:  # not a number, or outside (0, 1]
-        raise argparse.ArgumentTypeError(
-            f"expected a fraction in (0, 1] or 'none', got {text!r}"
-        ) from None
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -287,19 +287,44 @@ def load_model(path: str | os.PathLike) -> Model:
     return Model(module, variables, heads, checkpoint.load_metadata(path), str(path))
 
 
-def dataset_for(model: Model, spec: str, *, image_size: int | None = None) -> data_lib.Dataset:
+# ``crop`` of dataset_for and merge_checkpoints: the model's own (Model.crop).
+MODEL_CROP = "model"
+
+
+def crop_for(model: Model, crop: float | str | None = MODEL_CROP) -> float | None:
+    """``crop`` checked, with :data:`MODEL_CROP` read as the model's own (:attr:`Model.crop`).
+
+    Raises:
+      ValueError: anything but a fraction in ``(0, 1]``, ``None`` or :data:`MODEL_CROP`.
+    """
+    if isinstance(crop, str):
+        if crop != MODEL_CROP:
+            raise ValueError(f"crop must be a fraction in (0, 1], None or {MODEL_CROP!r}")
+        return model.crop
+    return data_lib.check_crop(crop)
+
+
+def dataset_for(
+    model: Model,
+    spec: str,
+    *,
+    image_size: int | None = None,
+    crop: float | str | None = MODEL_CROP,
+) -> data_lib.Dataset:
     """``spec`` read at the model's image size with its training normalisation
-    (and its :attr:`Model.crop`).
+    and its :attr:`Model.crop`; ``image_size`` and ``crop`` (a fraction, or
+    ``None`` to resize whole images) override those.
 
     Raises:
       DataError: a bad spec.
       RunError: images whose channels the model cannot read.
+      ValueError: a ``crop`` outside ``(0, 1]``.
     """
     dataset = data_lib.load(
         spec,
         image_size=image_size or model.image_size,
         normalization=model.normalization,
-        crop=model.crop,
+        crop=crop_for(model, crop),
     )
     channels = dataset.x_train.shape[-1]
     if channels != model.channels:
@@ -494,6 +519,7 @@ def merge_checkpoints(
     images: int | None = 1000,
     batch_size: int = 250,
     image_size: int | None = None,
+    crop: float | str | None = MODEL_CROP,
     gd_steps: int = 400,
     matching_dtype: str | None = None,
     matching_precision: str = "highest",
@@ -507,7 +533,8 @@ def merge_checkpoints(
 
     The merge sees ``images`` training images of ``data`` (a seeded shuffle),
     read at A's image size (or ``image_size``) with A's input normalisation
-    (:attr:`Model.image_size`, :attr:`Model.normalization`). ``out`` holds the
+    and crop (or ``crop``; :attr:`Model.image_size`, :attr:`Model.normalization`,
+    :attr:`Model.crop`), which the merged checkpoint records. ``out`` holds the
     merged model (a backbone plus heads ``"a"``/``"b"`` for separate label
     spaces) and metadata: the sources, data, settings and the merge report.
     Nothing is written unless the merge completes; ``report`` (a JSON file)
@@ -535,7 +562,8 @@ def merge_checkpoints(
             f"a shared head needs the same classes, but {a} was trained on {ka} and {b} on "
             f"{kb}; use --heads separate"
         )
-    dataset = dataset_for(model_a, data, image_size=image_size)
+    crop = crop_for(model_a, crop)
+    dataset = dataset_for(model_a, data, image_size=image_size, crop=crop)
     batches = merge_batches(dataset, images, batch_size)
     result = merge(
         (model_a.module, model_a.variables),
@@ -581,8 +609,8 @@ def merge_checkpoints(
     if model_a.normalization is not None:
         mean, std = model_a.normalization
         info["normalization"] = {"mean": mean, "std": std}
-    # The merge read its data as A reads it; so does every later use of it.
-    info["crop"] = model_a.crop
+    # Every later use of the merged model reads images as the merge did.
+    info["crop"] = crop
     classes_a = _classes(model_a)
     if mode == "shared" and classes_a is not None:
         info["classes"] = list(classes_a)

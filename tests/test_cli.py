@@ -247,11 +247,13 @@ def test_usage_error_exits_2(capsys):
         main(["convert"])
     assert e.value.code == 2
     assert "the following arguments are required: IN, OUT" in capsys.readouterr().err
-    for bad in ("0", "1.5", "nan", "half"):
-        with pytest.raises(SystemExit) as e:
-            main(["convert", "a.pth", "b", "--crop", bad])
-        assert e.value.code == 2
-        assert f"expected a fraction in (0, 1] or 'none', got '{bad}'" in capsys.readouterr().err
+    for command in (["convert", "a.pth", "b"], ["eval", "c", "--data", "digits"]):
+        for bad in ("0", "1.5", "nan", "half"):
+            with pytest.raises(SystemExit) as e:
+                main([*command, "--crop", bad])
+            assert e.value.code == 2
+            err = capsys.readouterr().err
+            assert f"expected a fraction in (0, 1] or 'none', got '{bad}'" in err
 
 
 # -------------------------------------------------------- the console script

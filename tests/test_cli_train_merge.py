@@ -162,6 +162,10 @@ def test_merge_shared_head_and_eval(ckpts, outs, capsys, tmp_path):
     assert 0.0 <= result["accuracy"] <= 1.0 and result["examples"] == 180
     assert result["image_size"] == 16 and result["crop"] == 0.75
     assert sorted(p.name for p in outs.iterdir()) == ["m", "report.json"]
+    # --crop overrides what the checkpoint records.
+    rc, out, err = run(["eval", outs / "m", "--data", "digits[0-4]", "--crop", "none"], capsys)
+    assert rc == 0, err
+    assert last_json(out)["crop"] is None
 
 
 def test_merge_separate_heads_and_eval_each_head(ckpts, outs, capsys):
@@ -185,6 +189,8 @@ def test_merge_separate_heads_and_eval_each_head(ckpts, outs, capsys):
         *MERGE,
         "--image-size",
         12,
+        "--crop",
+        1.0,
         "--out",
         outs / "m",
     ]
@@ -192,6 +198,7 @@ def test_merge_separate_heads_and_eval_each_head(ckpts, outs, capsys):
     assert rc == 0, err
     summary = last_json(out)
     assert summary["heads"] == "separate"  # auto: different classes
+    assert checkpoint.load_metadata(outs / "m")["crop"] == 1.0  # --crop, recorded
     module_a, va = checkpoint.load(ckpts["a"])
     spec = derive_spec(module_a, va, np.zeros((1, 16, 16, 1), np.float32))
     source_macs = {
