@@ -27,7 +27,9 @@ DATA_AXIS = "data"
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A 1-D mesh named ``"data"`` over ``devices`` (all local devices by default)."""
+    """A 1-D mesh named ``"data"`` over ``devices`` (by default ``jax.devices()``:
+    every device of every process once ``jax.distributed`` is initialised, so
+    each process must then pass :func:`shard_batch` the same global batch)."""
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("data_mesh needs at least one device")
@@ -64,6 +66,10 @@ def is_padded(n: int, mesh: jax.sharding.Mesh) -> bool:
 
 def shard_batch(x: np.ndarray, mesh: jax.sharding.Mesh) -> tuple[jax.Array, jax.Array]:
     """Pad ``x [N, ...]`` to the mesh size and place it split along the batch axis.
+
+    ``x`` is the whole (global) batch: on a mesh spanning several processes,
+    every process passes the same ``x`` and each device takes its slice (jax
+    refuses arrays that differ between processes).
 
     Returns ``(x [M, ...], mask [M])`` as sharded device arrays.
     """

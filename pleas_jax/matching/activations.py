@@ -342,20 +342,41 @@ def activation_statistics(
     return jax.device_get(acc)  # one transfer of every leaf
 
 
+# A unit whose variance is below this fraction of its second moment is taken
+# as constant: float32 sums leave ~1e-7 of that moment as noise in the variance
+# (and in the covariance), so their ratio would be noise over noise.
+CONSTANT_UNIT = 1e-4
+
+
+def _std(sq: np.ndarray, mean: np.ndarray, c: float) -> np.ndarray:
+    """Standard deviation from the sums, 0 for a unit that is constant within
+    float32 rounding (:data:`CONSTANT_UNIT`)."""
+    second = np.asarray(sq, np.float64) / c
+    var = second - mean**2
+    return np.sqrt(np.where(var > CONSTANT_UNIT * np.abs(second), var, 0.0))
+
+
 def statistics_to_scores(
     stats: Mapping[tuple[str, str], Mapping[str, np.ndarray]], similarity: str, eps: float = 1e-8
 ) -> dict[str, np.ndarray]:
-    """Per-group scores ``[n, n]`` (A's unit i vs B's unit j), summed over points."""
+    """Per-group scores ``[n, n]`` (A's unit i vs B's unit j), summed over points.
+
+    Correlations are Pearson's, each in ``[-1, 1]``; a unit constant over the
+    data (a dead channel, within float32 rounding) correlates 0 with every unit.
+    """
     scores: dict[str, np.ndarray] = {}
     for (g, _), s in stats.items():
         if similarity == "correlation":
             cross = np.asarray(s["cross"], np.float64)
             c = float(s["count"])
-            mean_a, mean_b = s["sum_a"] / c, s["sum_b"] / c
+            mean_a = np.asarray(s["sum_a"], np.float64) / c
+            mean_b = np.asarray(s["sum_b"], np.float64) / c
             cov = cross / c - np.outer(mean_a, mean_b)
-            std_a = np.sqrt(np.maximum(s["sq_a"] / c - mean_a**2, 0.0))
-            std_b = np.sqrt(np.maximum(s["sq_b"] / c - mean_b**2, 0.0))
-            sc = cov / (np.outer(std_a, std_b) + eps)
+            std_a, std_b = _std(s["sq_a"], mean_a, c), _std(s["sq_b"], mean_b, c)
+            live = np.outer(std_a > 0, std_b > 0)
+            sc = np.where(live, cov / (np.outer(std_a, std_b) + eps), 0.0)
+            # Rounding can put a correlation of two live units a hair past 1.
+            np.clip(sc, -1.0, 1.0, out=sc)
         else:
             sc = s["cross" if similarity == "inner" else "neg_dist"]
         # Summed in float64 in place: no float64 copy of every point's [n, n]

@@ -178,9 +178,11 @@ def weight_matching(
         s = scores(g)
         new = lap.solve(s, solver, name=g)
         rows = np.arange(len(new))
-        gain = s[rows, new].sum() - s[rows, perm[g]].sum()
-        # Relative tolerance: float32 scores may tie up to rounding.
-        if gain > 1e-9 * max(1.0, abs(s[rows, perm[g]].sum())):
+        now = s[rows, perm[g]].sum()
+        gain = s[rows, new].sum() - now
+        # Relative tolerance (float32 scores may tie up to rounding), and only
+        # relative: weights of any scale must match alike.
+        if gain > 1e-9 * max(abs(now), len(new) * float(np.abs(s).max())):
             perm[g] = new
             version[g] += 1
             return True

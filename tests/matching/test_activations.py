@@ -295,3 +295,41 @@ def test_bad_precision_is_an_error():
     module, va, vb, spec, _ = _pair("resnet20", 0.0, size=16, width=4)
     with pytest.raises(ValueError, match="precision must be one of"):
         activation_statistics(module, va, module, vb, spec, [images(2, 16)], precision="tf16")
+
+
+def test_correlation_of_a_constant_unit_is_zero_not_rounding_noise():
+    """A dead channel after BatchNorm is constant (here 5.0): its float32
+    variance and covariances are rounding noise, whose ratio once scored ~12
+    and took a live unit's partner. Truth: numpy's Pearson correlation in
+    float64 of the same features (0 where a unit is constant)."""
+    rng = np.random.default_rng(0)
+    n, count = 6, 20_000
+    a = (3.0 + rng.normal(size=(count, n))).astype(np.float32)
+    a[:, 0] = 5.0
+    perm = rng.permutation(n)
+    b = (a[:, perm] + 0.3 * rng.normal(size=(count, n))).astype(np.float32)
+    b[:, np.flatnonzero(perm == 0)] = 5.0  # the constant unit's partner is constant too
+
+    def f32_sum(x):
+        return np.sum(x, axis=0, dtype=np.float32)
+
+    stats = {
+        ("g", "p"): {
+            "cross": a.T @ b,  # float32 products and sums, as the kernels give
+            "sum_a": f32_sum(a),
+            "sum_b": f32_sum(b),
+            "sq_a": f32_sum(a * a),
+            "sq_b": f32_sum(b * b),
+            "count": np.float32(count),
+        }
+    }
+    got = statistics_to_scores(stats, "correlation")["g"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        want = np.corrcoef(a.T.astype(np.float64), b.T.astype(np.float64))[:n, n:]
+    want = np.nan_to_num(want)
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    assert np.all(np.abs(got) <= 1.0)
+    assert np.all(got[0] == 0) and np.all(got[:, perm == 0] == 0)
+    # B's unit j is A's unit perm[j]: the live units find their planted
+    # partners; the constant one takes what is left.
+    np.testing.assert_array_equal(lap.solve(got)[1:], np.argsort(perm)[1:])

@@ -157,3 +157,20 @@ def test_bad_threads_is_an_error():
     spec = derive_spec(module, va, np.zeros((1, 16, 16, 3), np.float32))
     with pytest.raises(ValueError, match="threads must be at least 1"):
         weight_matching(spec, va, va, threads=0)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e3])
+def test_weights_of_any_scale_match_alike(scale):
+    """Costs scale with the weights squared; the stopping rule must not take a
+    gain as rounding because the scores are small (it once kept the identity
+    below weights of ~3e-6)."""
+    module = models.resnet20(num_classes=10, width=4)
+    va = randomize_norms(init(module, 16), seed=1)
+    spec = derive_spec(module, va, np.zeros((1, 16, 16, 3), np.float32))
+    planted = random_perm(spec, jax.random.key(2))
+    vb = apply_permutation(va, spec, planted)
+    scaled = [unflatten({p: v * scale for p, v in flatten(v).items()}) for v in (va, vb)]
+    perm, _ = weight_matching(spec, *scaled, seed=0)
+    expected = invert(planted)
+    for g in spec:
+        np.testing.assert_array_equal(perm[g], np.asarray(expected[g]), err_msg=g)
