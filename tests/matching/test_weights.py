@@ -169,8 +169,8 @@ def test_weights_of_any_scale_match_alike(scale):
     spec = derive_spec(module, va, np.zeros((1, 16, 16, 3), np.float32))
     planted = random_perm(spec, jax.random.key(2))
     vb = apply_permutation(va, spec, planted)
-    scaled = [unflatten({p: v * scale for p, v in flatten(v).items()}) for v in (va, vb)]
-    perm, _ = weight_matching(spec, *scaled, seed=0)
+    sa, sb = (unflatten({p: x * scale for p, x in flatten(v).items()}) for v in (va, vb))
+    perm, _ = weight_matching(spec, sa, sb, seed=0)
     expected = invert(planted)
     for g in spec:
         np.testing.assert_array_equal(perm[g], np.asarray(expected[g]), err_msg=g)
