@@ -25,7 +25,8 @@ def dataset_spec(name: str, overrides: Mapping[str, str], data_dir: str | None) 
 
     NABirds is not in tfds: it is read as an image folder (one sub-folder per
     class), ``--spec nabird=folder:PATH``, else ``$NABIRDS_DIR``, else
-    ``DATA_DIR/nabirds/images`` or ``DATA_DIR/nabirds``.
+    ``DATA_DIR/nabirds/images`` or ``DATA_DIR/nabirds`` (``DATA_DIR``: ``data_dir``,
+    else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``).
 
     Raises:
       ExperimentError: an unknown name, or NABirds not found.
@@ -43,8 +44,9 @@ def dataset_spec(name: str, overrides: Mapping[str, str], data_dir: str | None) 
     candidates = []
     if os.environ.get(ENV_NABIRDS):
         candidates.append(Path(os.environ[ENV_NABIRDS]))
-    if data_dir:
-        candidates += [Path(data_dir) / "nabirds" / "images", Path(data_dir) / "nabirds"]
+    # --data-dir's own default, as tfds has it.
+    root = Path(data_dir or os.environ.get("TFDS_DATA_DIR") or Path.home() / "tensorflow_datasets")
+    candidates += [root / "nabirds" / "images", root / "nabirds"]
     for c in candidates:
         if c.is_dir():
             return f"folder:{c}"

@@ -225,6 +225,27 @@ def parser(
 def _check(args: argparse.Namespace) -> None:
     if args.use_zip_ratios:
         args.ratios = ["zip"]
+    # Defaults from the environment become explicit absolute paths: they enter
+    # the settings hash (runs on another checkpoint tree must not find this
+    # one's finished) and every run gets them as given.
+    if args.checkpoints is None:
+        args.checkpoints = os.environ.get(common.ENV_CHECKPOINTS) or None
+    if args.data_dir is None:
+        args.data_dir = os.environ.get("TFDS_DATA_DIR") or None
+    for name in ("checkpoints", "data_dir"):
+        if getattr(args, name) is not None:
+            setattr(args, name, str(Path(getattr(args, name)).expanduser().resolve()))
+    nabirds = os.environ.get(common.ENV_NABIRDS)
+    args.nabirds_dir = str(Path(nabirds).expanduser().resolve()) if nabirds else None
+    if args.least_squares == "gd" and args.gd_steps < 1:
+        raise common.ExperimentError(
+            f"--max_steps must be positive for --least-squares gd, got {args.gd_steps}"
+        )
+    for name, least in (("images", 2), ("batch_size", 1), ("probe_epochs", 1)):
+        if getattr(args, name) < least:
+            raise common.ExperimentError(
+                f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}"
+            )
     bad = [m for m in args.merging if m not in common.METHODS]
     if bad or not args.merging:
         raise common.ExperimentError(
@@ -271,6 +292,9 @@ def _settings_hash(args: argparse.Namespace) -> str:
     )
     if args.experiment == "different_label_space":
         keys += ("probe_epochs",)
+    # Only where set: the hashes of runs that never had it stay as they were.
+    if getattr(args, "nabirds_dir", None):
+        keys += ("nabirds_dir",)
     text = json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 

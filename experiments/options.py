@@ -200,5 +200,9 @@ def check_common(args: argparse.Namespace) -> None:
     args.budgets = list(budgets)
     if args.images < 2 or args.batch_size < 1:
         raise ExperimentError("--images must be at least 2 and --batch-size positive")
+    if args.least_squares == "gd" and args.gd_steps < 1:
+        raise ExperimentError(
+            f"--max-steps must be positive for --least-squares gd, got {args.gd_steps}"
+        )
     if (args.a is None) != (args.b is None):
         raise ExperimentError("pass both --a and --b, or neither (then the tree is read)")

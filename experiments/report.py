@@ -58,34 +58,59 @@ def collect(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
     return out
 
 
-def _label(method: str, ratios: str | None, least_squares: str | None) -> str:
+# Settings that change a run's numbers but are not a table's rows or columns:
+# runs that differ in them are tabulated apart, never averaged together.
+SETUP_SETTINGS = (
+    "images",
+    "batch_size",
+    "seed",
+    "image_size",
+    "mock_data",
+    "specs",
+    "probe_epochs",
+    "probe_lr",
+    "probe_batch_size",
+)
+
+
+def _label(method: str, ratios: str | None, least_squares: str | None, gd_steps: Any = None) -> str:
     m = common.METHODS.get(method)
     base = m.label if m else method
     if m is not None and m.ratios is None and ratios:
         base += f", {ratios} ratios"
     if least_squares == "gd":
-        base += ", GD"
+        base += ", GD" if gd_steps is None else f", GD ({gd_steps} steps)"
     return base
+
+
+def _setup(settings: Mapping[str, Any]) -> str:
+    """The run's :data:`SETUP_SETTINGS` as a canonical JSON text."""
+    return json.dumps(
+        {k: settings[k] for k in SETUP_SETTINGS if k in settings}, sort_keys=True, default=str
+    )
 
 
 def flatten(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per merged model and per source/ensemble of each run.
 
-    Columns: ``file, experiment, model_type, pair, variants, method, label,
-    ratios, least_squares, budget, achieved_budget, accuracy, probe_accuracy,
-    macs, seconds`` and ``accuracy:{set}`` / ``probe_accuracy:{set}`` per
-    evaluation set. Source rows have ``method`` ``source_a``, ``source_b`` or
-    ``ensemble`` and no budget.
+    Columns: ``file, experiment, model_type, pair, variants, matching_data,
+    setup, method, label, ratios, least_squares, budget, achieved_budget,
+    accuracy, probe_accuracy, macs, seconds`` and ``accuracy:{set}`` /
+    ``probe_accuracy:{set}`` per evaluation set. ``setup`` holds the
+    :data:`SETUP_SETTINGS` (JSON). Source rows have ``method`` ``source_a``,
+    ``source_b`` or ``ensemble`` and no budget.
     """
     rows = []
     for res in results:
+        settings = res.get("settings", {})
         base = {
             "file": res.get("_file"),
             "experiment": res["experiment"],
             "model_type": res["model_type"],
             "pair": "-".join(res["pair"]),
             "variants": "-".join(res["variants"]),
-            "matching_data": res.get("settings", {}).get("matching_data"),
+            "matching_data": settings.get("matching_data"),
+            "setup": _setup(settings),
         }
         for who in SOURCES:
             s = res["sources"][who]
@@ -104,7 +129,9 @@ def flatten(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "method": r["method"],
                 "ratios": r["ratios"],
                 "least_squares": r["least_squares"],
-                "label": _label(r["method"], r["ratios"], r["least_squares"]),
+                "label": _label(
+                    r["method"], r["ratios"], r["least_squares"], settings.get("gd_steps")
+                ),
                 "budget": r["budget"],
                 "achieved_budget": r["achieved_budget"],
                 "macs": r.get("macs"),
@@ -139,51 +166,77 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pat
 
 
 def _groups(rows, metric):
-    """``{(experiment, model_type, pair, matching_data): {label: {budget: [values]}}}``."""
-    groups: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    """``{(experiment, model_type, pair, matching_data, setup): {label: {budget:
+    {variants: [values]}}}}`` (budget ``None`` for the sources and ensemble)."""
+    groups: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
     for r in rows:
         if r.get(metric) is None:
             continue
-        key = (r["experiment"], r["model_type"], r["pair"], r.get("matching_data"))
-        groups[key][r["label"]][r["budget"]].append(r[metric])
+        key = (r["experiment"], r["model_type"], r["pair"], r.get("matching_data"), r.get("setup"))
+        groups[key][r["label"]][r["budget"]][r["variants"]].append(r[metric])
     return groups
+
+
+def _mean(by_order: Mapping[str, Sequence[float]]) -> float:
+    """The mean over model orders of each order's mean: every run re-scores the
+    sources, and an order with more finished runs must not weigh more."""
+    return float(np.mean([np.mean(v) for v in by_order.values()]))
+
+
+def _setup_notes(keys) -> dict:
+    """Per group key, the setup fields that differ from the other groups of its
+    table (same experiment, model type, pair and merge data), as ``k=v`` text."""
+    tables: dict = defaultdict(list)
+    for key in keys:
+        tables[key[:4]].append(key)
+    notes = {}
+    for same in tables.values():
+        setups = {k: json.loads(k[4]) if k[4] else {} for k in same}
+        fields = sorted({f for st in setups.values() for f in st})
+        differ = [f for f in fields if len({json.dumps(st.get(f)) for st in setups.values()}) > 1]
+        for k, st in setups.items():
+            notes[k] = ", ".join(f"{f}={st.get(f)}" for f in differ)
+    return notes
 
 
 def markdown(rows: Sequence[Mapping[str, Any]], metric: str = "accuracy") -> str:
     """Markdown tables of ``metric`` (%): one per experiment, model type and pair
-    (and PLeaS-free data); cells average the runs (model orders) they hold,
-    with the number of runs in brackets when they differ across a table."""
+    (and PLeaS-free data, and setup where runs of other settings, such as
+    ``--images``, lie in the same tree); cells average the model orders they
+    hold, with the number of orders in brackets when it differs across a table."""
     groups = _groups(rows, metric)
     if not groups:
         return f"(no runs with {metric})\n"
+    notes = _setup_notes(groups)
     lines = []
-    for (exp, mt, pair, free), methods in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for key, methods in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        exp, mt, pair, free, _ = key
         budgets = sorted({b for per in methods.values() for b in per if b is not None})
         title = f"### {exp}, {mt}, {pair.replace('-', ' + ')}: {metric.replace('_', ' ')} (%)"
         if free:
             title += f", PLeaS-free (merge data {free})"
+        if notes[key]:
+            title += f" [{notes[key]}]"
         lines += [
             title,
             "",
             "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |",
             "|---|" + "---:|" * len(budgets),
         ]
-        counts = {len(v) for per in methods.values() for v in per.values()}
+        counts = {len(v) for per in methods.values() for b, v in per.items() if b is not None}
         for label, per in methods.items():
             if None in per:
                 continue
             cells = []
             for b in budgets:
-                vals = per.get(b)
-                cell = "—" if not vals else f"{100 * np.mean(vals):.2f}"
-                if vals and len(counts) > 1:
-                    cell += f" ({len(vals)})"
+                orders = per.get(b)
+                cell = "—" if not orders else f"{100 * _mean(orders):.2f}"
+                if orders and len(counts) > 1:
+                    cell += f" ({len(orders)})"
                 cells.append(cell)
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         refs = [
-            f"{label} {100 * np.mean(per[None]):.2f}"
-            for label, per in methods.items()
-            if None in per
+            f"{label} {100 * _mean(per[None]):.2f}" for label, per in methods.items() if None in per
         ]
         lines += ["", "References: " + ", ".join(refs) + ".", ""]
     return "\n".join(lines)
@@ -204,9 +257,12 @@ def plot(
     import matplotlib.pyplot as plt
 
     groups = _groups(rows, metric)
+    notes = _setup_notes(groups)
     by_figure: dict = defaultdict(dict)
-    for (exp, mt, pair, free), methods in groups.items():
-        by_figure[(exp, mt)][pair + (f" (merge data {free})" if free else "")] = methods
+    for key, methods in groups.items():
+        exp, mt, pair, free, _ = key
+        panel = pair + (f" (merge data {free})" if free else "")
+        by_figure[(exp, mt)][panel + (f" [{notes[key]}]" if notes[key] else "")] = methods
     paths = []
     markers = "osD^vP*X"
     for (exp, mt), panels in sorted(by_figure.items()):
@@ -222,13 +278,13 @@ def plot(
                 if None in per:
                     if label == "ensemble":
                         ax.axhline(
-                            100 * np.mean(per[None]), color="black", ls="--", lw=1, label="ensemble"
+                            100 * _mean(per[None]), color="black", ls="--", lw=1, label="ensemble"
                         )
                     continue
                 budgets = sorted(per)
                 ax.plot(
                     budgets,
-                    [100 * np.mean(per[b]) for b in budgets],
+                    [100 * _mean(per[b]) for b in budgets],
                     marker=markers[i % len(markers)],
                     label=label,
                 )
@@ -284,7 +340,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m experiments.report", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("paths", nargs="+", help="run directories or result.json files")
-    p.add_argument("--out", default=None, help="output directory (default: PATHS[0]/report)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: report/ in PATHS[0], or beside it for a file)",
+    )
     p.add_argument(
         "--metric",
         choices=METRICS,
@@ -293,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="metric(s) to tabulate and plot (default: every metric present)",
     )
     args = p.parse_args(argv)
-    out = args.out or Path(args.paths[0]) / "report"
+    first = Path(args.paths[0])
+    out = args.out or (first.parent if first.is_file() else first) / "report"
     try:
         rep = report(args.paths, out, args.metric or METRICS)
     except common.ExperimentError as e:

@@ -182,6 +182,12 @@ def test_dataset_specs(tmp_path, monkeypatch):
         common.dataset_spec("nabird", {}, str(tmp_path))
         == f"folder:{tmp_path / 'nabirds' / 'images'}"
     )
+    # --data-dir's default, $TFDS_DATA_DIR, is searched as --data-dir is.
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    assert common.dataset_spec("nabird", {}, None) == f"folder:{tmp_path / 'nabirds' / 'images'}"
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "elsewhere"))
+    with pytest.raises(common.ExperimentError, match="NABirds is not in tfds"):
+        common.dataset_spec("nabird", {}, None)
     monkeypatch.setenv(common.ENV_NABIRDS, str(tmp_path))
     assert common.dataset_spec("nabird", {}, None) == f"folder:{tmp_path}"
     with pytest.raises(common.ExperimentError, match="unknown dataset 'mnist'"):

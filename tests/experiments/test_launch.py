@@ -216,7 +216,8 @@ def test_shell_launchers_help_and_dry_run(experiment, tmp_path):
     assert all(
         "--least-squares gd --gd-steps 50" in c
         and "--seed 2" in c
-        and "--data-dir data" in c
+        # Made absolute: the runs and the settings hash see one directory.
+        and f"--data-dir {(tmp_path / 'data').resolve()}" in c
         and "--output-dir out/" in c
         for c in cmds
     )
@@ -283,3 +284,37 @@ def test_tiny_real_run_through_the_shell_launcher_and_report(domainnet_tree, tmp
     assert csv_text[0].startswith("file,experiment,model_type,pair,variants")
     assert len(csv_text) == 1 + 2 * 4  # per run: model A, model B, ensemble, one merge
     assert "accuracy:infograph" in csv_text[0]
+
+
+def _dirs(argv, capsys):
+    assert launch.main(argv) == 0
+    return {c.split("--output-dir ")[1].split()[0] for c in _commands(capsys.readouterr().out)}
+
+
+def test_the_environments_checkpoint_tree_is_part_of_the_settings(tmp_path, monkeypatch, capsys):
+    """Runs on another tree (set through $MODEL_CHECKPOINTS_DIR) must not be
+    skipped as the first tree's finished runs."""
+    argv = ["different_label_space", "--dry-run", "--pairs", "cub:oxford_pets"]
+    argv += ["--output_dir", str(tmp_path / "runs")]
+    monkeypatch.setenv(common.ENV_CHECKPOINTS, str(tmp_path / "treeA"))
+    a = _dirs(argv, capsys)
+    monkeypatch.setenv(common.ENV_CHECKPOINTS, str(tmp_path / "treeB"))
+    b = _dirs(argv, capsys)
+    assert a and not a & b
+    # The same tree named by the option or by the environment: the same runs.
+    monkeypatch.delenv(common.ENV_CHECKPOINTS)
+    assert _dirs([*argv, "--checkpoints", str(tmp_path / "treeA")], capsys) == a
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--least-squares", "gd", "--max_steps", "0"], "--max_steps must be positive"),
+        (["--images", "1"], "--images must be at least 2"),
+        (["--probe-epochs", "0"], "--probe-epochs must be at least 1"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_run(extra, message, tmp_path, capsys):
+    argv = ["different_label_space", "--dry-run", "--output_dir", str(tmp_path), *extra]
+    assert launch.main(argv) == 2
+    assert message in capsys.readouterr().err

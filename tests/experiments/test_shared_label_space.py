@@ -116,6 +116,9 @@ def test_explicit_checkpoints_and_bad_options(tmp_path, capsys):
     assert "budget 2.5 is outside [1, 2]" in capsys.readouterr().err
     assert shared_label_space.main([*base, "--a", "x", "--b", "y", "--methods", "avg"]) == 2
     assert "unknown method avg" in capsys.readouterr().err
+    gd = ["--a", "x", "--b", "y", "--least-squares", "gd", "--max_steps", "0"]
+    assert shared_label_space.main([*base, *gd]) == 2
+    assert "--max-steps must be positive for --least-squares gd, got 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
