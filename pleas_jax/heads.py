@@ -74,7 +74,15 @@ def train_linear_probe(
 
     Returns:
       the trained head.
+
+    Raises:
+      ValueError: features and labels that do not fit, labels outside
+        ``[0, num_classes)``, ``epochs < 0`` or ``batch_size < 1``.
     """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be a whole number >= 0, got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive whole number, got {batch_size!r}")
     x = jnp.asarray(features, jnp.float32)
     y = jnp.asarray(labels, jnp.int32)
     if x.ndim != 2 or y.shape != (x.shape[0],) or x.shape[0] == 0:

@@ -158,7 +158,7 @@ def least_squares(
     mode: str = "closed_form",
     ridge: float = 1e-4,
     ridge_centre: str = "init",
-    max_gram_bytes: int = 1 << 30,
+    max_gram_bytes: int | None = None,
     max_memory_bytes: int | None = DEFAULT_MAX_MEMORY_BYTES,
     steps: int = 400,
     learning_rate: float = 5e-4,
@@ -184,9 +184,10 @@ def least_squares(
         (gradient descent on every layer).
       ridge, ridge_centre: see :func:`solve`.
       max_gram_bytes, max_memory_bytes: a layer is solved in closed form only
-        when its Gram fits ``max_gram_bytes`` *and* its statistics
-        (:func:`statistics_bytes`) fit ``max_memory_bytes``, so the tighter
-        bound wins (by default the 1 GiB Gram bound). The closed-form layers
+        when its statistics (:func:`statistics_bytes`, its Gram included) fit
+        ``max_memory_bytes`` and, if given, its Gram fits ``max_gram_bytes``
+        (``None``: no bound of its own, so ``merge``'s ``max_memory_bytes``
+        alone decides, as :func:`statistics_memory` reports). The closed-form layers
         are then split in forward order into chunks whose statistics fit
         ``max_memory_bytes`` (``None``: one chunk); each chunk takes one pass
         over the data, is solved, and is freed before the next, so the device
@@ -226,7 +227,7 @@ def least_squares(
         closed = {
             n: lay
             for n, lay in layers.items()
-            if lay.gram_bytes <= max_gram_bytes
+            if (max_gram_bytes is None or lay.gram_bytes <= max_gram_bytes)
             and (max_memory_bytes is None or statistics_bytes(lay) <= max_memory_bytes)
         }
         descent = {n: lay for n, lay in layers.items() if n not in closed}

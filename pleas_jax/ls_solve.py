@@ -40,11 +40,30 @@ def _allowed_sets(layer: Layer):
 
 
 def _pinv_solve(a, c):
-    s, v = jnp.linalg.eigh(a)
-    tol = jnp.finfo(a.dtype).eps * a.shape[0] * jnp.max(jnp.abs(s))
-    keep = s > tol
-    inv = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
-    return jnp.matmul(v, inv[:, None] * jnp.matmul(v.T, c, precision=_HI), precision=_HI)
+    """A least-squares solution of ``a x = c`` for a positive semidefinite
+    ``a``: the pseudo-inverse of the Jacobi-scaled matrix (unit diagonal;
+    rows and columns of a zero diagonal, dead inputs, stay zero). Unscaled,
+    the cut-off relative to the largest eigenvalue would also drop well
+    determined directions of inputs far weaker than the strongest one (a bias
+    column beside a channel of scale 3e3)."""
+    d = jnp.diagonal(a)
+    s = jnp.where(d > 0, jax.lax.rsqrt(jnp.where(d > 0, d, 1.0)), 0.0)
+    ev, v = jnp.linalg.eigh(a * s[:, None] * s[None, :])
+    tol = jnp.finfo(a.dtype).eps * a.shape[0] * jnp.max(jnp.abs(ev))
+    keep = ev > tol
+    inv = jnp.where(keep, 1.0 / jnp.where(keep, ev, 1.0), 0.0)
+    x = jnp.matmul(v, inv[:, None] * jnp.matmul(v.T, c * s[:, None], precision=_HI), precision=_HI)
+    return x * s[:, None]
+
+
+def first_solver(count: float, dim: int) -> str:
+    """The solver to try first for a layer of ``dim`` inputs seen at ``count``
+    rows. With fewer rows than inputs the Gram is singular and only the ridge
+    makes it definite: its condition is then about ``dim / ridge`` and an fp32
+    factorisation's error, that times fp32's epsilon, reaches several percent
+    of the update in the directions the data do not see (held-out inputs do),
+    while nothing flags it. Those go to float64 on the host from the start."""
+    return "cholesky_f64" if count < dim else "cholesky"
 
 
 def _host_cholesky(g, diag, b, floor):
@@ -143,8 +162,9 @@ def solve(
     Per layer, three solves (merged outputs on every input, A-only outputs on
     ``[merged, A-only]``, B-only outputs on ``[merged, B-only]``), each
     ``W_S = (G_SS + λI)⁻¹ (C_S + λ W0_S)`` with ``λ = ridge · trace(G_SS) / |S|``
-    by Cholesky in fp32 (float64 on the host where fp32 round-off defeats it,
-    a pseudo-inverse by ``eigh`` where there is no ridge to make the system
+    by Cholesky in fp32 (float64 on the host where fp32 round-off defeats it
+    and for layers seen at fewer rows than inputs, :func:`first_solver`; a
+    pseudo-inverse by ``eigh`` where there is no ridge to make the system
     definite). Weights outside the allowed sets are exactly zero.
 
     Args:
@@ -157,8 +177,9 @@ def solve(
     Returns:
       layer name -> ``{"kernel": [*k, C_in, C_out], "bias": [C_out] (if the
       layer has one), "solver": "cholesky" | "cholesky_f64" | "eigh" (what
-      solved it: fp32 Cholesky, float64 Cholesky on the host where fp32 failed,
-      the pseudo-inverse where both did), "fallback": solver != "cholesky"}``.
+      solved it: fp32 Cholesky, float64 Cholesky on the host where fp32 failed
+      or would be inaccurate, the pseudo-inverse where both failed),
+      "fallback": solver != "cholesky"}``.
 
     Raises:
       ValueError: a non-finite solution (names the layer), or ``init`` centre
@@ -170,6 +191,7 @@ def solve(
         raise ValueError(f"ridge_centre must be one of {RIDGE_CENTRES}, got {ridge_centre!r}")
     out = {}
     problems = []
+    counts = jax.device_get({name: s["count"] for name, s in stats.items()})
     for name, s in stats.items():
         layer = s["layer"]
         relative = "init" in s
@@ -178,12 +200,13 @@ def solve(
             raise ValueError(f"layer {name}: ridge_centre='init' needs statistics taken with init")
         sets = tuple((lo, hi, tuple(int(i) for i in idx)) for lo, hi, idx in _allowed_sets(layer))
         args = (None, s["init"], s["init_grad"]) if relative else (s["cross"], None, None)
-        problems.append((name, layer, s["gram"], args, sets, centre))
+        first = first_solver(float(counts[name]), layer.dim)
+        problems.append((name, layer, s["gram"], args, sets, centre, first))
 
     def cholesky(p):
-        _, _, gram, args, sets, centre = p
+        _, _, gram, args, sets, centre, first = p
         with jax.default_matmul_precision("highest"):
-            return _solve_matrix(gram, *args, sets, float(ridge), centre, "cholesky")
+            return _solve_matrix(gram, *args, sets, float(ridge), centre, first)
 
     with jax.default_matmul_precision("highest"):
         # Every layer's Cholesky solve is dispatched before any result is
@@ -193,15 +216,16 @@ def solve(
         solved = distributed.map_programs(cholesky, problems, cost=lambda p: p[1].dim ** 3)
         finite = jax.device_get([ok for _, ok in solved])
         for problem, (w, _), ok in zip(problems, solved, finite, strict=True):
-            name, layer, gram, args, sets, centre = problem
+            name, layer, gram, args, sets, centre, first = problem
             # NaN from Cholesky means the matrix is not positive definite to
             # fp32 round-off (many more columns than rows, a small ridge). The
             # same system in float64 then gives the exact ridge solution; with
-            # no ridge on a rank-deficient Gram, the pseudo-inverse gives the
-            # least-squares solution of smallest norm.
-            solver = "cholesky"
+            # no ridge on a rank-deficient Gram, the pseudo-inverse gives a
+            # least-squares solution.
+            solver = first
             if not bool(ok):
-                for solver in ("cholesky_f64", "eigh"):
+                fallbacks = ("cholesky_f64", "eigh")
+                for solver in fallbacks[fallbacks.index(first) + 1 if first in fallbacks else 0 :]:
                     w, ok = _solve_matrix(gram, *args, sets, float(ridge), centre, solver)
                     if bool(ok):
                         break
