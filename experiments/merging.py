@@ -134,11 +134,14 @@ def merge_grid(
     cache = MatchingCache(args.matching_cache)
     rows, matching_seconds = [], {}
     runs = method_runs(args.methods, args.ratios)
-    # With several least-squares merges in this process, the pair's sums are taken
+    # With several closed-form merges in this process, the pair's sums are taken
     # once and projected for each budget and matching; for one, per-merge sums are
-    # cheaper (see pleas_jax.merge.merge's ``statistics``).
+    # cheaper (see pleas_jax.merge.merge's ``statistics``). The two give the same
+    # closed form; gradient descent is another procedure on the pair's sums
+    # (full batch) than over the data (mini-batches, the release's), so GD runs
+    # always take the latter: a by-hand grid then fits as the launcher's runs do.
     fits = len(args.budgets) * sum(METHODS[m].least_squares for m, _ in runs)
-    statistics: Any = "pair" if fits > 1 else "per_merge"
+    statistics: Any = "pair" if fits > 1 and args.least_squares != "gd" else "per_merge"
     for budget in args.budgets:
         for name, ratios in runs:
             method = METHODS[name]

@@ -308,3 +308,40 @@ def test_common_re_exports_the_split_modules_objects():
             else:
                 continue
             assert "experiments.common" not in imported, module.__name__
+
+
+@pytest.mark.parametrize("least_squares, want", [("closed_form", "pair"), ("gd", "per_merge")])
+def test_gradient_runs_fit_over_the_data_even_in_a_grid(least_squares, want, monkeypatch, tmp_path):
+    """Several closed-form fits share the pair's sums (the same solution); GD on
+    those sums would be another procedure than the launcher's one-fit runs."""
+    import argparse
+    import importlib
+
+    seen = []
+
+    class _Stop(Exception):
+        pass
+
+    def fake_merge(*args, **kwargs):
+        seen.append(kwargs.get("statistics"))
+        raise _Stop
+
+    monkeypatch.setattr(importlib.import_module("pleas_jax.merge"), "merge", fake_merge)
+    args = argparse.Namespace(
+        methods=["pleas_activation"],
+        ratios=["uniform"],
+        budgets=[1.0, 1.5],
+        least_squares=least_squares,
+        gd_steps=5,
+        seed=0,
+        matching_cache=str(tmp_path),
+        progress=False,
+    )
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / checkpoint.METADATA_FILE).write_text("{}")
+    from pleas_jax import workflow
+
+    model = workflow.Model(None, {}, name=str(tmp_path / "m"))
+    with pytest.raises(_Stop):
+        merging.merge_grid(args, model, model, [], heads="shared", cache_key={}, score=lambda m: {})
+    assert seen == [want]
