@@ -88,6 +88,8 @@ def _train(args: argparse.Namespace) -> int:
     from pleas_jax import workflow
 
     positive(args, "width", "image_size", "epochs", "batch_size")
+    if args.seed < 0:
+        raise CommandError(f"--seed must be >= 0, got {args.seed}")
     info = workflow.train_checkpoint(
         args.out,
         data=args.data,

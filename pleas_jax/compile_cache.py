@@ -27,8 +27,9 @@ import jax
 def enable(directory: str | os.PathLike) -> Path:
     """Keep every compiled program in ``directory`` (created if missing).
 
-    Call it before the process compiles anything: JAX sets its cache up at
-    the first compilation.
+    Best called before the process compiles anything. Called again (or after
+    JAX set a cache up at its first compilation), the cache moves to
+    ``directory`` from then on.
 
     Args:
       directory: where the cache lives; ``~`` is expanded.
@@ -38,16 +39,27 @@ def enable(directory: str | os.PathLike) -> Path:
 
     Raises:
       ValueError: ``directory`` exists and is not a directory, or cannot be
-        created.
+        created or written (JAX would warn once per program it compiles).
     """
+    import tempfile
+
+    from jax.experimental.compilation_cache import compilation_cache
+
     path = Path(directory).expanduser().absolute()
     if path.exists() and not path.is_dir():
         raise ValueError(f"compilation cache {path}: exists and is not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
     except OSError as e:
-        raise ValueError(f"compilation cache {path}: cannot create it ({e.strerror or e})") from e
+        raise ValueError(
+            f"compilation cache {path}: cannot create or write it ({e.strerror or e})"
+        ) from e
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    # JAX reads the directory once, when it first sets its cache up; a reset
+    # makes the next compilation set it up again, here.
+    compilation_cache.reset_cache()
     return path

@@ -34,10 +34,20 @@ def train(
 
     Returns:
       variables ``{"params", "batch_stats"}``.
+
+    Raises:
+      ValueError: ``epochs`` or ``batch_size`` below 1, a negative ``seed``
+        (numpy's shuffles take none), or an empty training split.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     x, y = dataset.x_train, dataset.y_train
+    if len(x) == 0:
+        raise ValueError(f"{dataset.name!r}: the training split is empty")
     if len(x) < batch_size:
         batch_size = len(x)
     variables = module.init(jax.random.key(seed), jnp.zeros((1, *x.shape[1:]), jnp.float32))

@@ -58,7 +58,7 @@ def get(tree: Mapping[str, Any], path: str | Path) -> Any:
     for k in parse_path(path):
         try:
             node = node[k]
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, IndexError):  # IndexError: a string into a numpy leaf
             raise KeyError(f"no entry {path_str(parse_path(path))!r} in the tree") from None
     return node
 

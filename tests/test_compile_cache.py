@@ -92,3 +92,46 @@ def test_enable_returns_the_expanded_path():
         n=1,
     )
     assert out == {"ok": True, "config": True}
+
+
+_MOVE = textwrap.dedent(
+    """
+    import json, sys
+    import jax, jax.numpy as jnp
+    sys.path.insert(0, {root!r})
+    from pathlib import Path
+    from pleas_jax import compile_cache
+    first, second = map(Path, sys.argv[1:3])
+    compile_cache.enable(first)
+    jax.jit(lambda x: x * 2)(jnp.ones(3)).block_until_ready()
+    compile_cache.enable(second)
+    jax.jit(lambda x: x + 5)(jnp.ones(4)).block_until_ready()
+    print(json.dumps({{"first": len(list(first.iterdir())), "second": len(list(second.iterdir()))}}))
+    """
+)
+
+
+def test_a_second_enable_moves_the_cache(tmp_path):
+    """JAX reads the directory once; enable must not report a move it did not make."""
+    import json
+
+    res = _run(_MOVE.format(root=str(ROOT)), tmp_path / "one", tmp_path / "two")
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = json.loads(res.stdout.strip().splitlines()[-1])
+    assert counts["first"] >= 1 and counts["second"] >= 1, counts
+
+
+def test_an_unwritable_directory_is_refused(tmp_path, monkeypatch):
+    import tempfile
+
+    import pytest
+
+    from pleas_jax import compile_cache
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    # Running as root, a read-only directory would still be writable: refuse the write.
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+    with pytest.raises(ValueError, match="cannot create or write it \\(Permission denied\\)"):
+        compile_cache.enable(tmp_path / "c")

@@ -365,11 +365,12 @@ def arch_name(module: ResNet) -> str | None:
     """The preset whose structure (not widths) ``module`` has, or ``None``."""
     for name in ARCHITECTURES:
         ref = resnet(name)
-        if (ref.block, ref.stage_sizes, ref.stem, ref.downsample) == (
+        if (ref.block, ref.stage_sizes, ref.stem, ref.downsample, ref.stage_strides) == (
             module.block,
             module.stage_sizes,
             module.stem,
             module.downsample,
+            module.stage_strides,
         ):
             return name
     return None

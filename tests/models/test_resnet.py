@@ -113,6 +113,12 @@ def test_config_round_trip():
         models.from_config({k: v for k, v in m.config().items() if k != "stem_width"})
 
 
+def test_arch_name_reads_the_strides_too():
+    m = models.resnet18(num_classes=4)
+    assert models.arch_name(m) == "resnet18"
+    assert models.arch_name(m.clone(stage_strides=(1, 1, 1, 1))) is None
+
+
 def test_backbone_without_classifier():
     m = models.resnet18(num_classes=None)
     v = jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
