@@ -55,7 +55,9 @@ def main() -> None:
     # x_train [N, 16, 16, 1], y_train [N], x_test, y_test).
     dataset = workflow.dataset_for(a, a.metadata["data"])
     print(f"model A ({Path(args.a).name}): test accuracy {workflow.evaluate(a, dataset):.4f}")
-    print(f"model B ({Path(args.b).name}): test accuracy {workflow.evaluate(b, dataset):.4f}")
+    # Each source model reads the data with its own training normalisation.
+    acc_b = workflow.evaluate(b, workflow.dataset_for(b, a.metadata["data"]))
+    print(f"model B ({Path(args.b).name}): test accuracy {acc_b:.4f}")
 
     # Unlabelled training images for matching, least squares and BatchNorm statistics:
     # a list of batches [200, 16, 16, 1] (re-iterable: every step reads them again).
