@@ -228,7 +228,7 @@ def _merge(args: argparse.Namespace) -> int:
         images=args.images,
         batch_size=args.batch_size,
         image_size=args.image_size,
-        crop=workflow.MODEL_CROP if args.crop == "default" else args.crop,
+        crop=args.crop,  # "default": A's own (workflow.MODEL_CROP)
         gd_steps=args.gd_steps,
         matching_dtype=args.matching_dtype,
         matching_precision=args.matching_precision,
@@ -304,8 +304,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     positive(args, "image_size", "batch_size")
     model = workflow.load_model(args.checkpoint)
-    crop = workflow.MODEL_CROP if args.crop == "default" else args.crop
-    dataset = workflow.dataset_for(model, args.data, image_size=args.image_size, crop=crop)
+    dataset = workflow.dataset_for(model, args.data, image_size=args.image_size, crop=args.crop)
     acc = workflow.evaluate(
         model,
         dataset,
@@ -322,7 +321,7 @@ def _eval(args: argparse.Namespace) -> int:
             "examples": len(dataset.y_test),
             # How the images were read (Model.image_size, Model.crop).
             "image_size": int(dataset.x_test.shape[1]),
-            "crop": workflow.crop_for(model, crop),
+            "crop": workflow.crop_for(model, args.crop),
         }
     )
     return 0

@@ -50,8 +50,8 @@ def enable(directory: str | os.PathLike) -> Path:
         raise ValueError(f"compilation cache {path}: exists and is not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
+        # Creating (and at once deleting) a file is the check that JAX could write.
+        tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-").close()
     except OSError as e:
         raise ValueError(
             f"compilation cache {path}: cannot create or write it ({e.strerror or e})"

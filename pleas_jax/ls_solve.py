@@ -56,6 +56,11 @@ def _pinv_solve(a, c):
     return x * s[:, None]
 
 
+# Closed-form solvers in the order they are tried: each next one where the
+# previous gave a non-finite solution.
+SOLVERS = ("cholesky", "cholesky_f64", "eigh")
+
+
 def first_solver(count: float, dim: int) -> str:
     """The solver to try first for a layer of ``dim`` inputs seen at ``count``
     rows. With fewer rows than inputs the Gram is singular and only the ridge
@@ -224,8 +229,7 @@ def solve(
             # least-squares solution.
             solver = first
             if not bool(ok):
-                fallbacks = ("cholesky_f64", "eigh")
-                for solver in fallbacks[fallbacks.index(first) + 1 if first in fallbacks else 0 :]:
+                for solver in SOLVERS[SOLVERS.index(first) + 1 :]:
                     w, ok = _solve_matrix(gram, *args, sets, float(ridge), centre, solver)
                     if bool(ok):
                         break

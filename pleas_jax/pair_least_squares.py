@@ -82,7 +82,7 @@ from pleas_jax.least_squares import (
     memory_report,
 )
 from pleas_jax.ls_data import Batches
-from pleas_jax.ls_solve import _cholesky_solve, _pinv_solve, first_solver
+from pleas_jax.ls_solve import SOLVERS, _cholesky_solve, _pinv_solve, first_solver
 from pleas_jax.pair_problems import _from_matrix, _problem
 from pleas_jax.partial import GroupBlocks
 from pleas_jax.tree import to_dict
@@ -394,9 +394,8 @@ def fit(
                     # round-off; float64 on the host then solves the same
                     # system, and the pseudo-inverse (least squares of
                     # smallest norm) where there is no ridge (see ls_solve).
-                    solvers = ("cholesky", "cholesky_f64", "eigh")
-                    first = solvers.index(first_solver(count[n], problems[n].layer.dim))
-                    for solver in solvers[first:]:
+                    first = SOLVERS.index(first_solver(count[n], problems[n].layer.dim))
+                    for solver in SOLVERS[first:]:
                         out = _solve_layer(*args, solver)
                         if bool(jnp.all(jnp.isfinite(out[0]))):
                             break

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -200,8 +201,6 @@ class TfdsImages:
 
     def _cache_key(self) -> dict | None:
         """What the labels are derived from, or ``None`` when the files cannot be listed."""
-        from pathlib import Path
-
         info = self.source.dataset_info
         try:
             where = Path(str(info.data_dir)).resolve()

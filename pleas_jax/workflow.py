@@ -288,7 +288,7 @@ def load_model(path: str | os.PathLike) -> Model:
 
 
 # ``crop`` of dataset_for and merge_checkpoints: the model's own (Model.crop).
-MODEL_CROP = "model"
+MODEL_CROP = "default"  # what the command line's --crop says when not given
 
 
 def crop_for(model: Model, crop: float | str | None = MODEL_CROP) -> float | None:

@@ -284,7 +284,12 @@ def test_bad_input_one_line_error_and_nothing_written(
         "train-bad-subset": ["train", *TRAIN, "--data", "digits[3-12]", "--out", outs / "t"],
         "train-existing-out": ["train", *TRAIN, "--data", "digits", "--out", a],
         "train-negative-seed": [
-            *["train", *TRAIN, "--data", "digits", "--seed", -1],
+            "train",
+            *TRAIN,
+            "--data",
+            "digits",
+            "--seed",
+            -1,
             "--out",
             outs / "t",
         ],

@@ -320,7 +320,7 @@ def test_gradient_runs_fit_over_the_data_even_in_a_grid(least_squares, want, mon
     seen = []
 
     class _Stop(Exception):
-        pass
+        """Raised by the fake merge once it has seen its arguments."""
 
     def fake_merge(*args, **kwargs):
         seen.append(kwargs.get("statistics"))
