@@ -34,6 +34,10 @@ from pleas_jax.ls_data import (
 from pleas_jax.ls_layers import channel_mask, find_layers, layer_apply
 from pleas_jax.partial import GroupBlocks
 
+# Images the gradient mode keeps on the devices across its steps: 3,200
+# 224 px RGB images in fp32 are 1.9 GB; past this they are sent per step.
+RESIDENT_BYTES = 4 << 30
+
 
 def _row_weights(mask, n_rows):
     # Rows are example-major, so each example's mask repeats over its positions.
@@ -144,6 +148,7 @@ def gradient_descent(
     optimizer: optax.GradientTransformation | None = None,
     layers: Iterable[str] | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    resident_bytes: int | None = RESIDENT_BYTES,
     progress: bool = False,
 ) -> tuple[dict[str, dict[str, Any]], np.ndarray]:
     """Fit the merged layers by gradient descent on the masked per-layer MSE.
@@ -162,6 +167,10 @@ def gradient_descent(
       batches: a sequence of images ``[N, H, W, C]`` (or ``(images, labels)``).
       steps, learning_rate: the paper's code: Adam, 5e-4, cosine decay, 400 steps.
       optimizer: replaces Adam with the cosine schedule.
+      resident_bytes: batches whose images take at most this many bytes in all
+        are put on the devices once and reused every cycle; more are sent
+        again at each step (slower, but the data need not fit the devices).
+        ``None``: always resident.
       Others as for :func:`pleas_jax.ls_statistics.layer_statistics`.
 
     Returns:
@@ -206,10 +215,14 @@ def gradient_descent(
     )
     update = _cached(key, lambda: _gradient_step(module_a, module_b, chosen, blocks, mesh, opt))
     opt_state = opt.init(params)
-    shards = [distributed.shard_batch(_images(b), mesh) for b in batches]
+    images = [_images(b) for b in batches]
+    total = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in images)
+    resident = resident_bytes is None or total <= resident_bytes
+    shards = [distributed.shard_batch(x, mesh) for x in images] if resident else None
     losses = []
     for i in tqdm(range(steps), desc="least squares (gradient)", disable=not progress, leave=False):
-        x, mask = shards[i % len(shards)]
+        j = i % len(images)
+        x, mask = shards[j] if shards is not None else distributed.shard_batch(images[j], mesh)
         params, opt_state, loss = update(
             params, opt_state, masks, variables_a, variables_b, x, mask
         )

@@ -360,3 +360,35 @@ def test_moved_names_are_re_exported():
     assert all(hasattr(ls, name) for name in ls.__all__)
     public = {n for names in moved.values() for n in names if not n.startswith("_")}
     assert public <= set(ls.__all__)
+
+
+def test_gradient_mode_streams_batches_past_its_device_bound(pair, monkeypatch):
+    """Batches over ``resident_bytes`` are sent per step instead of kept on the
+    devices; the steps, and so the fitted weights, are the same."""
+    from pleas_jax import distributed
+
+    m, va, vb, spec, batches = pair
+    blocks = _blocks(pair, 1.5)
+    mm, vm = partial.partial_merge(m, spec, blocks, va, vb)
+    w0 = weights_of(vm, find_layers(m, va, spec, blocks, batches[0][:1]))
+    sent = []
+    real = distributed.shard_batch
+
+    def counting(x, mesh):
+        sent.append(len(x))
+        return real(x, mesh)
+
+    monkeypatch.setattr(distributed, "shard_batch", counting)
+    fits, sends = {}, {}
+    for bound in (None, 0):
+        sent.clear()
+        fits[bound] = gradient_descent(
+            m, va, m, vb, spec, blocks, w0, batches, steps=5, resident_bytes=bound
+        )
+        sends[bound] = len(sent)
+    assert len(batches) < 5
+    assert sends == {None: len(batches), 0: 5}
+    np.testing.assert_array_equal(fits[None][1], fits[0][1])
+    for n, w in fits[None][0].items():
+        for k in w:
+            np.testing.assert_array_equal(w[k], fits[0][0][n][k])
