@@ -230,7 +230,11 @@ def check_pair(a: Model, b: Model, *, image_size: int | None = None) -> None:
     """Raise :class:`RunError` unless ``a`` and ``b`` can be merged: the same
     architecture and widths, the same input channels, and the same image size
     unless ``image_size`` overrides both. Logs a warning where they read images
-    differently (:attr:`Model.crop`): a merge reads its data as ``a`` does."""
+    differently (:attr:`Model.crop`, :attr:`Model.normalization`): a merge reads
+    its data as ``a`` does, so ``b`` then sees inputs unlike its training's."""
+    for m in (a, b):
+        if m.heads is not None:
+            raise RunError(f"{m.name} is already a merge with separate heads; merge source models")
     ca, cb = dict(a.module.config()), dict(b.module.config())
     for c in (ca, cb):
         c.pop("num_classes")
@@ -249,9 +253,6 @@ def check_pair(a: Model, b: Model, *, image_size: int | None = None) -> None:
             f"cannot merge {a.name} and {b.name}: trained on {a.image_size}px and "
             f"{b.image_size}px images"
         )
-    for m in (a, b):
-        if m.heads is not None:
-            raise RunError(f"{m.name} is already a merge with separate heads; merge source models")
     if a.crop != b.crop:
         _log.warning(
             "%s reads images %s but %s %s; the merge reads them as %s does",
@@ -261,10 +262,37 @@ def check_pair(a: Model, b: Model, *, image_size: int | None = None) -> None:
             _reading(b),
             a.name,
         )
+    if not _same_normalization(a.normalization, b.normalization):
+        _log.warning(
+            "%s and %s were trained on differently normalised inputs (%s vs %s); the "
+            "merge normalises its data as %s does",
+            a.name,
+            b.name,
+            _norm_text(a.normalization),
+            _norm_text(b.normalization),
+            a.name,
+        )
 
 
 def _reading(m: Model) -> str:
     return "resized whole" if m.crop is None else f"centre-cropped ({m.crop:g})"
+
+
+def _same_normalization(na, nb) -> bool:
+    # Statistics recomputed on the same data differ in the last digits only.
+    if na is None or nb is None:
+        return na is nb
+    return all(
+        len(x) == len(y) and np.allclose(x, y, rtol=1e-3, atol=1e-4)
+        for x, y in zip(na, nb, strict=True)
+    )
+
+
+def _norm_text(norm) -> str:
+    if norm is None:
+        return "each data set's own statistics"
+    mean, std = (", ".join(f"{v:.3g}" for v in x) for x in norm)
+    return f"mean [{mean}], std [{std}]"
 
 
 def heads_mode(a: Model, b: Model, heads: str = "auto") -> str:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pleas_jax import data, image_files, models
-from pleas_jax.workflow import Model, check_pair, dataset_for, merge_batches, write_json
+from pleas_jax.data import IMAGENET_NORMALIZATION
+from pleas_jax.workflow import Model, RunError, check_pair, dataset_for, merge_batches, write_json
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -66,7 +67,12 @@ def test_a_pair_that_reads_images_differently_is_merged_with_a_warning(caplog):
     module = models.resnet("resnet18", num_classes=3)
     stem = {"params": {"conv1": {"kernel": np.zeros((7, 7, 3, 64), np.float32)}}}
     converted = Model(module, stem, metadata={"converted_from": "torch"}, name="c")
-    trained = Model(module, stem, metadata={"image_size": 224}, name="t")
+    trained = Model(
+        module,
+        stem,
+        metadata={"image_size": 224, "normalization": IMAGENET_NORMALIZATION},
+        name="t",
+    )
     with caplog.at_level("WARNING", logger="pleas_jax.workflow"):
         check_pair(converted, converted)
         assert not caplog.records
@@ -75,3 +81,35 @@ def test_a_pair_that_reads_images_differently_is_merged_with_a_warning(caplog):
     assert record.getMessage() == (
         "c reads images centre-cropped (0.875) but t resized whole; the merge reads them as c does"
     )
+
+
+def test_a_pair_trained_on_differently_normalised_inputs_is_merged_with_a_warning(caplog):
+    module = models.resnet("resnet20", num_classes=5, width=4)
+    stem = {"params": {"conv1": {"kernel": np.zeros((3, 3, 1, 4), np.float32)}}}
+
+    def model(name, mean, std):
+        norm = {"mean": [mean], "std": [std]}
+        return Model(module, stem, metadata={"normalization": norm}, name=name)
+
+    mnist = model("mnist", 0.1325, 0.3105)
+    again = model("again", 0.13251, 0.31049)  # the same statistics, recomputed
+    digits = model("digits", 0.3052, 0.3870)
+    with caplog.at_level("WARNING", logger="pleas_jax.workflow"):
+        check_pair(mnist, again)
+        assert not caplog.records
+        check_pair(mnist, digits)
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "mnist and digits were trained on differently normalised inputs (mean [0.133], "
+        "std [0.31] vs mean [0.305], std [0.387]); the merge normalises its data as mnist does"
+    )
+
+
+def test_merging_a_merge_names_the_problem_before_its_widths():
+    a = models.resnet("resnet20", num_classes=5, width=4)
+    merged = models.resnet("resnet20", num_classes=5, width=6)
+    stem = lambda c: {"params": {"conv1": {"kernel": np.zeros((3, 3, 1, c), np.float32)}}}  # noqa: E731
+    source = Model(a, stem(4), name="a")
+    backbone = Model(merged, stem(6), heads={"a": {}, "b": {}}, name="ab")
+    with pytest.raises(RunError, match="ab is already a merge with separate heads"):
+        check_pair(backbone, source)
