@@ -205,7 +205,11 @@ def _register_merge(sub: argparse._SubParsersAction) -> None:
         "bf16_3x: bf16 tensor-core products with ~fp32 accuracy, for GPUs/TPUs)",
     )
     p.add_argument("--out", required=True, help="merged checkpoint directory to create")
-    p.add_argument("--report", default=None, help="also write the merge report to this JSON file")
+    p.add_argument(
+        "--report",
+        default=None,
+        help="also write the merge report to this JSON file (an existing one only with --overwrite)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a checkpoint")
     p.set_defaults(func=_merge)
 

@@ -97,11 +97,13 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise RunError(f"{out}: parent directory {out.parent} does not exist")
 
 
-def _check_json_out(path: str | os.PathLike) -> None:
+def _check_json_out(path: str | os.PathLike, overwrite: bool = False) -> None:
     """A JSON file can be written at ``path`` (checked before slow work)."""
     path = Path(path)
     if path.is_dir():
         raise RunError(f"{path}: is a directory; name the JSON file to write")
+    if path.exists() and not overwrite:
+        raise RunError(f"{path}: already exists (pass --overwrite to replace it)")
     if not path.parent.is_dir():
         raise RunError(f"{path}: parent directory {path.parent} does not exist")
 
@@ -339,8 +341,9 @@ def merge_checkpoints(
     :attr:`Model.crop`), which the merged checkpoint records. ``out`` holds the
     merged model (a backbone plus heads ``"a"``/``"b"`` for separate label
     spaces) and metadata: the sources, data, settings and the merge report.
-    Nothing is written unless the merge completes; ``report`` (a JSON file)
-    is written just before the checkpoint.
+    Nothing is written unless the merge completes; ``report`` (a JSON file;
+    an existing one only with ``overwrite``) is written just before the
+    checkpoint, and removed again if the checkpoint cannot be saved.
 
     Returns:
       the merge report (JSON-able).
@@ -352,7 +355,7 @@ def merge_checkpoints(
     out = Path(out)
     _check_out(out, overwrite)
     if report is not None:
-        _check_json_out(report)
+        _check_json_out(report, overwrite)
     if not 1.0 <= budget <= 2.0 or math.isnan(budget):
         raise RunError(f"budget must lie in [1, 2] (compute relative to one model), got {budget}")
     model_a, model_b = load_model(a), load_model(b)
@@ -419,10 +422,16 @@ def merge_checkpoints(
     if mode == "separate":
         info["head_classes"] = {"a": trained_classes(model_a), "b": trained_classes(model_b)}
     # The report first: a checkpoint without its report would block the rerun
-    # ("already exists"); a report without its checkpoint is overwritten by it.
+    # ("already exists"); a new report whose checkpoint fails is removed.
+    fresh_report = report is not None and not Path(report).exists()
     if report is not None:
         write_json(report, rep)
-    checkpoint.save(
-        out, result.module, result.variables, heads=result.heads, overwrite=overwrite, **info
-    )
+    try:
+        checkpoint.save(
+            out, result.module, result.variables, heads=result.heads, overwrite=overwrite, **info
+        )
+    except BaseException:
+        if fresh_report:
+            Path(report).unlink(missing_ok=True)  # type: ignore[arg-type]
+        raise
     return rep

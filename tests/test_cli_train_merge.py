@@ -250,6 +250,7 @@ def test_merge_separate_heads_and_eval_each_head(ckpts, outs, capsys):
         ("merge-shared-different-classes", r"a shared head needs the same classes"),
         ("merge-report-dir", r"parent directory .*nodir does not exist"),
         ("merge-report-is-a-dir", r"is a directory; name the JSON file to write"),
+        ("merge-report-exists", r"report.json: already exists \(pass --overwrite"),
         ("eval-other-classes", r"trained on classes 0-4 but 'digits\[5-9\]' has classes 5-9"),
         ("train-empty-test-split", r"has no test images"),
         ("train-overwrite-not-a-checkpoint", r"plain: exists and is not a pleas-jax checkpoint"),
@@ -261,6 +262,7 @@ def test_bad_input_one_line_error_and_nothing_written(
 ):
     a, b = ckpts["a"], ckpts["b"]
     (tmp_path / "plain").mkdir()
+    (tmp_path / "report.json").write_text("{}")
     x = np.zeros((10, 16, 16), np.uint8)
     np.savez(tmp_path / "no_test.npz", x=x, y=np.arange(10) % 2, x_test=x[:0], y_test=np.zeros(0))
     # Each of these is refused before any slow work: training would fail the test.
@@ -305,6 +307,7 @@ def test_bad_input_one_line_error_and_nothing_written(
         "merge-shared-different-classes": [*merge, "--heads", "shared"],
         "merge-report-dir": [*merge, "--report", tmp_path / "nodir" / "r.json"],
         "merge-report-is-a-dir": [*merge, "--report", tmp_path],
+        "merge-report-exists": [*merge, "--report", tmp_path / "report.json"],
         "eval-other-classes": ["eval", a, "--data", "digits[5-9]"],
         "train-empty-test-split": [
             "train",
@@ -349,6 +352,23 @@ def test_a_merge_whose_report_cannot_be_written_leaves_no_checkpoint(
     rc, _, err = run([*argv, "--out", outs / "m", "--report", outs / "r.json"], capsys)
     assert rc == 2 and "No space left on device" in err
     # A rerun is not blocked by a checkpoint left from the failed one.
+    assert list(outs.iterdir()) == []
+
+
+def test_a_merge_whose_checkpoint_cannot_be_saved_leaves_no_report(
+    ckpts, outs, capsys, monkeypatch
+):
+    from pleas_jax import checkpoint
+
+    def fail(*args, **kwargs):
+        raise OSError("[Errno 28] No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save", fail)
+    argv = ["merge", "--a", ckpts["a"], "--b", ckpts["a2"], "--data", "digits[0-4]"]
+    argv += ["--budget", 1.5, "--least-squares", "none", *MERGE]
+    rc, _, err = run([*argv, "--out", outs / "m", "--report", outs / "r.json"], capsys)
+    assert rc == 2 and "No space left on device" in err
+    # A rerun is not blocked by a report left from the failed one.
     assert list(outs.iterdir()) == []
 
 
