@@ -34,6 +34,7 @@ the compute of one, from 32 random images (run by
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -54,6 +55,8 @@ from pleas_jax.pair_least_squares import PairStatistics, fit, pair_statistics
 from pleas_jax.permutation import identity
 from pleas_jax.products import check_precision
 from pleas_jax.spec import Group, derive_spec
+
+_log = logging.getLogger(__name__)
 
 MATCHINGS = ("activation", "weight", "identity")
 RATIOS = ("uniform", "zip", "optimized")
@@ -158,6 +161,24 @@ def _backbone_spec(spec) -> dict:
         if axes:
             out[g] = Group(group.size, axes)
     return out
+
+
+def _aligned(table, spec, ratios: Mapping[str, float], multiple: int) -> dict[str, float]:
+    """:func:`pleas_jax.budget.align_ratios`, with a warning where rounding the
+    separate units down gives back much of the extra compute asked for."""
+    aligned = budget_lib.align_ratios(spec, ratios, multiple)
+    asked, kept = (budget_lib.relative_compute(table, spec, r) for r in (ratios, aligned))
+    # A quarter of the extra compute lost: more than lane alignment should cost.
+    if asked - kept > 0.25 * (asked - 1.0) + 1e-9:
+        _log.warning(
+            "unit_multiple=%d rounds the separate units down to budget %.3f from %.3f "
+            "(groups of %s units); a smaller multiple keeps more of the budget",
+            multiple,
+            kept,
+            asked,
+            sorted({int(spec[g].size) for g in spec if ratios[g] > 0}),
+        )
+    return aligned
 
 
 def merge(
@@ -348,7 +369,7 @@ def merge(
             budget_lib.separate_units(spec, ratios)  # every group named, each in [0, 1]
             group_ratios = {g: float(ratios[g]) for g in spec}
         if unit_multiple is not None:
-            group_ratios = budget_lib.align_ratios(spec, group_ratios, unit_multiple)
+            group_ratios = _aligned(table, spec, group_ratios, unit_multiple)
         blocks = partial.make_blocks(spec, perm, costs, group_ratios)
         merged_module, merged = partial.partial_merge(module_a, spec, blocks, va, vb)
         done("ratios", t0)

@@ -1,5 +1,6 @@
 """The merge pipeline against ensembles, planted permutations and bad input."""
 
+import re
 from typing import Any
 
 import jax
@@ -142,6 +143,32 @@ def test_unit_multiple_aligns_the_merged_widths():
     assert rep["achieved_budget"] <= plain["achieved_budget"] <= 1.5
     assert abs(rep["xla_flops"] / rep["analytic_conv_flops"] - 1) < 0.1
     assert np.all(np.isfinite(np.asarray(r.logits(x))))
+
+
+def test_a_unit_multiple_that_discards_the_budget_is_warned_about(caplog):
+    (ma, va), (mb, vb), data, x = _pair("resnet20")
+    spec = derive_spec(ma, va, x[:1])
+    big = 2 * max(int(g.size) for g in spec.values())  # wider than any group
+    with caplog.at_level("WARNING", logger="pleas_jax.merge"):
+        rep = merge(
+            (ma, va),
+            (mb, vb),
+            data,
+            1.5,
+            matching="weight",
+            least_squares=None,
+            unit_multiple=big,
+            count_xla_flops=False,
+            progress=False,
+        ).report
+    assert rep["achieved_budget"] == pytest.approx(1.0)
+    (record,) = caplog.records
+    # From the budget uniform ratios reach at these tiny widths (just under 1.5).
+    assert re.match(
+        rf"unit_multiple={big} rounds the separate units down to budget 1.000 from 1.4\d\d "
+        r"\(groups of \[4, 8, 16\] units\)",
+        record.getMessage(),
+    ), record.getMessage()
 
 
 def _no_data():
