@@ -5,7 +5,7 @@ each lives in the module of its concept (imports go downward, from the first to
 the last; none imports this module):
 
 - :mod:`experiments.release`: the release's models, datasets and grids, the merge
-  methods (:data:`METHODS`), and :class:`ExperimentError`;
+  methods (:data:`METHODS`) and the settings their runs use, and :class:`ExperimentError`;
 - :mod:`experiments.options`: the options both scripts take, and their checks;
 - :mod:`experiments.sources`: finding source checkpoints in the release's tree
   (converting ``model.pth`` on the fly) and loading them;
@@ -21,7 +21,7 @@ missing and how to get it.
 from __future__ import annotations
 
 from experiments.datasets import MOCK_IMAGE_SIZE, dataset_spec, maybe_mock_data
-from experiments.merging import MatchingCache, checkpoint_key, merge_grid, method_runs
+from experiments.merging import MatchingCache, checkpoint_key, merge_grid
 from experiments.options import (
     add_common_arguments,
     check_common,
@@ -51,6 +51,8 @@ from experiments.release import (
     VARIANTS,
     ExperimentError,
     Method,
+    merge_settings,
+    method_runs,
 )
 from experiments.runs import (
     Timer,
@@ -94,6 +96,8 @@ __all__ = [
     "VARIANTS",
     "ExperimentError",
     "Method",
+    "merge_settings",
+    "method_runs",
     # options
     "add_common_arguments",
     "check_common",
@@ -124,5 +128,4 @@ __all__ = [
     "MatchingCache",
     "checkpoint_key",
     "merge_grid",
-    "method_runs",
 ]

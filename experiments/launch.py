@@ -306,14 +306,17 @@ def grid(args: argparse.Namespace) -> list[Run]:
     budgets = args.budgets or common.BUDGETS[args.model_type]
     out = Path(args.output_dir)
     digest = _settings_hash(args)
-    ratios = "+".join(args.ratios)
     runs = []
     for da, db in pairs:
         for va, vb in args.orders:
             for method in args.merging:
-                own = common.METHODS[method].ratios
-                ls = args.least_squares if common.METHODS[method].least_squares else "nols"
-                tag = f"{method}_{own or ratios}_{ls}_{digest}"
+                # The settings the run's merges read, as the run resolves and
+                # records them: its directory and command name no others.
+                used = common.merge_settings(
+                    [method], args.ratios, args.least_squares, args.gd_steps
+                )
+                ls = used["least_squares"] or "nols"
+                tag = f"{method}_{'+'.join(used['ratios'])}_{ls}_{digest}"
                 for b in budgets:
                     where = (
                         out
@@ -337,11 +340,7 @@ def grid(args: argparse.Namespace) -> list[Run]:
                         "--methods",
                         method,
                         "--ratios",
-                        ratios,
-                        "--least-squares",
-                        args.least_squares,
-                        "--gd-steps",
-                        str(args.gd_steps),
+                        ",".join(used["ratios"]),
                         "--budgets",
                         f"{b:g}",
                         "--images",
@@ -356,6 +355,8 @@ def grid(args: argparse.Namespace) -> list[Run]:
                         str(where),
                     ]
                     optional = {
+                        "--least-squares": used["least_squares"],
+                        "--gd-steps": used["gd_steps"],
                         "--checkpoints": args.checkpoints,
                         "--data-dir": args.data_dir,
                         "--image-size": args.image_size,

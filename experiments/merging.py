@@ -1,7 +1,7 @@
 """Merging a pair with every method, ratio allocation and budget of a run.
 
-:func:`method_runs` says which (method, ratios) recipes a run merges with;
-:func:`merge_grid` merges and scores them at every budget, computing each kind of
+:func:`merge_grid` merges and scores the (method, ratios) recipes of a run
+(:func:`~experiments.release.method_runs`) at every budget, computing each kind of
 matching once per pair and keeping it in a :class:`MatchingCache` (on disk with
 ``--matching-cache``), so that runs at other budgets and methods reuse it.
 """
@@ -18,27 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from experiments.release import METHODS, _pleas
+from experiments.release import METHODS, _pleas, method_runs
 from experiments.runs import Timer
 
 if TYPE_CHECKING:
     from pleas_jax import workflow as wf
-
-
-def method_runs(methods: Sequence[str], ratios: Sequence[str]) -> list[tuple[str, str]]:
-    """``(method, ratios)`` pairs to run: each method with each allocation, once
-    for a method with its own allocation. A pair whose recipe (matching, least
-    squares, ratios) is that of a named method with its own allocation is left to
-    that method (``perm_activation`` with ``zip`` ratios is ``zipit``)."""
-    recipe = lambda m, r: (METHODS[m].matching, METHODS[m].least_squares, r)  # noqa: E731
-    named = {recipe(m, METHODS[m].ratios) for m in methods if METHODS[m].ratios}
-    out = []
-    for m in methods:
-        own = METHODS[m].ratios
-        for r in [own] if own else ratios:
-            if (m, r) not in out and (own or recipe(m, r) not in named):
-                out.append((m, r))
-    return out
 
 
 # ---------------------------------------------------------------- caching

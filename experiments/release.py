@@ -7,7 +7,8 @@ tables cheaply; the modules that run merges reach ``pleas_jax`` through
 
 A *method* is a merge recipe (:data:`METHODS`): a matching, whether least squares
 runs, and a ratio allocation. Its names are the original launchers' ``--merging``
-values plus ``zipit``.
+values plus ``zipit``. :func:`method_runs` says which recipes a run merges with,
+and :func:`merge_settings` which of its options those merges really read.
 
 Errors a user can fix raise :class:`ExperimentError` with one line that says what is
 missing and how to get it.
@@ -16,6 +17,8 @@ missing and how to get it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 MODEL_TYPES = {"rn18": "resnet18", "rn50": "resnet50", "rn101": "resnet101"}
 VARIANTS = ("v1a", "v1b", "v2a", "v2b")
@@ -108,3 +111,43 @@ METHODS = {
 }
 RATIOS = ("uniform", "zip", "optimized")
 LEAST_SQUARES = ("closed_form", "gd")
+
+
+def method_runs(methods: Sequence[str], ratios: Sequence[str]) -> list[tuple[str, str]]:
+    """``(method, ratios)`` pairs to run: each method with each allocation, once
+    for a method with its own allocation. A pair whose recipe (matching, least
+    squares, ratios) is that of a named method with its own allocation is left to
+    that method (``perm_activation`` with ``zip`` ratios is ``zipit``)."""
+    recipe = lambda m, r: (METHODS[m].matching, METHODS[m].least_squares, r)  # noqa: E731
+    named = {recipe(m, METHODS[m].ratios) for m in methods if METHODS[m].ratios}
+    out = []
+    for m in methods:
+        own = METHODS[m].ratios
+        for r in [own] if own else ratios:
+            if (m, r) not in out and (own or recipe(m, r) not in named):
+                out.append((m, r))
+    return out
+
+
+def merge_settings(
+    methods: Sequence[str], ratios: Sequence[str], least_squares: str, gd_steps: int
+) -> dict[str, Any]:
+    """The merge settings a run of ``methods`` really uses, given the options.
+
+    A method with its own allocation ignores ``ratios`` (ZipIt!'s is ``zip``),
+    and least squares (with its steps) only matters where a method fits it.
+    The launcher spells its commands and run directories with these, and a
+    run records them, so neither names an option the merges never read.
+
+    Returns:
+      ``{"ratios": [allocations merged with, in order], "least_squares": mode or
+      None, "gd_steps": steps or None (closed form)}``.
+    """
+    runs = method_runs(methods, ratios)
+    fits = any(METHODS[m].least_squares for m, _ in runs)
+    mode = least_squares if fits else None
+    return {
+        "ratios": list(dict.fromkeys(r for _, r in runs)),
+        "least_squares": mode,
+        "gd_steps": gd_steps if mode == "gd" else None,
+    }

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from experiments.release import RESULT_FILE, ExperimentError, _pleas
+from experiments.release import RESULT_FILE, ExperimentError, _pleas, merge_settings
 
 
 def write_result(out_dir: str | os.PathLike, result: Mapping[str, Any]) -> Path:
@@ -69,15 +69,18 @@ def run_main(
 
 
 def settings(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-    """The run's settings for its JSON."""
+    """The run's settings for its JSON.
+
+    ``ratios``, ``least_squares`` and ``gd_steps`` are those the merges read
+    (:func:`~experiments.release.merge_settings`: a ``zipit`` run records ``zip``
+    ratios and no least squares, whatever the options said), as the launcher
+    names them in the run's command and directory.
+    """
     keys = (
         "model_type",
         "variants",
         "methods",
         "budgets",
-        "ratios",
-        "least_squares",
-        "gd_steps",
         "images",
         "batch_size",
         "matching_data",
@@ -86,7 +89,8 @@ def settings(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         "image_size",
         "mock_data",
     )
-    return {**{k: getattr(args, k) for k in keys}, "specs": dict(args.spec), **extra}
+    used = merge_settings(args.methods, args.ratios, args.least_squares, args.gd_steps)
+    return {**{k: getattr(args, k) for k in keys}, **used, "specs": dict(args.spec), **extra}
 
 
 def finish_run(

@@ -225,6 +225,22 @@ def test_method_runs_and_matching_cache(tmp_path):
         ("zipit", "zip"),
     ]
     assert common.method_runs(["perm_activation"], ["zip"]) == [("perm_activation", "zip")]
+    # What the runs record and the launcher names: only the settings merges read.
+    assert common.merge_settings(["zipit"], ["optimized"], "gd", 50) == {
+        "ratios": ["zip"],
+        "least_squares": None,
+        "gd_steps": None,
+    }
+    assert common.merge_settings(["pleas_weight", "zipit"], ["uniform"], "gd", 50) == {
+        "ratios": ["uniform", "zip"],
+        "least_squares": "gd",
+        "gd_steps": 50,
+    }
+    assert common.merge_settings(["pleas_activation"], ["zip"], "closed_form", 50) == {
+        "ratios": ["zip"],
+        "least_squares": "closed_form",
+        "gd_steps": None,
+    }
     key = {"a": 1, "matching": "activation"}
     perm = {"layer1/conv1 kernel:3": np.array([1, 0, 2]), "fc:0": np.array([0, 1])}
     costs = {g: np.eye(len(p)) for g, p in perm.items()}
@@ -264,6 +280,8 @@ HOMES = {
         "VARIANTS",
         "ExperimentError",
         "Method",
+        "merge_settings",
+        "method_runs",
     ],
     options: ["add_common_arguments", "check_common", "csv_list", "float_list", "spec_override"],
     sources: [
@@ -285,7 +303,7 @@ HOMES = {
         "settings",
         "write_result",
     ],
-    merging: ["MatchingCache", "checkpoint_key", "merge_grid", "method_runs"],
+    merging: ["MatchingCache", "checkpoint_key", "merge_grid"],
 }
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import types
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import common, launch, report
+from experiments import common, different_label_space, launch, report
 from tests.experiments.conftest import BATCH, IMAGES, MOCK, SIZE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,6 +59,35 @@ def test_dry_run_lists_the_papers_grid(experiment, tmp_path, capsys):
     cmds = _commands(capsys.readouterr().out)
     assert len(cmds) == 120 and all("--ratios zip" in c for c in cmds)
     assert {c.split("--budgets ")[1].split()[0] for c in cmds} == {"1", "1.1", "1.7", "1.8", "2"}
+
+
+def test_dry_run_commands_name_the_settings_their_runs_use(tmp_path, capsys):
+    """Each printed command, read as its run reads it, has the ratios and least
+    squares its directory names: ZipIt! merges with zip ratios and no least
+    squares, whatever --ratios and --least-squares say."""
+    argv = ["different_label_space", "--dry-run", "--pairs", "cub:oxford_pets"]
+    argv += ["--orders", "v1a:v1b", "--budgets", "1.5", "--merging", ",".join(common.METHODS)]
+    for extra in (
+        ["--ratios", "optimized"],
+        ["--ratios", "zip,optimized", "--least-squares", "gd"],
+    ):
+        assert launch.main([*argv, *extra, "--output_dir", str(tmp_path)]) == 0
+        cmds = _commands(capsys.readouterr().out)
+        assert len(cmds) == len(common.METHODS)
+        for cmd in cmds:
+            args = different_label_space.parser().parse_args(shlex.split(cmd)[3:])
+            common.check_common(args)
+            used = common.settings(args)  # what the run records
+            ls = used["least_squares"] or "nols"
+            (method,) = args.methods
+            tag = Path(args.output_dir).parent.name
+            assert tag.startswith(f"{method}_{'+'.join(used['ratios'])}_{ls}_"), cmd
+            # The command names no setting the run does not use.
+            assert args.ratios == used["ratios"], cmd
+            assert ("--least-squares" in cmd) == (used["least_squares"] is not None), cmd
+            assert ("--gd-steps" in cmd) == (used["gd_steps"] is not None), cmd
+        zipit = next(c for c in cmds if "--methods zipit" in c)
+        assert "--ratios zip " in zipit and "/zipit_zip_nols_" in zipit
 
 
 FAKE_PYTHON = """#!/bin/sh
@@ -258,6 +288,11 @@ def test_tiny_real_run_through_the_shell_launcher_and_report(domainnet_tree, tmp
     assert result["status"] == "done" and result["pair"] == ["clipart", "painting"]
     (row,) = result["results"]
     assert (row["method"], row["ratios"], row["budget"]) == ("zipit", "zip", 1.0)
+    # The record, its command and its directory agree on the settings merged with.
+    s = result["settings"]
+    assert (s["ratios"], s["least_squares"], s["gd_steps"]) == (["zip"], None, None)
+    assert "--ratios zip " in result["command"] and "--least-squares" not in result["command"]
+    assert file.parent.parent.name.startswith("zipit_zip_nols_")
     assert row["achieved_budget"] == pytest.approx(1.0, abs=1e-6)
     assert len(list((out / "matching_cache").glob("*.npz"))) == 1
     # Resumed: nothing left to run.
