@@ -20,7 +20,7 @@ missing and how to get it.
 
 from __future__ import annotations
 
-from experiments.datasets import MOCK_IMAGE_SIZE, dataset_spec, maybe_mock_data
+from experiments.datasets import MOCK_IMAGE_SIZE, dataset_spec, is_papers_source, maybe_mock_data
 from experiments.merging import MatchingCache, checkpoint_key, merge_grid
 from experiments.options import (
     add_common_arguments,
@@ -68,6 +68,7 @@ from experiments.sources import (
     checkpoints_root,
     features_model,
     load_source,
+    model_type,
     release_dir,
     resolve_checkpoint,
     source_paths,
@@ -108,12 +109,14 @@ __all__ = [
     "checkpoints_root",
     "features_model",
     "load_source",
+    "model_type",
     "release_dir",
     "resolve_checkpoint",
     "source_paths",
     # datasets
     "MOCK_IMAGE_SIZE",
     "dataset_spec",
+    "is_papers_source",
     "maybe_mock_data",
     # runs
     "Timer",

@@ -1,7 +1,8 @@
 """The paper's datasets as pleas-jax data specs, and the mocked tfds the tests run on.
 
 :func:`dataset_spec` names where a dataset of the paper (``cub``, ``clipart``,
-...) is read from; :mod:`experiments.streams` reads it. :func:`maybe_mock_data`
+...) is read from; :mod:`experiments.streams` reads it; :func:`is_papers_source`
+tells the paper's source from a ``--spec`` that replaced it. :func:`maybe_mock_data`
 replaces every tfds source with small random images, so the experiments run end
 to end in tests without the network or the disk.
 """
@@ -55,6 +56,18 @@ def dataset_spec(name: str, overrides: Mapping[str, str], data_dir: str | None) 
         f"--spec nabird=folder:PATH/nabirds/images (one folder per class), set {ENV_NABIRDS}, "
         "or put it under --data-dir as nabirds/images"
     )
+
+
+def is_papers_source(name: str, spec: str) -> bool:
+    """Whether ``spec`` reads the paper's dataset ``name``: its tfds source, or
+    for NABirds (not in tfds) any image folder, the way it is given. Any other
+    spec (``--spec cub=mnist5k[0-4]``, a label subset) replaced the dataset, and
+    the report names it ``NAME=SPEC`` rather than claim it was ``NAME``."""
+    if name == "nabird":
+        return spec.startswith("folder:")
+    if name in DOMAINS:
+        return spec == f"tfds:{DOMAINNET}/{name}"
+    return FINE_GRAINED.get(name) is not None and spec == f"tfds:{FINE_GRAINED[name]}"
 
 
 # -------------------------------------------------------------- mock data

@@ -21,7 +21,11 @@ evaluation still use the tasks' data).
 Datasets: ``cub`` (tfds ``caltech_birds2011``), ``oxford_pets``
 (``oxford_iiit_pet``), ``stanford_dogs`` (``stanford_dogs``) and ``nabird``
 (an image folder: ``--spec nabird=folder:PATH``, ``$NABIRDS_DIR`` or
-``--data-dir``/nabirds/images).
+``--data-dir``/nabirds/images). ``--spec NAME=SPEC`` reads any other data in a
+name's place (``--spec cub=mnist5k[0-4]``): the record keeps the name as the
+key of its scores and the spec under ``specs``; the report names the dataset
+``cub=mnist5k[0-4]``. The record's ``model_type`` is the checkpoints'
+architecture (``resnet20`` for a user's ResNet-20s given with ``--a/--b``).
 
 Example::
 
@@ -112,6 +116,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
     pa, pb = common.source_paths(args, ta, tb, log)
     a, b = common.load_source(pa, args.image_size), common.load_source(pb, args.image_size)
     wf.check_pair(a, b)
+    model_type = common.model_type(a)  # A and B have one architecture (check_pair)
     specs = {t: common.dataset_spec(t, dict(args.spec), args.data_dir) for t in (ta, tb)}
 
     size, bs = a.image_size, args.batch_size
@@ -211,6 +216,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
     return common.finish_run(
         args,
         EXPERIMENT,
+        model_type=model_type,
         pair=[ta, tb],
         paths=(pa, pb),
         batches=batches,
@@ -221,6 +227,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
         "two tasks (probe_accuracy: linear probes on the merged features)",
         settings=common.settings(
             args,
+            model_type=model_type,
             image_size=a.image_size,
             datasets=[ta, tb],
             probe_epochs=args.probe_epochs,

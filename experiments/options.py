@@ -61,7 +61,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
         "--model_type",
         default="rn18",
         choices=sorted(MODEL_TYPES),
-        help="architecture directory of the tree (default rn18)",
+        help="architecture directory of the tree to read, and the paper's budgets used by "
+        "default (default rn18); the run records the checkpoints' own architecture (with "
+        "--a/--b too), e.g. resnet20",
     )
     g.add_argument(
         "--variants",
@@ -161,7 +163,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=SPEC",
         help="read dataset NAME from this data spec instead (repeatable), e.g. "
-        "nabird=folder:/data/nabirds/images",
+        "nabird=folder:/data/nabirds/images; scores stay keyed NAME, and the report "
+        "names a replaced dataset NAME=SPEC (cub=mnist5k[0-4])",
     )
     g.add_argument(
         "--mock-data", type=int, default=None, metavar="N", help=argparse.SUPPRESS

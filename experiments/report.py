@@ -8,6 +8,10 @@ Reads every finished ``result.json`` under the given directories (what
 - prints and writes markdown tables (``report.md``): per experiment, model type
   and dataset pair, one line per method and ratio allocation, one column per
   budget, accuracy in % averaged over the runs of that cell (both model orders);
+  the model type is the merged models' architecture as the run recorded it
+  (``rn18``, ``resnet20``, ...; :func:`experiments.sources.model_type`), and a
+  dataset that ``--spec`` replaced is named ``NAME=SPEC`` (``cub=mnist5k[0-4]``:
+  the scores are keyed ``cub``, but the images were MNIST's);
 - plots accuracy against budget, one PNG per experiment and model type, one
   panel per pair, the ensemble as a dashed line.
 
@@ -90,15 +94,36 @@ def _setup(settings: Mapping[str, Any]) -> str:
     )
 
 
+def _dataset(name: str, specs: Mapping[str, str]) -> str:
+    """``name``, or ``NAME=SPEC`` where the run read another source for it."""
+    spec = specs.get(name)
+    return name if spec is None or common.is_papers_source(name, spec) else f"{name}={spec}"
+
+
+def _datasets(result: Mapping[str, Any]) -> str:
+    """The run's pair as the tables name it, ``"cub + oxford_pets"``, with every
+    dataset that a ``--spec`` replaced as ``NAME=SPEC`` (test sets beyond the
+    pair too): a table must not claim CUB for a run that read MNIST."""
+    specs = result.get("settings", {}).get("specs") or {}
+    text = " + ".join(_dataset(d, specs) for d in result["pair"])
+    others = [
+        _dataset(d, specs)
+        for d in result.get("eval_sets") or []
+        if d not in result["pair"] and _dataset(d, specs) != d
+    ]
+    return text + (f" (test: {', '.join(others)})" if others else "")
+
+
 def flatten(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per merged model and per source/ensemble of each run.
 
-    Columns: ``file, experiment, model_type, pair, variants, matching_data,
-    setup, method, label, ratios, least_squares, budget, achieved_budget,
-    accuracy, probe_accuracy, macs, seconds`` and ``accuracy:{set}`` /
-    ``probe_accuracy:{set}`` per evaluation set. ``setup`` holds the
-    :data:`SETUP_SETTINGS` (JSON). Source rows have ``method`` ``source_a``,
-    ``source_b`` or ``ensemble`` and no budget.
+    Columns: ``file, experiment, model_type, pair, datasets, variants,
+    matching_data, setup, method, label, ratios, least_squares, budget,
+    achieved_budget, accuracy, probe_accuracy, macs, seconds`` and
+    ``accuracy:{set}`` / ``probe_accuracy:{set}`` per evaluation set.
+    ``datasets`` is the pair as the tables name it (:func:`_datasets`);
+    ``setup`` holds the :data:`SETUP_SETTINGS` (JSON). Source rows have
+    ``method`` ``source_a``, ``source_b`` or ``ensemble`` and no budget.
     """
     rows = []
     for res in results:
@@ -108,6 +133,7 @@ def flatten(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "experiment": res["experiment"],
             "model_type": res["model_type"],
             "pair": "-".join(res["pair"]),
+            "datasets": _datasets(res),
             "variants": "-".join(res["variants"]),
             "matching_data": settings.get("matching_data"),
             "setup": _setup(settings),
@@ -166,13 +192,19 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pat
 
 
 def _groups(rows, metric):
-    """``{(experiment, model_type, pair, matching_data, setup): {label: {budget:
+    """``{(experiment, model_type, datasets, matching_data, setup): {label: {budget:
     {variants: [values]}}}}`` (budget ``None`` for the sources and ensemble)."""
     groups: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
     for r in rows:
         if r.get(metric) is None:
             continue
-        key = (r["experiment"], r["model_type"], r["pair"], r.get("matching_data"), r.get("setup"))
+        key = (
+            r["experiment"],
+            r["model_type"],
+            r["datasets"],
+            r.get("matching_data"),
+            r.get("setup"),
+        )
         groups[key][r["label"]][r["budget"]][r["variants"]].append(r[metric])
     return groups
 
@@ -212,7 +244,7 @@ def markdown(rows: Sequence[Mapping[str, Any]], metric: str = "accuracy") -> str
     for key, methods in sorted(groups.items(), key=lambda kv: str(kv[0])):
         exp, mt, pair, free, _ = key
         budgets = sorted({b for per in methods.values() for b in per if b is not None})
-        title = f"### {exp}, {mt}, {pair.replace('-', ' + ')}: {metric.replace('_', ' ')} (%)"
+        title = f"### {exp}, {mt}, {pair}: {metric.replace('_', ' ')} (%)"
         if free:
             title += f", PLeaS-free (merge data {free})"
         if notes[key]:
@@ -289,7 +321,7 @@ def plot(
                     label=label,
                 )
                 i += 1
-            ax.set_title(pair.replace("-", " + "), fontsize=10)
+            ax.set_title(pair, fontsize=10)
             ax.set_xlabel("budget (compute relative to one model)")
             ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
             ax.grid(alpha=0.3)

@@ -97,6 +97,7 @@ def finish_run(
     args: argparse.Namespace,
     experiment: str,
     *,
+    model_type: str,
     pair: Sequence[str],
     paths: tuple[Path, Path],
     batches: Sequence[Any],
@@ -105,11 +106,12 @@ def finish_run(
 ) -> dict[str, Any]:
     """A finished run's JSON (the fields every experiment shares, then
     ``fields``: eval sets, metric, settings, sources, results, ...), written
-    to ``args.output_dir``."""
+    to ``args.output_dir``. ``model_type`` is the merged models' architecture
+    (:func:`~experiments.sources.model_type`), not ``--model-type``'s default."""
     result = {
         "experiment": experiment,
         "status": "done",
-        "model_type": args.model_type,
+        "model_type": model_type,
         "pair": list(pair),
         "variants": list(args.variants),
         "checkpoints": {"a": str(paths[0]), "b": str(paths[1])},

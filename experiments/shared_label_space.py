@@ -83,6 +83,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
     pa, pb = common.source_paths(args, da, db, log)
     a, b = common.load_source(pa, args.image_size), common.load_source(pb, args.image_size)
     wf.check_pair(a, b)
+    model_type = common.model_type(a)  # A and B have one architecture (check_pair)
     k = a.module.num_classes
     if b.module.num_classes != k:
         raise ExperimentError(
@@ -169,13 +170,16 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = lambda s: None) -
     return common.finish_run(
         args,
         EXPERIMENT,
+        model_type=model_type,
         pair=[da, db],
         paths=(pa, pb),
         batches=batches,
         seconds=timer(),
         eval_sets=evals,
         metric="top-1 accuracy, mean over the test domains",
-        settings=common.settings(args, image_size=a.image_size, domains=[da, db]),
+        settings=common.settings(
+            args, model_type=model_type, image_size=a.image_size, domains=[da, db]
+        ),
         sources=sources,
         results=rows,
         matching_seconds=matching_seconds,

@@ -13,7 +13,8 @@ checkpoint converted beside the release's file; or ``{variant}/model.pth``, conv
 on the fly into ``{variant}/pleas_jax/`` (needs torch and ``converters``).
 
 A loaded source model carries in its metadata how to read its inputs
-(:func:`load_source`); :func:`features_model` is its backbone alone, for probes.
+(:func:`load_source`); :func:`model_type` names its architecture for the run's
+record; :func:`features_model` is its backbone alone, for probes.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from experiments.release import (
     DOMAINS,
     ENV_CHECKPOINTS,
     IMAGENET_NORMALIZATION,
+    MODEL_TYPES,
     RELEASE_CROP,
     RELEASE_IMAGE_SIZE,
     ExperimentError,
@@ -164,6 +166,21 @@ def source_paths(args, dataset_a: str, dataset_b: str, log=lambda s: None) -> tu
         resolve_checkpoint(root, args.model_type, dataset_a, va, log=log),
         resolve_checkpoint(root, args.model_type, dataset_b, vb, log=log),
     )
+
+
+def model_type(model: wf.Model) -> str:
+    """The architecture a run records and the report tabulates by: the release's
+    name of it (``rn18``, ``rn50``, ``rn101``), else pleas-jax's (``resnet20``,
+    ``resnet34``, ...), else ``custom`` (a structure no preset has).
+
+    Read from the model, not from ``--model-type``: checkpoints given with
+    ``--a/--b``, or a user's in the tree's ``rn18/``, need not be ResNet-18s.
+    """
+    from pleas_jax import models
+
+    arch = models.arch_name(model.module)
+    release = {name: short for short, name in MODEL_TYPES.items()}
+    return release.get(arch, arch) if arch is not None else "custom"
 
 
 def features_model(model: wf.Model) -> wf.Model:

@@ -106,6 +106,17 @@ def test_load_source_fills_in_the_releases_inputs(saved, tmp_path):
         common.load_source(tmp_path)
 
 
+def test_model_type_is_the_checkpoints_architecture():
+    """What a run records: the release's name of the architecture, else
+    pleas-jax's, else custom; never --model-type's default."""
+    from pleas_jax import models
+    from pleas_jax import workflow as wf
+
+    for arch, want in (("resnet18", "rn18"), ("resnet50", "rn50"), ("resnet20", "resnet20")):
+        assert common.model_type(wf.Model(models.resnet(arch, 10, width=4), {})) == want
+    assert common.model_type(wf.Model(tiny(3), {})) == "custom"
+
+
 def test_images_map_back_to_the_full_label_space(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, (30, 8, 8, 3), dtype=np.uint8)
@@ -288,11 +299,12 @@ HOMES = {
         "checkpoints_root",
         "features_model",
         "load_source",
+        "model_type",
         "release_dir",
         "resolve_checkpoint",
         "source_paths",
     ],
-    datasets: ["MOCK_IMAGE_SIZE", "dataset_spec", "maybe_mock_data"],
+    datasets: ["MOCK_IMAGE_SIZE", "dataset_spec", "is_papers_source", "maybe_mock_data"],
     runs: [
         "Timer",
         "command_line",

@@ -1,6 +1,7 @@
 """Fine-grained (different label spaces) experiment end to end on mock data and a folder."""
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -73,12 +74,14 @@ def test_different_label_space_end_to_end(fine_grained_tree, tmp_path, capsys):
     # The report tabulates both metrics and plots each.
     rep = report.report([out], tmp_path / "report")
     md = rep["markdown"]
-    assert "### different_label_space, rn18, cub + nabird: accuracy (%)" in md
-    assert "### different_label_space, rn18, cub + nabird: probe accuracy (%)" in md
+    # The tiny test models are no preset's structure (the tree's rn18/ holds them).
+    assert res["model_type"] == "custom"
+    assert "### different_label_space, custom, cub + nabird: accuracy (%)" in md
+    assert "### different_label_space, custom, cub + nabird: probe accuracy (%)" in md
     assert f"| activation matching, uniform ratios | {100 * rows[2.0]['accuracy']:.2f} |" in md
     assert f"ensemble {100 * ens['probe_accuracy']:.2f}" in md
     for metric in ("accuracy", "probe_accuracy"):
-        png = tmp_path / "report" / f"{metric}_vs_budget_different_label_space_rn18.png"
+        png = tmp_path / "report" / f"{metric}_vs_budget_different_label_space_custom.png"
         assert png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -156,3 +159,35 @@ def test_pleas_free_merges_on_other_data_and_probes_on_the_tasks(
     (row,) = res["results"]
     assert row["achieved_budget"] == pytest.approx(1.0) and 0 <= row["source_agreement"] <= 1
     assert set(row["probe_accuracies"]) == {"cub", "nabird"}
+
+
+def test_user_checkpoints_are_recorded_and_reported_as_what_they_are(tmp_path, capsys):
+    """ResNet-20s given with --a/--b on digit subsets read in the places of cub
+    and oxford_pets: the record and the report say resnet20 and digits, not the
+    defaults rn18 and CUB."""
+    from pleas_jax import checkpoint, models
+    from tests.helpers import init
+
+    meta: dict[str, Any] = {"image_size": 8, "normalization": {"mean": [0.3], "std": [0.4]}}
+    paths = []
+    for seed, name in enumerate("ab"):
+        module = models.resnet("resnet20", 5, width=2)
+        paths.append(checkpoint.save(tmp_path / name, module, init(module, 8, seed, 1), **meta))
+    out = tmp_path / "run"
+    argv = ["--a", str(paths[0]), "--b", str(paths[1]), "--datasets", "cub,oxford_pets"]
+    argv += ["--spec", "cub=digits[0-4]", "--spec", "oxford_pets=digits[5-9]"]
+    argv += ["--methods", "zipit", "--ratios", "optimized", "--budgets", "1.5"]
+    argv += ["--images", "20", "--batch-size", "20", "--probe-epochs", "0"]
+    assert different_label_space.main([*argv, "--output-dir", str(out)]) == 0, (
+        capsys.readouterr().err
+    )
+    res = json.loads((out / common.RESULT_FILE).read_text())
+    assert res["model_type"] == res["settings"]["model_type"] == "resnet20"
+    # ZipIt! merged with its own ratios and no least squares: the record says so.
+    s = res["settings"]
+    assert (s["ratios"], s["least_squares"], s["gd_steps"]) == (["zip"], None, None)
+    assert res["specs"] == {"cub": "digits[0-4]", "oxford_pets": "digits[5-9]"}
+    md = report.report([out], tmp_path / "report")["markdown"]
+    assert "### different_label_space, resnet20, cub=digits[0-4] + oxford_pets=digits[5-9]:" in md
+    assert "rn18" not in md
+    assert (tmp_path / "report" / "accuracy_vs_budget_different_label_space_resnet20.png").is_file()

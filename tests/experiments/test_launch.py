@@ -310,13 +310,14 @@ def test_tiny_real_run_through_the_shell_launcher_and_report(domainnet_tree, tmp
     assert rep["runs"] == 2
     mean = 100 * (row["accuracy"] + 0.5) / 2
     ens = 100 * (result["sources"]["ensemble"]["accuracy"] + 0.75) / 2
-    assert "### shared_label_space, rn18, clipart + painting: accuracy (%)" in rep["markdown"]
+    # The tiny models are no preset's structure, whatever the tree's directory.
+    assert "### shared_label_space, custom, clipart + painting: accuracy (%)" in rep["markdown"]
     assert f"| ZipIt!-style partial merging | {mean:.2f} |" in rep["markdown"]
     assert f"ensemble {ens:.2f}" in rep["markdown"]
-    png = tmp_path / "report" / "accuracy_vs_budget_shared_label_space_rn18.png"
+    png = tmp_path / "report" / "accuracy_vs_budget_shared_label_space_custom.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     csv_text = (tmp_path / "report" / "results.csv").read_text().splitlines()
-    assert csv_text[0].startswith("file,experiment,model_type,pair,variants")
+    assert csv_text[0].startswith("file,experiment,model_type,pair,datasets,variants")
     assert len(csv_text) == 1 + 2 * 4  # per run: model A, model B, ensemble, one merge
     assert "accuracy:infograph" in csv_text[0]
 

@@ -72,3 +72,30 @@ def test_a_result_file_as_the_only_path_reports_beside_it(tmp_path, capsys):
     f = _write(tmp_path, "run", _result(("v1a", "v1b"), [1.0], 0.5, 0.8))
     assert report.main([str(f)]) == 0
     assert (f.parent / "report" / "report.md").is_file()
+
+
+def test_datasets_a_spec_replaced_are_named_by_what_was_read(tmp_path):
+    replaced = _result(("v1a", "v1b"), [1.0], 0.5, 0.8)
+    replaced["settings"]["specs"] = {"cub": "mnist5k[0-4]", "oxford_pets": "tfds:oxford_iiit_pet"}
+    _write(tmp_path, "mnist", replaced)
+    # NABirds is given as an image folder wherever it lies: still NABirds.
+    nabirds = _result(("v1a", "v1b"), [1.0], 0.5, 0.8)
+    nabirds["pair"] = ["cub", "nabird"]
+    nabirds["settings"]["specs"] = {"nabird": "folder:/data/nabirds/images"}
+    _write(tmp_path, "nabirds", nabirds)
+    # A shared-label-space run tested on a replaced domain beyond its pair.
+    shared = _result(("v1a", "v1b"), [1.0], 0.5, 0.8)
+    shared.update(
+        experiment="shared_label_space",
+        pair=["clipart", "painting"],
+        eval_sets=list(common.DOMAINS),
+    )
+    shared["settings"]["specs"] = {"real": "digits"}
+    _write(tmp_path, "shared", shared)
+    rep = report.report([tmp_path], tmp_path / "out")
+    text = rep["markdown"]
+    assert "### different_label_space, rn18, cub=mnist5k[0-4] + oxford_pets: accuracy" in text
+    assert "### different_label_space, rn18, cub + nabird: accuracy" in text
+    assert "### shared_label_space, rn18, clipart + painting (test: real=digits): accuracy" in text
+    csv_text = (tmp_path / "out" / "results.csv").read_text()
+    assert ",cub-oxford_pets,cub=mnist5k[0-4] + oxford_pets," in csv_text
