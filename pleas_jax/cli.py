@@ -16,6 +16,7 @@ that torch stays optional.
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -90,6 +91,10 @@ def _train(args: argparse.Namespace) -> int:
     positive(args, "width", "image_size", "epochs", "batch_size")
     if args.seed < 0:
         raise CommandError(f"--seed must be >= 0, got {args.seed}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise CommandError(f"--lr must be a positive number, got {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise CommandError(f"--weight-decay must be a number >= 0, got {args.weight_decay}")
     info = workflow.train_checkpoint(
         args.out,
         data=args.data,
@@ -246,6 +251,7 @@ def _merge(args: argparse.Namespace) -> int:
         {
             "checkpoint": args.out,
             "heads": report["heads"],
+            "images": report["images"],
             "budget": report["budget"],
             "achieved_budget": round(report["achieved_budget"], 4),
             "macs": report["macs"],

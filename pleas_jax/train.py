@@ -7,6 +7,7 @@ the result depends only on the seed (initialisation, shuffling, augmentation).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -37,7 +38,8 @@ def train(
 
     Raises:
       ValueError: ``epochs`` or ``batch_size`` below 1, a negative ``seed``
-        (numpy's shuffles take none), or an empty training split.
+        (numpy's shuffles take none), a ``learning_rate`` not above 0, a
+        negative ``weight_decay``, or an empty training split.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
@@ -45,6 +47,10 @@ def train(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate must be a positive number, got {learning_rate}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay}")
     x, y = dataset.x_train, dataset.y_train
     if len(x) == 0:
         raise ValueError(f"{dataset.name!r}: the training split is empty")

@@ -220,9 +220,17 @@ def merge_batches(
 ) -> list[np.ndarray]:
     """The first ``images`` of a seeded shuffle of the training split, as batches
     ``[batch_size, H, W, C]`` (the last may be smaller). Shuffled because bundled
-    sets are often sorted by class."""
+    sets are often sorted by class. Asking for more images than the split
+    holds logs a warning and uses them all."""
     if images is not None and images < 1:
         raise RunError(f"--images must be positive, got {images}")
+    if images is not None and images > len(dataset.x_train):
+        _log.warning(
+            "%r has %d training images, fewer than the %d asked for; the merge uses all of them",
+            dataset.name,
+            len(dataset.x_train),
+            images,
+        )
     return list(
         data_lib.batches(dataset.x_train, None, batch_size, shuffle=True, seed=seed, limit=images)
     )
@@ -386,7 +394,8 @@ def merge_checkpoints(
         ls_precision=ls_precision,
         progress=progress,
     )
-    rep = jsonable(result.report)
+    # The images the merge saw, next to what it did with them.
+    rep = {"images": sum(len(x) for x in batches), **jsonable(result.report)}
     source = lambda m: {  # noqa: E731
         "path": m.name,
         **{k: m.metadata[k] for k in ("data", "classes", "test_accuracy") if k in m.metadata},
@@ -394,7 +403,7 @@ def merge_checkpoints(
     info = {
         "merged_from": {"a": source(model_a), "b": source(model_b)},
         "data": data,
-        "images": sum(len(x) for x in batches),
+        "images": rep["images"],
         "image_size": image_size or model_a.image_size,
         "merge": {
             "budget": float(budget),

@@ -146,8 +146,10 @@ def test_merge_shared_head_and_eval(ckpts, outs, capsys, tmp_path):
     assert rc == 0, err
     summary = last_json(out)
     assert summary["heads"] == "shared" and 1.4 <= summary["achieved_budget"] <= 1.5
+    assert summary["images"] == 200
     report = json.loads((outs / "report.json").read_text())
     assert report["least_squares"] == "closed_form" and report["budget"] == 1.5
+    assert report["images"] == 200
     meta = checkpoint.load_metadata(outs / "m")
     assert meta["merge"]["matching"] == "activation" and meta["images"] == 200
     assert meta["merge"]["matching_dtype"] == "bfloat16"
@@ -238,6 +240,8 @@ def test_merge_separate_heads_and_eval_each_head(ckpts, outs, capsys):
         ("train-bad-subset", r"'digits\[3-12\]': the data has no class \[10, 11, 12\]"),
         ("train-existing-out", r"already exists \(pass --overwrite"),
         ("train-negative-seed", r"--seed must be >= 0, got -1"),
+        ("train-negative-lr", r"--lr must be a positive number, got -1.0"),
+        ("train-nan-weight-decay", r"--weight-decay must be a number >= 0, got nan"),
         ("eval-missing", r"nope: no such checkpoint directory"),
         ("eval-not-a-checkpoint", r"not a pleas-jax checkpoint"),
         ("eval-wrong-classes", r"predicts 5 classes but 'digits' has 10"),
@@ -292,6 +296,17 @@ def test_bad_input_one_line_error_and_nothing_written(
             "digits",
             "--seed",
             -1,
+            "--out",
+            outs / "t",
+        ],
+        "train-negative-lr": ["train", *TRAIN, "--data", "digits", "--lr", -1, "--out", outs / "t"],
+        "train-nan-weight-decay": [
+            "train",
+            *TRAIN,
+            "--data",
+            "digits",
+            "--weight-decay",
+            "nan",
             "--out",
             outs / "t",
         ],

@@ -28,6 +28,9 @@ def test_bad_arguments_are_value_errors():
         ({"batch_size": 0}, "batch_size must be at least 1"),
         ({"seed": -1}, "seed must be >= 0"),
         ({"epochs": 0}, "epochs must be at least 1"),
+        ({"learning_rate": 0.0}, "learning_rate must be a positive number"),
+        ({"learning_rate": float("inf")}, "learning_rate must be a positive number"),
+        ({"weight_decay": -1e-4}, "weight_decay must be a number >= 0"),
     )
     for kw, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -113,3 +113,18 @@ def test_merging_a_merge_names_the_problem_before_its_widths():
     backbone = Model(merged, stem(6), heads={"a": {}, "b": {}}, name="ab")
     with pytest.raises(RunError, match="ab is already a merge with separate heads"):
         check_pair(backbone, source)
+
+
+def test_asking_a_merge_for_more_images_than_the_split_holds_warns_and_uses_them_all(caplog):
+    dataset = data.load("digits[0-1]", image_size=8)
+    n = len(dataset.x_train)
+    with caplog.at_level("WARNING", logger="pleas_jax.workflow"):
+        batches = merge_batches(dataset, images=n, batch_size=64)
+        assert not caplog.records
+        more = merge_batches(dataset, images=100_000, batch_size=64)
+    assert sum(map(len, more)) == sum(map(len, batches)) == n
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        f"'digits[0-1]' has {n} training images, fewer than the 100000 asked for; "
+        "the merge uses all of them"
+    )
