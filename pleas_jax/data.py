@@ -295,9 +295,29 @@ def _class_files(root: Path, classes: Sequence[str]) -> tuple[list[Path], list[i
     return files, ys
 
 
+_NAMED_SUBSET = re.compile(r"^(?P<base>.*)\[(?P<names>[^\]]*)\]$")
+
+
+def _folder_classes(root: Path) -> list[str]:
+    """Class names of a folder spec (ImageNet's layout: those under train/), sorted."""
+    top = root / "train" if (root / "train").is_dir() else root
+    return sorted(p.name for p in top.iterdir() if p.is_dir())
+
+
 def _folder(path: str, size: int, lazy: bool | None, crop: float | None):
     root = Path(path)
     if not root.is_dir():
+        m = _NAMED_SUBSET.match(path)
+        if m and Path(m.group("base")).is_dir():
+            # parse_subset took no subset: the brackets hold names, not label numbers.
+            names = _folder_classes(Path(m.group("base")))
+            listed = ", ".join(f"{i}={n}" for i, n in enumerate(names[:10]))
+            more = ", ..." if len(names) > 10 else ""
+            raise DataError(
+                f"folder:{path}: a subset takes class numbers, not names; the classes of "
+                f"{m.group('base')} are numbered in sorted order ({listed}{more}), e.g. "
+                f"folder:{m.group('base')}[0-1]"
+            )
         raise DataError(f"no such folder: {path}")
     # ImageNet's layout: train/ and val/ (or test/) each hold the class folders.
     test_dir = next((root / t for t in ("val", "test") if (root / t).is_dir()), None)
@@ -309,7 +329,7 @@ def _folder(path: str, size: int, lazy: bool | None, crop: float | None):
         parts = [_class_files(root / "train", classes), _class_files(test_dir, classes)]
         wheres = [root / "train", test_dir]
     else:
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        classes = _folder_classes(root)
         parts = [_class_files(root, classes)]
         wheres = [root]
     if not classes:

@@ -86,6 +86,16 @@ def test_folder(tmp_path):
     d = data.load(f"folder:{tmp_path}", image_size=8)
     assert d.num_classes == 2 and d.x_train.shape[1:] == (8, 8, 3)
     assert len(d.y_train) + len(d.y_test) == 10
+    # Subsets are label numbers; names get an error that lists the numbering.
+    assert data.load(f"folder:{tmp_path}[1]", image_size=8).classes == (1,)
+    with pytest.raises(data.DataError) as e:
+        data.load(f"folder:{tmp_path}[cat,dog]", image_size=8)
+    assert str(e.value) == (
+        f"folder:{tmp_path}[cat,dog]: a subset takes class numbers, not names; the classes "
+        f"of {tmp_path} are numbered in sorted order (0=cat, 1=dog), e.g. folder:{tmp_path}[0-1]"
+    )
+    with pytest.raises(data.DataError, match="no such folder"):
+        data.load(f"folder:{tmp_path / 'nope'}[cat]", image_size=8)
 
 
 def test_folder_reads_the_files_and_labels_torchvisions_image_folder_does(tmp_path):
