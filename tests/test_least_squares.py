@@ -392,3 +392,12 @@ def test_gradient_mode_streams_batches_past_its_device_bound(pair, monkeypatch):
     for n, w in fits[None][0].items():
         for k in w:
             np.testing.assert_array_equal(w[k], fits[0][0][n][k])
+
+
+def test_statistics_progress_counts_towards_the_number_of_batches(pair, capsys):
+    m, va, vb, spec, batches = pair
+    blocks = _blocks(pair, 1.0)
+    layer_statistics(m, va, m, vb, spec, blocks, batches, progress=True)
+    err = capsys.readouterr().err
+    # A list of batches has a length: the bar shows it (not "0it [...]").
+    assert f"least-squares statistics:   0%|          | 0/{len(batches)} [" in err, err
