@@ -9,6 +9,7 @@ import json
 
 PROG = "pleas-jax"
 EXIT_ERROR = 2  # bad input (as argparse uses for bad usage)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_MISMATCH = 1  # the command ran but a check failed (e.g. --verify above tolerance)
 
 

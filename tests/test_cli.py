@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from converters import TorchResNet, randomize_batch_norm, state_dict_to_flax
 from pleas_jax import checkpoint, models, workflow
-from pleas_jax.cli import main
+from pleas_jax.cli import build_parser, main
 from pleas_jax.data import IMAGENET_NORMALIZATION as IMAGENET
 
 TOLERANCE = 1e-4
@@ -254,6 +254,49 @@ def test_usage_error_exits_2(capsys):
             assert e.value.code == 2
             err = capsys.readouterr().err
             assert f"expected a fraction in (0, 1] or 'none', got '{bad}'" in err
+
+
+def test_unknown_options_get_the_commands_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "c", "--data", "digits", "--bogus", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: pleas-jax eval ") and "--any-classes" in err, err
+    assert err.strip().endswith("pleas-jax eval: error: unrecognized arguments: --bogus 1"), err
+
+
+def test_compile_cache_goes_before_or_after_the_command():
+    parser = build_parser()
+    for argv, cache in (
+        (["--compile-cache", "d1", "eval", "c", "--data", "digits"], "d1"),
+        (["eval", "c", "--data", "digits", "--compile-cache", "d2"], "d2"),
+        (["eval", "c", "--data", "digits"], None),
+    ):
+        assert parser.parse_args(argv).compile_cache == cache, argv
+
+
+@pytest.mark.parametrize("code", [0, 2, 130])
+def test_the_program_exits_at_once_after_an_interrupt(monkeypatch, code):
+    """After an interrupt ``entry`` skips the interpreter's shutdown (which
+    crashed under XLA's threads); other statuses exit normally."""
+    from pleas_jax import cli
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(status):
+        raise Exited(status)
+
+    monkeypatch.setattr(cli, "main", lambda: code)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    if code == 130:
+        with pytest.raises(Exited) as hard:
+            cli.entry()
+        assert hard.value.args == (130,)
+    else:
+        with pytest.raises(SystemExit) as soft:
+            cli.entry()
+        assert soft.value.code == code
 
 
 # -------------------------------------------------------- the console script
