@@ -7,18 +7,21 @@ convs whose forbidden blocks are exact zeros, so the torch model computes the
 same function. A merged backbone with separate label spaces is exported with
 one of its heads as ``fc``. :func:`save` writes the ``state_dict`` with
 ``torch.save`` and, beside it, a JSON file that says how to build the torch
-model and feed it (config, input size and normalisation, classes);
-:func:`load` reads both back into a torch ``nn.Module`` in eval mode.
+model and feed it (config, input channels, size and normalisation, classes);
+:func:`load` reads both back as ``(torch nn.Module in eval mode, that JSON's
+facts)``, and :func:`read_info` reads the JSON alone.
 
 For the standard ImageNet configs the file loads straight into torchvision's
-``resnetNN`` (``torchvision.models.resnet50(num_classes=K)``); merged widths
-and ResNet-20 need :class:`converters.TorchResNet`, which :func:`load` builds.
+``resnetNN`` (``torchvision.models.resnet50(num_classes=K)``); merged widths,
+ResNet-20 and stems that read other than 3 channels (grey images) need
+:class:`converters.TorchResNet`, which :func:`load` builds.
 
 Example::
 
     sd, info = to_torch(module, variables)                 # or head="a" for a merged pair
     save("merged.pth", sd, info)                           # merged.pth + merged.pth.json
-    net, info = load("merged.pth")                         # net(x) with x [N, 3, S, S]
+    net, info = load("merged.pth")                         # net(x), x [N, C, S, S]
+    info["in_channels"], info["image_size"]                # C, S
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from converters.torch_architecture import stem_channels
 from converters.torch_layout import ConversionError
-from converters.torch_mapping import flax_to_state_dict
+from converters.torch_mapping import flax_to_state_dict, input_channels
 from converters.torch_reference import torch_model
 from pleas_jax import models
 from pleas_jax.models import ResNet
@@ -95,17 +99,20 @@ def to_torch(
     Returns:
       ``(state_dict, info)``: torchvision's keys in its order; ``info`` holds
       ``format``, ``config`` (:meth:`ResNet.config`, without block splits),
-      ``torch_class`` (what :func:`load` builds) and the given facts.
+      ``in_channels`` (image channels the stem reads, which the config does
+      not say), ``torch_class`` (what :func:`load` builds) and the given facts.
     """
     dense = module.clone(splits=()) if module.splits else module
     state_dict = flax_to_state_dict(dense, variables, num_batches_tracked)
-    _, torch_class = torch_model(dense)
+    channels = input_channels(variables)
+    _, torch_class = torch_model(dense, channels)
     record = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "arch": models.arch_name(dense),
         "torch_class": torch_class,
         "config": dense.config(),
+        "in_channels": channels,
         **info,
     }
     return state_dict, record
@@ -155,19 +162,17 @@ def save(
     return path, meta
 
 
-def load(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """An exported model as a torch module in eval mode, and its recorded info.
+def read_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The facts :func:`save` recorded beside the exported file ``path`` (its
+    :func:`info_path` JSON), checked to be an export's.
 
-    Reads ``path`` (``torch.load(weights_only=True)``) and its JSON file, builds
-    the torch model the JSON names (torchvision's ``resnetNN`` or
-    :class:`converters.TorchResNet`) and loads the weights strictly. Inputs are
-    ``[N, 3, S, S]`` with ``S = info["image_size"]``, normalised with
-    ``info["normalization"]`` when that is recorded.
+    Returns:
+      The JSON object: ``format``, ``config``, ``torch_class``, ``in_channels``
+      (absent from files exported before it was recorded) and the facts given to
+      :func:`to_torch` (``image_size``, ``normalization``, ``crop``, ``classes``, ...).
 
     Raises:
-      ConversionError: the JSON file is missing, unreadable or not an
-        export's; the weights file is missing or unreadable, or its weights
-        do not fit the model the JSON describes.
+      ConversionError: the JSON file is missing, unreadable or not an export's.
     """
     path, meta = Path(path), info_path(path)
     if not meta.is_file():
@@ -179,8 +184,35 @@ def load(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         got = info.get("format") if isinstance(info, dict) else type(info).__name__
         raise ConversionError(f"{meta}: not a pleas-jax torch export (format {got!r})")
+    return info
+
+
+def load(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """An exported model as a torch module, and the facts recorded beside it.
+
+    Reads ``path`` (``torch.load(weights_only=True)``) and its JSON file
+    (:func:`read_info`), builds the torch model the JSON names (torchvision's
+    ``resnetNN`` or :class:`converters.TorchResNet`) for as many image channels
+    as the weights' stem reads, and loads the weights strictly.
+
+    Returns:
+      ``(net, info)``, a pair (not the module alone: ``net, info = load(path)``):
+      ``net`` the ``torch.nn.Module`` in eval mode, mapping images ``[N, C, S, S]``
+      (``C = info["in_channels"]``, ``S = info["image_size"]``, normalised with
+      ``info["normalization"]`` when that is recorded) to logits ``[N, K]``
+      (pooled features ``[N, W]`` for a backbone); ``info`` the JSON object of
+      :func:`read_info`.
+
+    Raises:
+      ConversionError: the JSON file is missing, unreadable or not an
+        export's; the weights file is missing or unreadable, or its weights
+        do not fit the model the JSON describes.
+    """
+    path, meta = Path(path), info_path(path)
+    info = read_info(path)
     try:
-        net, _ = torch_model(models.from_config(info["config"]))
+        module = models.from_config(info["config"])
+        module.validate()
     except (KeyError, TypeError, ValueError) as e:
         raise ConversionError(
             f"{meta}: no usable architecture config ({type(e).__name__}: {e})"
@@ -193,6 +225,10 @@ def load(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         raise ConversionError(
             f"{path}: cannot read the weights ({type(e).__name__}: {e})"
         ) from None
+    if not isinstance(state_dict, Mapping):
+        raise ConversionError(f"{path}: holds a {type(state_dict).__name__}, not a state_dict")
+    # The config does not fix the image channels; the stem's weights do.
+    net, _ = torch_model(module, stem_channels(state_dict))
     try:
         net.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:

@@ -56,14 +56,27 @@ def _requested(state_dict: Mapping[str, torch.Tensor], arch: str, num_classes: i
     return models.resnet(arch, num_classes, width=width)
 
 
-def check_state_dict(state_dict: Mapping[str, Any], module: ResNet) -> None:
+def stem_channels(state_dict: Mapping[str, Any]) -> int:
+    """The image channels a state_dict's stem ``conv1.weight [O, C, k, k]`` reads
+    (:data:`IN_CHANNELS` when it has no such tensor: the shape check then names it)."""
+    stem = state_dict.get("conv1.weight")
+    return int(stem.shape[1]) if isinstance(stem, torch.Tensor) and stem.ndim == 4 else IN_CHANNELS
+
+
+def check_state_dict(
+    state_dict: Mapping[str, Any], module: ResNet, in_channels: int | None = None
+) -> None:
     """Raise :class:`ConversionError` unless ``state_dict`` fits ``module`` exactly.
 
     Checks, in order: missing keys, unexpected keys, shapes, floating dtypes,
     and that every tensor is finite (the message names the tensor). A missing
     ``num_batches_tracked`` is allowed (torch itself fills it in for old files).
+    ``in_channels`` (image channels of the stem) defaults to what the stem
+    reads: the module's config does not fix them.
     """
-    expected = torch_shapes(module)
+    if in_channels is None:
+        in_channels = stem_channels(state_dict)
+    expected = torch_shapes(module, in_channels)
     what = _describe(module)
     missing = [
         k for k in expected if k not in state_dict and not k.endswith(".num_batches_tracked")
@@ -101,8 +114,10 @@ def infer_module(state_dict: Mapping[str, Any], num_classes: int | None = None) 
     Basic vs bottleneck blocks from the presence of ``conv3``; blocks per stage
     from the ``layerS.J`` indices; ImageNet (7x7) vs CIFAR (3x3) stem from
     ``conv1``'s kernel; every width, the downsample shortcuts and the classes
-    from the tensors. Stage strides are the standard ``(1, 2, 2, ...)``: shapes
-    cannot show strides. ``num_classes`` (if given) must agree with ``fc``.
+    from the tensors. Any number of image channels (the module does not fix
+    them; :func:`stem_channels`). Stage strides are the standard ``(1, 2, 2,
+    ...)``: shapes cannot show strides. ``num_classes`` (if given) must agree
+    with ``fc``.
     """
 
     def shape(key: str, ndim: int) -> tuple[int, ...]:
@@ -126,10 +141,6 @@ def infer_module(state_dict: Mapping[str, Any], num_classes: int | None = None) 
         raise ConversionError(
             f"stem 'conv1.weight' has a {stem_shape[2]}x{stem_shape[3]} kernel; "
             "expected 7x7 (ImageNet) or 3x3 (CIFAR)"
-        )
-    if stem_shape[1] != IN_CHANNELS:
-        raise ConversionError(
-            f"stem 'conv1.weight' reads {stem_shape[1]} input channels; only RGB (3) is supported"
         )
 
     blocks: dict[int, set[int]] = {}

@@ -19,8 +19,9 @@ from collections import OrderedDict
 
 from pleas_jax.models import ResNet
 
-# Only RGB models: the Flax module takes its input channels from the data, so
-# checkpoints and shape checks everywhere assume 3.
+# The Flax module takes its input channels from the data, so its config does
+# not record them: they are read off the stem conv where there is one (a
+# state_dict's ``conv1.weight``, the variables' ``conv1/kernel``), else RGB.
 IN_CHANNELS = 3
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -53,8 +54,9 @@ class Layer:
     shape: tuple[int, ...]
 
 
-def layers(module: ResNet) -> list[Layer]:
-    """Every conv/bn/fc layer of ``module`` in torchvision's ``state_dict`` order."""
+def layers(module: ResNet, in_channels: int = IN_CHANNELS) -> list[Layer]:
+    """Every conv/bn/fc layer of ``module`` in torchvision's ``state_dict`` order;
+    the stem conv reads ``in_channels`` (3 for RGB, 1 for grey images)."""
     out: list[Layer] = []
 
     def add(torch_name: str, kind: str, shape: tuple[int, ...]) -> None:
@@ -62,7 +64,7 @@ def layers(module: ResNet) -> list[Layer]:
         out.append(Layer(torch_name, flax_name, kind, shape))
 
     k = 7 if module.stem == "imagenet" else 3
-    add("conv1", "conv", (module.stem_width, IN_CHANNELS, k, k))
+    add("conv1", "conv", (module.stem_width, in_channels, k, k))
     add("bn1", "bn", (module.stem_width,))
     kernels = (3, 3) if module.block == "basic" else (1, 3, 1)
     width_in, b = module.stem_width, 0
@@ -96,10 +98,13 @@ def _modules(torch_name: str) -> list[str]:
     return parts
 
 
-def torch_shapes(module: ResNet) -> OrderedDict[str, tuple[int, ...]]:
-    """``{torch key: shape}`` of the state_dict torchvision would have for ``module``."""
+def torch_shapes(
+    module: ResNet, in_channels: int = IN_CHANNELS
+) -> OrderedDict[str, tuple[int, ...]]:
+    """``{torch key: shape}`` of the state_dict torchvision would have for
+    ``module`` reading ``in_channels`` image channels."""
     shapes: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-    for layer in layers(module):
+    for layer in layers(module, in_channels):
         if layer.kind == "bn":
             for key in _BN_KEYS:
                 shapes[f"{layer.torch_name}.{key}"] = (

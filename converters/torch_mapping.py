@@ -20,8 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from converters.torch_architecture import _requested, check_state_dict, infer_module
-from converters.torch_layout import ConversionError, layers
+from converters.torch_architecture import (
+    _requested,
+    check_state_dict,
+    infer_module,
+    stem_channels,
+)
+from converters.torch_layout import IN_CHANNELS, ConversionError, layers
 from pleas_jax.models import ResNet
 
 
@@ -41,7 +46,8 @@ def state_dict_to_flax(
     """Convert a torchvision-layout ``state_dict`` (canonical keys) to Flax.
 
     Args:
-      state_dict: ``{"conv1.weight": [O, 3, k, k], ...}`` with no ``module.``
+      state_dict: ``{"conv1.weight": [O, C, k, k], ...}`` (any image channels
+        ``C``) with no ``module.``
         or other prefix (see :func:`load_state_dict` for files).
       arch: ``"auto"`` (infer everything from shapes), a name from
         :data:`pleas_jax.models.ARCHITECTURES` (standard widths; the base width
@@ -78,7 +84,7 @@ def state_dict_to_flax(
         # Half-precision files are upcast exactly; parameters are float32 throughout.
         node[path[-1]] = jnp.asarray(value.astype(np.float32, copy=False))
 
-    for layer in layers(module):
+    for layer in layers(module, stem_channels(state_dict)):
         t = layer.torch_name
         weight = _numpy(state_dict[f"{t}.weight"])
         if layer.kind == "conv":
@@ -101,6 +107,17 @@ def num_batches_tracked(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int
 
 
 # -------------------------------------------------------------- flax -> torch
+def input_channels(variables: Mapping[str, Any]) -> int:
+    """The image channels Flax ``variables`` read: their stem kernel ``params/conv1/kernel
+    [k, k, C, O]`` fixes them (:data:`IN_CHANNELS` when there is none: a shape check then
+    names it)."""
+    try:
+        shape = tuple(np.shape(variables["params"]["conv1"]["kernel"]))
+    except (KeyError, TypeError):
+        return IN_CHANNELS
+    return int(shape[2]) if len(shape) == 4 else IN_CHANNELS
+
+
 def flax_to_state_dict(
     module: ResNet,
     variables: Mapping[str, Any],
@@ -110,7 +127,8 @@ def flax_to_state_dict(
 
     Args:
       module: the Flax ResNet the variables belong to (any widths).
-      variables: ``{"params": ..., "batch_stats": ...}``.
+      variables: ``{"params": ..., "batch_stats": ...}``, for images of any
+        number of channels (:func:`input_channels`).
       num_batches_tracked: torch's per-BN step counter, one value for all BN
         layers or ``{bn module name: count}`` (e.g. from :func:`num_batches_tracked`),
         for a bit-exact round trip; Flax does not keep it.
@@ -138,7 +156,7 @@ def flax_to_state_dict(
         return torch.from_numpy(np.array(arr, order="C", copy=True))
 
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for layer in layers(module):
+    for layer in layers(module, input_channels(variables)):
         t, f, shape = layer.torch_name, layer.flax_name, layer.shape
         if layer.kind == "conv":
             hwio = (shape[2], shape[3], shape[1], shape[0])

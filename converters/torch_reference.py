@@ -23,7 +23,7 @@ import torchvision
 from torch import nn
 
 from converters.torch_layout import IN_CHANNELS, ConversionError, _first_and_count
-from converters.torch_mapping import flax_to_state_dict
+from converters.torch_mapping import flax_to_state_dict, input_channels
 from pleas_jax import models
 from pleas_jax.models import ResNet
 
@@ -61,13 +61,13 @@ class TorchResNet(nn.Module):
 
     torchvision cannot express free widths (merged models) nor ResNet-20; this
     mirror can, and for standard configs its ``state_dict`` keys, shapes and
-    function equal torchvision's (tested). Input ``[N, 3, H, W]``.
+    function equal torchvision's (tested). Input ``[N, in_channels, H, W]``.
     """
 
-    def __init__(self, module: ResNet):
+    def __init__(self, module: ResNet, in_channels: int = IN_CHANNELS):
         super().__init__()
         k, stride = (7, 2) if module.stem == "imagenet" else (3, 1)
-        self.conv1 = nn.Conv2d(IN_CHANNELS, module.stem_width, k, stride, k // 2, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, module.stem_width, k, stride, k // 2, bias=False)
         self.bn1 = nn.BatchNorm2d(module.stem_width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1) if module.stem == "imagenet" else nn.Identity()
@@ -95,14 +95,15 @@ class TorchResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def torch_model(module: ResNet) -> tuple[nn.Module, str]:
+def torch_model(module: ResNet, in_channels: int = IN_CHANNELS) -> tuple[nn.Module, str]:
     """A freshly initialised torch model with ``module``'s structure, and its name.
 
-    torchvision's own ``resnetNN`` for the standard ImageNet configs, else
-    :class:`TorchResNet`.
+    torchvision's own ``resnetNN`` for the standard ImageNet configs on RGB
+    images, else :class:`TorchResNet` (merged widths, ResNet-20, a stem that
+    reads ``in_channels`` other than 3: torchvision's reads 3).
     """
     arch = models.arch_name(module)
-    if arch is not None and arch != "resnet20":
+    if arch is not None and arch != "resnet20" and in_channels == IN_CHANNELS:
         if module.config() == models.resnet(arch, module.num_classes).config():
             net = getattr(torchvision.models, arch)(
                 weights=None, num_classes=module.num_classes or 1
@@ -110,7 +111,7 @@ def torch_model(module: ResNet) -> tuple[nn.Module, str]:
             if module.num_classes is None:
                 net.fc = nn.Identity()
             return net, f"torchvision.models.{arch}"
-    return TorchResNet(module), "converters.torch_to_flax.TorchResNet"
+    return TorchResNet(module, in_channels), "converters.torch_to_flax.TorchResNet"
 
 
 def randomize_batch_norm(net: nn.Module, seed: int = 0, image_size: int = 64) -> nn.Module:
@@ -120,11 +121,13 @@ def randomize_batch_norm(net: nn.Module, seed: int = 0, image_size: int = 64) ->
     a swapped or dropped BN tensor in a parity check; and in eval mode an
     untrained deep ResNet's activations then grow by orders of magnitude per
     stage. So: random affine parameters, running statistics measured on one
-    train-mode pass over random images ``[8, 3, image_size, image_size]`` (as
-    a trained net would have, keeping logits O(1)), then perturbed per channel,
-    and random ``num_batches_tracked``. Returns ``net`` (modified, mode kept).
+    train-mode pass over random images ``[8, C, image_size, image_size]`` (``C``:
+    what its first conv reads), as a trained net would have, keeping logits
+    O(1), then perturbed per channel, and random ``num_batches_tracked``.
+    Returns ``net`` (modified, mode kept).
     """
     g = torch.Generator().manual_seed(seed)
+    stem = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     training, momenta = net.training, [m.momentum for m in bns]
     with torch.no_grad():
@@ -135,7 +138,7 @@ def randomize_batch_norm(net: nn.Module, seed: int = 0, image_size: int = 64) ->
             m.reset_running_stats()
             m.momentum = None  # a plain average over the pass
         net.train()
-        net(torch.randn(8, IN_CHANNELS, image_size, image_size, generator=g))
+        net(torch.randn(8, stem.in_channels, image_size, image_size, generator=g))
         for m, momentum in zip(bns, momenta, strict=True):
             c = m.num_features
             m.momentum = momentum
@@ -182,14 +185,16 @@ def verify(
     Args:
       module, variables: the Flax model.
       state_dict: the torch weights to run; by default ``flax_to_state_dict(module, variables)``.
-      batch_size, image_size: the batch ``[N, 3, S, S]``; ``S`` defaults to 224
-        for the ImageNet stem and 32 for the CIFAR one.
+      batch_size, image_size: the batch ``[N, C, S, S]``, ``C`` the channels the
+        stem reads (:func:`converters.torch_mapping.input_channels`); ``S``
+        defaults to 224 for the ImageNet stem and 32 for the CIFAR one.
       seed: seed of the random batch.
 
     Returns:
       A :class:`Verification` with the max absolute and relative logit differences.
     """
-    net, reference = torch_model(module)
+    channels = input_channels(variables)
+    net, reference = torch_model(module, channels)
     if state_dict is None:
         state_dict = flax_to_state_dict(module, variables)
     net.load_state_dict(dict(state_dict), strict=False)
@@ -201,7 +206,7 @@ def verify(
     net.eval()
     size = image_size or (224 if module.stem == "imagenet" else 32)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, IN_CHANNELS, size, size, generator=g)
+    x = torch.randn(batch_size, channels, size, size, generator=g)
     with torch.no_grad():
         want = net(x).numpy()
     # TPU/GPU default to bf16/tf32 passes in matmuls and convs; parity needs full fp32.

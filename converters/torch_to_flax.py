@@ -32,7 +32,7 @@ module, each importing only those listed before it:
 Example::
 
     conv = convert_file("resnet50.pth", arch="auto")       # or state_dict_to_flax(sd)
-    logits = conv.module.apply(conv.variables, images)     # images [N, H, W, 3]
+    logits = conv.module.apply(conv.variables, images)     # images [N, H, W, C]
     report = verify(conv.module, conv.variables, conv.state_dict)
     print(report.max_abs, report.max_rel)
 """
@@ -44,10 +44,15 @@ from pathlib import Path
 
 import torch
 
-from converters.torch_architecture import check_state_dict, infer_module
+from converters.torch_architecture import check_state_dict, infer_module, stem_channels
 from converters.torch_checkpoint import load_state_dict, sha256_file
 from converters.torch_layout import IN_CHANNELS, ConversionError, Layer, layers, torch_shapes
-from converters.torch_mapping import flax_to_state_dict, num_batches_tracked, state_dict_to_flax
+from converters.torch_mapping import (
+    flax_to_state_dict,
+    input_channels,
+    num_batches_tracked,
+    state_dict_to_flax,
+)
 from converters.torch_reference import (
     TorchResNet,
     Verification,
@@ -68,12 +73,14 @@ __all__ = [
     "convert_file",
     "flax_to_state_dict",
     "infer_module",
+    "input_channels",
     "layers",
     "load_state_dict",
     "num_batches_tracked",
     "randomize_batch_norm",
     "sha256_file",
     "state_dict_to_flax",
+    "stem_channels",
     "torch_model",
     "torch_shapes",
     "verify",

@@ -193,7 +193,7 @@ def convert_checkpoint(
         ResNet state_dict, bare or inside ``{'model': ...}`` (see
         :func:`converters.load_state_dict`).
       dst_dir: the checkpoint directory to write, e.g. ``DST/rn18/cub/v1a``.
-      verify: run torch and Flax on one random batch ``[2, 3, S, S]`` and refuse
+      verify: run torch and Flax on one random batch ``[2, C, S, S]`` and refuse
         to write when the largest logit difference relative to the largest
         |logit| exceeds ``tolerance``.
       overwrite: replace a pleas-jax checkpoint at ``dst_dir`` even when it was

@@ -19,7 +19,7 @@ def torchvision_model(arch, num_classes=1000, seed=0):
 class TorchResNet20(nn.Module):
     """ResNet-20 for CIFAR written out by hand, independent of the converter's mirror.
 
-    3x3 stride-1 stem without max-pool; three stages of three basic blocks of
+    3x3 stride-1 stem (reading ``in_channels``: 3 for RGB, 1 for grey) without max-pool; three stages of three basic blocks of
     widths w, 2w, 4w; a 1x1 conv + BN shortcut where stride or width changes.
     """
 
@@ -46,9 +46,9 @@ class TorchResNet20(nn.Module):
             y = self.bn2(self.conv2(y))
             return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
 
-    def __init__(self, num_classes=10, width=16):
+    def __init__(self, num_classes=10, width=16, in_channels=3):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         cin = width
         for s, stride in enumerate((1, 2, 2)):
@@ -66,6 +66,6 @@ class TorchResNet20(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def resnet20_torch(num_classes=10, width=16, seed=0):
+def resnet20_torch(num_classes=10, width=16, seed=0, in_channels=3):
     torch.manual_seed(seed)
-    return randomize_batch_norm(TorchResNet20(num_classes, width), seed).eval()
+    return randomize_batch_norm(TorchResNet20(num_classes, width, in_channels), seed).eval()

@@ -7,6 +7,7 @@ convert -> export.
 """
 
 import json
+from typing import Any
 
 import jax
 import numpy as np
@@ -24,7 +25,9 @@ SIZE = 16
 
 
 def _nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+    # A copy: for one channel the transpose is already contiguous, and a view
+    # of a read-only array would make a tensor torch warns about.
+    return torch.from_numpy(np.array(np.transpose(x, (0, 3, 1, 2)), order="C"))
 
 
 def _rel(got, want):
@@ -184,3 +187,61 @@ def test_save_is_all_or_nothing_and_load_checks_what_it_reads(tmp_path, monkeypa
     with pytest.raises(flax_to_torch.ConversionError, match="d.pth: is a directory"):
         flax_to_torch.save(tmp_path / "d.pth", sd, info, overwrite=True)
     assert not (tmp_path / "d.pth.json").exists()
+
+
+# ------------------------------------------------------------- grey images
+GREY = 12  # image side of the grey (MNIST-like) models
+GREY_FACTS: dict[str, Any] = {
+    "image_size": GREY,
+    "normalization": {"mean": [0.1307], "std": [0.3081]},
+    "crop": 0.875,
+    "classes": [5, 6, 7, 8, 9],
+}
+
+
+@pytest.fixture(scope="module")
+def grey(tmp_path_factory):
+    """Checkpoints of 1-channel ResNet-20s: ``r1``, a 5-class model with the
+    input facts ``train`` records; ``ab``, a backbone with separate heads. And
+    ``r3``, ``r1``'s RGB twin."""
+    d = tmp_path_factory.mktemp("grey")
+    m = models.resnet20(num_classes=5, width=4)
+    checkpoint.save(d / "r1", m, randomize_norms(init(m, GREY, channels=1), 5), **GREY_FACTS)
+    checkpoint.save(d / "r3", m, randomize_norms(init(m, GREY, channels=3), 5), **GREY_FACTS)
+    backbone = models.resnet20(num_classes=None, width=4)
+    rng = np.random.default_rng(6)
+    heads = {
+        h: {"kernel": rng.normal(size=(16, 5)).astype(np.float32), "bias": np.zeros(5, np.float32)}
+        for h in ("a", "b")
+    }
+    variables = randomize_norms(init(backbone, GREY, seed=1, channels=1), 7)
+    checkpoint.save(
+        d / "ab",
+        backbone,
+        variables,
+        heads=heads,
+        image_size=GREY,
+        head_classes={"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9]},
+    )
+    return d
+
+
+@pytest.mark.parametrize(
+    "name, flags",
+    [("r1", []), ("r1", ["--no-verify"]), ("ab", ["--head", "a"]), ("ab", ["--head", "b"])],
+)
+def test_a_grey_model_exports_and_torch_computes_its_logits(grey, name, flags, tmp_path, capsys):
+    out = tmp_path / "m.pth"
+    rc, stdout, err = run(["export", grey / name, out, *flags], capsys)
+    assert rc == 0, err
+    assert ("verify:" in stdout) is ("--no-verify" not in flags)
+    net, info = flax_to_torch.load(out)
+    assert info["in_channels"] == 1 and info["torch_class"].endswith("TorchResNet")
+    assert net.state_dict()["conv1.weight"].shape[1] == 1
+    x = images(6, GREY, seed=8, channels=1)
+    head = flags[1] if "--head" in flags else None
+    want = workflow.predict(workflow.load_model(grey / name), x, head=head)
+    with torch.no_grad():
+        got = net(_nchw(x)).numpy()
+    assert got.shape == (6, 5)
+    assert _rel(got, want) < TOLERANCE

@@ -12,8 +12,10 @@ from torch import nn
 from converters import (
     ConversionError,
     flax_to_state_dict,
+    input_channels,
     num_batches_tracked,
     state_dict_to_flax,
+    stem_channels,
     verify,
 )
 from pleas_jax import models
@@ -125,3 +127,22 @@ def test_flax_to_state_dict_names_a_bad_leaf():
     del variables["batch_stats"]["layer2_0"]["bn1"]["var"]
     with pytest.raises(ConversionError, match="batch_stats/layer2_0/bn1/var"):
         flax_to_state_dict(module, variables)
+
+
+def test_a_grey_resnet20_converts_both_ways():
+    # One input channel (MNIST): the config does not record it, the stem's weights do.
+    net = resnet20_torch(num_classes=10, width=8, in_channels=1)
+    sd = net.state_dict()
+    module, variables = state_dict_to_flax(sd)
+    assert input_channels(variables) == 1 and stem_channels(sd) == 1
+    x = torch.randn(4, 1, 12, 12, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = net(x).numpy()
+    got = _flax_logits(module, variables, x)
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= TOLERANCE
+    back = flax_to_state_dict(module, variables, num_batches_tracked(sd))
+    assert list(back) == list(sd)
+    assert all(torch.equal(back[k], v) for k, v in sd.items())
+    # The converter's mirror reads one channel too, and agrees.
+    report = verify(module, variables, image_size=12)
+    assert report.reference.endswith("TorchResNet") and report.max_rel <= TOLERANCE
