@@ -7,6 +7,7 @@ imported inside the commands, so the rest of the command line works without it.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -20,26 +21,38 @@ from pleas_jax.cli_base import (
 )
 
 
+def tolerance_arg(text: str) -> float:
+    """``--tolerance`` (argparse ``type``): a finite number >= 0 (0 asks for exact
+    agreement). A negative or NaN one would fail every check, an infinite one
+    pass every finite one: both are usage errors, not failed verifications."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(
+            f"expected a finite relative difference >= 0 such as 1e-4, got {text!r}"
+        )
+    return value
+
+
 def _verify_arguments(p: argparse.ArgumentParser, *, default: bool) -> None:
-    """``--verify`` (opt-in) or ``--no-verify`` (opt-out), and ``--tolerance``."""
-    if default:
-        p.add_argument(
-            "--no-verify",
-            dest="verify",
-            action="store_false",
-            help="skip the torch-vs-Flax logit check",
-        )
-    else:
-        p.add_argument(
-            "--verify",
-            action="store_true",
-            help="run torch and Flax on the same random batch and print the logit differences",
-        )
+    """``--verify`` / ``--no-verify`` (every command takes both; ``default`` is
+    the command's own) and ``--tolerance``."""
+    on = "--verify" if default else "--no-verify"
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=default,
+        help="run torch and Flax on the same random batch, print the logit differences and "
+        f"write nothing when they exceed --tolerance (default: {on})",
+    )
     p.add_argument(
         "--tolerance",
-        type=float,
+        type=tolerance_arg,
         default=1e-4,
-        help="largest allowed |torch - flax| relative to the largest |logit| (default 1e-4)",
+        help="largest allowed |torch - flax| relative to the largest |logit|, a finite number "
+        ">= 0 (default 1e-4)",
     )
 
 
@@ -177,9 +190,9 @@ def register_convert_tree(sub: argparse._SubParsersAction) -> None:
             "state_dicts) into the orbax checkpoint directory of the same relative path under "
             "DST: SRC/rn18/cub/v1a/model.pth -> DST/rn18/cub/v1a/. Files already converted (a "
             "checkpoint recording the same source sha256) are skipped, so a rerun resumes. Each "
-            "conversion is verified by running torch and Flax on one random batch; a file that "
-            "cannot be converted is reported on one line and skipped. Prints a summary table; "
-            "the exit status is 1 if any file failed."
+            "conversion is verified by running torch and Flax on one random batch (--no-verify "
+            "skips it); a file that cannot be converted is reported on one line and skipped. "
+            "Prints a summary table; the exit status is 1 if any file failed."
         ),
     )
     p.add_argument("src", metavar="SRC", help="root of the tree of PyTorch checkpoints")
@@ -199,7 +212,12 @@ def register_convert_tree(sub: argparse._SubParsersAction) -> None:
         help="convert again even where DST already holds a checkpoint",
     )
     p.add_argument(
-        "--json", default=None, metavar="FILE", help="also write the summary rows to this JSON file"
+        "--report",
+        "--json",
+        dest="report",
+        default=None,
+        metavar="FILE",
+        help="also write the summary rows to this JSON file (--json is the older name)",
     )
     p.set_defaults(func=_convert_tree)
 
@@ -228,8 +246,8 @@ def _convert_tree(args: argparse.Namespace) -> int:
             tqdm.write(f"{PROG}: failed: {row['reason']}", file=sys.stderr)
         rows.append(row)
     print(tree.format_summary(rows), end="")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    if args.report:
+        Path(args.report).write_text(json.dumps(rows, indent=2) + "\n")
     return EXIT_MISMATCH if any(r["status"] == "failed" for r in rows) else 0
 
 
@@ -240,13 +258,16 @@ def register_export(sub: argparse._SubParsersAction) -> None:
         help="export a checkpoint (trained, converted or merged) as a PyTorch state_dict",
         description=(
             "Write a pleas-jax checkpoint as a torchvision-layout PyTorch state_dict OUT (.pth) "
-            "and, beside it, OUT.json (e.g. m.pth.json): the architecture config, the torch "
-            "class that runs it (torchvision's resnetNN for standard configs, converters.TorchResNet for merged "
-            "widths and ResNet-20), the input size and normalisation and the classes. "
-            "converters.flax_to_torch.load(OUT) rebuilds the torch model. A merged model's "
+            "and, beside it, OUT.json (e.g. m.pth.json): the architecture config, the input "
+            "channels, the torch class that runs it (torchvision's resnetNN for standard RGB "
+            "configs, converters.TorchResNet for merged widths, ResNet-20 and other channel "
+            "counts, e.g. 1 for MNIST), the input size, normalisation and crop and the classes; "
+            "'pleas-jax convert OUT' reads them back. converters.flax_to_torch.load(OUT) returns "
+            "the pair (torch model in eval mode, the OUT.json facts). A merged model's "
             "block-sparse layers are written dense (their forbidden blocks are zeros). A merge "
             "with separate label spaces needs --head a or --head b: that head becomes fc. "
-            "Torch and Flax are run on one random batch and compared before anything is written."
+            "Torch and Flax are run on one random batch and compared before anything is written "
+            "(--no-verify skips it)."
         ),
     )
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory")

@@ -127,7 +127,7 @@ def test_export_errors_leave_nothing_behind(merged, tmp_path, capsys):
     assert rc == 2 and "separate heads ['a', 'b']" in err and "--head" in err
     rc, _, err = run(["export", merged, tmp_path / "x.npz", "--head", "a"], capsys)
     assert rc == 2 and ".pth or .pt" in err
-    rc, _, err = run(["export", merged, out, "--head", "a", "--tolerance", "-1"], capsys)
+    rc, _, err = run(["export", merged, out, "--head", "a", "--tolerance", "0"], capsys)
     assert rc == 1 and "verification failed" in err and "nothing written" in err
     assert list(tmp_path.iterdir()) == []
 
