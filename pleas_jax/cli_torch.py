@@ -10,6 +10,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 from pleas_jax.cli_base import (
     EXIT_MISMATCH,
@@ -84,7 +85,10 @@ def register_convert(sub: argparse._SubParsersAction) -> None:
             "prefixes, EMA copies) into a pleas-jax orbax checkpoint directory OUT with "
             "metadata (arch, widths, num_classes, source sha256, the input size and "
             "normalisation that merge and eval use). The file is loaded with "
-            "torch.load(weights_only=True): pickled code is refused."
+            "torch.load(weights_only=True): pickled code is refused. When IN has the JSON "
+            "sidecar that 'pleas-jax export' writes beside it (IN.json, e.g. m.pth.json) and "
+            "that sidecar describes these weights, its image size, normalisation, crop and "
+            "classes are recorded; --image-size, --normalization and --crop override them."
         ),
     )
     p.add_argument("input", metavar="IN", help="PyTorch checkpoint file")
@@ -103,14 +107,16 @@ def register_convert(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="side of the images the model reads, recorded for merge and eval and used by "
-        "--verify (default 224 for torchvision's ImageNet stem, 32 for a CIFAR stem)",
+        "--verify (default: the export sidecar's, else 224 for torchvision's ImageNet stem, 32 "
+        "for a CIFAR stem)",
     )
     p.add_argument(
         "--normalization",
         choices=("imagenet", "data"),
         default=None,
         help="input normalisation to record: ImageNet's mean and std, or each data spec's "
-        "own training statistics (default imagenet for an ImageNet stem, data for a CIFAR stem)",
+        "own training statistics (default: the export sidecar's, else imagenet for an ImageNet "
+        "stem, data for a CIFAR stem)",
     )
     p.add_argument(
         "--crop",
@@ -119,11 +125,41 @@ def register_convert(sub: argparse._SubParsersAction) -> None:
         metavar="F|none",
         help="how merge and eval bring images to --image-size: resize the shorter side to "
         "size/F and take the central square (torchvision's evaluation: F=0.875, 256 then "
-        "224), or 'none' to resize whole images (default 0.875 for an ImageNet stem, none for "
-        "a CIFAR stem)",
+        "224), or 'none' to resize whole images (default: the export sidecar's, else 0.875 for "
+        "an ImageNet stem, none for a CIFAR stem)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_convert)
+
+
+# What an export's sidecar says about its inputs that `convert` records.
+_SIDECAR_FACTS = ("image_size", "normalization", "crop", "classes")
+
+
+def _sidecar(source: str, module, variables) -> dict[str, Any]:
+    """The input facts (:data:`_SIDECAR_FACTS`) that ``pleas-jax export`` recorded
+    beside ``source``, or ``{}`` when there is no sidecar. One that is unreadable
+    or describes other weights (another config or channel count: the .pth was
+    replaced after export) is ignored with a warning: the weights still convert."""
+    from converters import ConversionError, flax_to_torch, input_channels
+
+    if not flax_to_torch.info_path(source).is_file():
+        return {}
+    try:
+        info = flax_to_torch.read_info(source)
+    except ConversionError as e:
+        print(f"{PROG}: warning: ignoring the export sidecar: {e}", file=sys.stderr)
+        return {}
+    # Files exported before in_channels was recorded were RGB.
+    channels = info.get("in_channels", 3)
+    if info.get("config") != module.config() or channels != input_channels(variables):
+        print(
+            f"{PROG}: warning: ignoring {flax_to_torch.info_path(source)}: it describes "
+            "another model than these weights",
+            file=sys.stderr,
+        )
+        return {}
+    return {k: info[k] for k in _SIDECAR_FACTS if k in info}
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -148,11 +184,17 @@ def _convert(args: argparse.Namespace) -> int:
         f"converted {args.input}: {models.arch_name(module) or 'custom ResNet'}, "
         f"{module.block} blocks {list(module.stage_sizes)}, {head}"
     )
+    # Each fact from the command line, else the export's sidecar, else the stem's convention.
     size, norm, crop = workflow.input_convention(module)
-    size = args.image_size or size
-    crop = crop if args.crop == "default" else args.crop
+    known = _sidecar(args.input, module, conv.variables)
+    if known:
+        print(f"read {', '.join(known)} from {Path(args.input).name}.json")
+    size = args.image_size or known.get("image_size", size)
+    crop = known.get("crop", crop) if args.crop == "default" else args.crop
     if args.normalization is not None:
         norm = IMAGENET_NORMALIZATION if args.normalization == "imagenet" else None
+    else:
+        norm = known.get("normalization", norm)
     if args.verify:
         report = converters.verify(module, conv.variables, conv.state_dict, image_size=size)
         if _failed(report, args.tolerance):
@@ -171,6 +213,8 @@ def _convert(args: argparse.Namespace) -> int:
         image_size=size,
         normalization=norm,
         crop=crop,
+        # The original labels, where the export recorded them (eval checks them).
+        **({"classes": known["classes"]} if known.get("classes") is not None else {}),
         # Kept so the reverse conversion can reproduce the state_dict bit for bit.
         torch_num_batches_tracked=counts.pop() if len(counts) == 1 else conv.num_batches_tracked,
     )

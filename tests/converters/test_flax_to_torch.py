@@ -245,3 +245,59 @@ def test_a_grey_model_exports_and_torch_computes_its_logits(grey, name, flags, t
         got = net(_nchw(x)).numpy()
     assert got.shape == (6, 5)
     assert _rel(got, want) < TOLERANCE
+
+
+def _converted_facts(path):
+    meta = checkpoint.load_metadata(path)
+    return {k: meta.get(k) for k in GREY_FACTS}
+
+
+@pytest.mark.parametrize("name", ["r1", "r3"])
+def test_convert_reads_the_facts_export_wrote_beside_the_file(grey, name, tmp_path, capsys):
+    pth = tmp_path / f"{name}.pth"
+    assert run(["export", grey / name, pth], capsys)[0] == 0
+    rc, stdout, err = run(["convert", pth, tmp_path / "back", "--verify"], capsys)
+    assert rc == 0, err
+    assert f"read image_size, normalization, crop, classes from {name}.pth.json" in stdout
+    assert _converted_facts(tmp_path / "back") == GREY_FACTS
+    # The converted checkpoint reads images as the original does, and computes
+    # the same logits bit for bit (export and convert only transpose).
+    original, back = workflow.load_model(grey / name), workflow.load_model(tmp_path / "back")
+    assert (back.image_size, back.normalization, back.crop) == (
+        original.image_size,
+        original.normalization,
+        original.crop,
+    )
+    x = images(6, GREY, seed=9, channels=original.channels)
+    np.testing.assert_array_equal(workflow.predict(back, x), workflow.predict(original, x))
+
+    # Options given on the command line win over the sidecar.
+    flags = ["--image-size", "20", "--crop", "none", "--normalization", "data"]
+    assert run(["convert", pth, tmp_path / "own", *flags], capsys)[0] == 0
+    assert _converted_facts(tmp_path / "own") == {
+        "image_size": 20,
+        "normalization": None,
+        "crop": None,
+        "classes": GREY_FACTS["classes"],
+    }
+
+
+def test_convert_ignores_a_sidecar_of_other_weights(grey, tmp_path, capsys):
+    pth = tmp_path / "r1.pth"
+    assert run(["export", grey / "r1", pth], capsys)[0] == 0
+    meta = flax_to_torch.info_path(pth)
+    info = json.loads(meta.read_text())
+    # The .pth replaced after export (here: wider weights than the JSON says).
+    meta.write_text(json.dumps(dict(info, config=models.resnet20(5, width=8).config())))
+    rc, _, err = run(["convert", pth, tmp_path / "stale"], capsys)
+    assert rc == 0 and "ignoring" in err and "another model" in err
+    assert _converted_facts(tmp_path / "stale") == {
+        "image_size": 32,  # the CIFAR stem's convention
+        "normalization": None,
+        "crop": None,
+        "classes": None,
+    }
+    meta.write_text("{not json")
+    rc, _, err = run(["convert", pth, tmp_path / "broken"], capsys)
+    assert rc == 0 and "ignoring the export sidecar" in err and "not valid JSON" in err
+    assert _converted_facts(tmp_path / "broken")["image_size"] == 32
