@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 import jax
@@ -63,6 +63,23 @@ def _peek(batches: Iterable[Any], what: str):
     return first, itertools.chain([first], it)
 
 
+class _SizedPass:
+    """One pass over batches whose number is known: an iterator with a length,
+    so that a progress bar can show the total."""
+
+    def __init__(self, it: Iterator[Any], n: int):
+        self._it, self._n = it, n
+
+    def __iter__(self) -> _SizedPass:
+        return self  # one-shot, as the iterator it wraps
+
+    def __next__(self) -> Any:
+        return next(self._it)
+
+    def __len__(self) -> int:
+        return self._n
+
+
 def _data_passes(batches: Batches, what: str):
     """The first batch, and a function that returns the data for one more pass.
 
@@ -74,12 +91,15 @@ def _data_passes(batches: Batches, what: str):
     Returns ``(first, next_pass, one_shot)``; ``next_pass()`` raises
     ``ValueError`` when a one-shot iterator is asked for a second pass.
     """
-    it = iter(batches()) if callable(batches) else iter(batches)
+    source = batches() if callable(batches) else batches
+    size = len(source) if isinstance(source, Sized) else None
+    it = iter(source)
     one_shot = not callable(batches) and it is batches
     first = next(it, None)
     if first is None:
         raise ValueError(f"{what} needs at least one batch of data")
-    pending = [itertools.chain([first], it)]
+    rest = itertools.chain([first], it)
+    pending: list[Iterator[Any]] = [rest if size is None else _SizedPass(rest, size)]
 
     def next_pass():
         if pending:

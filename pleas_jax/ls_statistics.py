@@ -14,7 +14,7 @@ per chunk of layers under the memory bound (:mod:`pleas_jax.ls_memory`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sized
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -280,7 +280,6 @@ def layer_statistics(
         raise ValueError(f"gram must be one of {GRAM_METHODS}, got {gram!r}")
     check_precision(precision)
     first, next_pass, one_shot = _data_passes(batches, "least squares")
-    total = len(batches) if isinstance(batches, Sized) else None  # for the progress bar
     example = _images(first)[:1]
     all_layers = find_layers(module_a, variables_a, spec, blocks, example)
     chosen = _select(all_layers, layers)
@@ -329,8 +328,8 @@ def layer_statistics(
         replicated = (variables_a, variables_b, init_m)
         desc = "least-squares statistics" + (f" ({i + 1}/{len(chunks)})" if len(chunks) > 1 else "")
         acc = None
-        bar = tqdm(next_pass(), desc=desc, total=total, disable=not progress, leave=False)
-        for batch in bar:
+        # tqdm shows the total where the pass has a length (_data_passes keeps it).
+        for batch in tqdm(next_pass(), desc=desc, disable=not progress, leave=False):
             images = _images(batch)
             step = step_for(distributed.is_padded(len(images), mesh))
             x, mask = distributed.shard_batch(images, mesh)

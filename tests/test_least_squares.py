@@ -397,7 +397,14 @@ def test_gradient_mode_streams_batches_past_its_device_bound(pair, monkeypatch):
 def test_statistics_progress_counts_towards_the_number_of_batches(pair, capsys):
     m, va, vb, spec, batches = pair
     blocks = _blocks(pair, 1.0)
+    mm, vm = partial.partial_merge(m, spec, blocks, va, vb)
+    n = len(batches)
+    # A list, and a callable returning one (as merge passes its data): the bar
+    # shows the number of batches, not "0it [...]".
     layer_statistics(m, va, m, vb, spec, blocks, batches, progress=True)
+    least_squares(m, va, m, vb, spec, blocks, mm, vm, lambda: batches, progress=True)
     err = capsys.readouterr().err
-    # A list of batches has a length: the bar shows it (not "0it [...]").
-    assert f"least-squares statistics:   0%|          | 0/{len(batches)} [" in err, err
+    assert err.count(f"least-squares statistics:   0%|          | 0/{n} [") == 2, err
+    # A one-shot iterator has no length to show.
+    layer_statistics(m, va, m, vb, spec, blocks, iter(batches), progress=True)
+    assert "least-squares statistics: 0it [" in capsys.readouterr().err
