@@ -162,7 +162,8 @@ def save(
     """Write ``module`` and ``variables`` to the checkpoint directory ``path``.
 
     Args:
-      path: the checkpoint directory to create; its parent must exist.
+      path: the checkpoint directory to create; missing parent directories
+        are created (and removed again if the save fails).
       module: a :class:`pleas_jax.models.ResNet` (its ``config()`` is stored).
       variables: ``{"params": ..., "batch_stats": ...}`` matching ``module``.
       heads: for a backbone (``module.num_classes is None``), named classifier
@@ -178,7 +179,7 @@ def save(
       ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
-      CheckpointError: ``path`` exists, its parent does not, variables (or
+      CheckpointError: ``path`` exists, a parent is a file, variables (or
         heads) that do not match the module, or metadata that is not JSON-able.
     """
     path = Path(path)
@@ -195,8 +196,7 @@ def save(
             raise CheckpointError(
                 f"{path}: exists and is not a pleas-jax checkpoint; refusing to overwrite it"
             ) from None
-    if not path.parent.is_dir():
-        raise CheckpointError(f"{path}: parent directory {path.parent} does not exist")
+    check_parent(path)
     from pleas_jax import __version__  # here: pleas_jax/__init__ imports this module
 
     head_arrays = None
@@ -226,8 +226,14 @@ def save(
     if head_arrays is not None:
         arrays = {**arrays, HEADS: head_arrays}
 
-    # orbax wants absolute paths.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name[:100]}.tmp-", dir=path.parent)).absolute()
+    made = _make_parents(path.parent)
+    try:
+        # orbax wants absolute paths.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name[:100]}.tmp-", dir=path.parent))
+        tmp = tmp.absolute()
+    except BaseException:
+        _remove_empty(made)
+        raise
     # mkdtemp makes the directory private (0700); the checkpoint should get the
     # mode a plain mkdir would, so that others sharing the machine can read it.
     tmp.chmod(0o777 & ~_umask())
@@ -241,8 +247,42 @@ def save(
             os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
         raise
     return path
+
+
+def check_parent(path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` unless ``path``'s parent is a directory or
+    can be made one (:func:`save` creates missing parents, as ``mkdir -p``)."""
+    path = Path(path)
+    up = path.parent
+    while not up.exists() and up != up.parent:
+        up = up.parent
+    if not up.is_dir():
+        raise CheckpointError(f"{path}: {up} is not a directory")
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    """Create ``parent`` and its missing ancestors; the ones made, outermost first."""
+    missing = []
+    up = parent
+    while not up.exists():
+        missing.append(up)
+        up = up.parent
+    missing.reverse()
+    for d in missing:
+        d.mkdir(exist_ok=True)
+    return missing
+
+
+def _remove_empty(made: list[Path]) -> None:
+    # A failed save leaves nothing behind, not even the folders it made.
+    for d in reversed(made):
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def _umask() -> int:

@@ -172,8 +172,10 @@ def _convert(args: argparse.Namespace) -> int:
     # Fail before the (slow) conversion, and never leave a half-written OUT.
     if out.exists() and not args.overwrite:
         raise CommandError(f"{out}: already exists (pass --overwrite to replace it)")
-    if not out.parent.is_dir():
-        raise CommandError(f"{out}: parent directory {out.parent} does not exist")
+    try:
+        checkpoint.check_parent(out)  # missing parents are created when it is saved
+    except checkpoint.CheckpointError as e:
+        raise CommandError(str(e)) from None
     converters = import_converters()
     from pleas_jax import models
 

@@ -93,8 +93,10 @@ def _check_out(out: Path, overwrite: bool) -> None:
             raise RunError(
                 f"{out}: exists and is not a pleas-jax checkpoint; refusing to replace it"
             ) from None
-    if not out.parent.is_dir():
-        raise RunError(f"{out}: parent directory {out.parent} does not exist")
+    try:
+        checkpoint.check_parent(out)  # missing parents are created when it is saved
+    except checkpoint.CheckpointError as e:
+        raise RunError(str(e)) from None
 
 
 def _check_json_out(path: str | os.PathLike, overwrite: bool = False) -> None:

@@ -138,9 +138,23 @@ def test_save_rejects_bad_input(tmp_path, resnet20):
         checkpoint.save(tmp_path / "b", module, variables, arch="x")
     with pytest.raises(CheckpointError, match="not JSON-able"):
         checkpoint.save(tmp_path / "c", module, variables, when=object())
-    with pytest.raises(CheckpointError, match="parent directory"):
-        checkpoint.save(tmp_path / "no" / "d", module, variables)
-    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match=r"file/d/e: .*file is not a directory"):
+        checkpoint.save(tmp_path / "file" / "d" / "e", module, variables)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_save_creates_missing_parents_and_removes_them_on_failure(tmp_path, resnet20, monkeypatch):
+    module, variables = resnet20
+    out = checkpoint.save(tmp_path / "runs" / "x" / "ckpt", module, variables)
+    assert checkpoint.load_metadata(out)["arch"] == "resnet20"
+    monkeypatch.setattr(checkpoint, "_write_metadata", lambda file, text: 1 / 0)
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(ZeroDivisionError):
+        checkpoint.save(tmp_path / "keep" / "new" / "deeper" / "ckpt", module, variables)
+    # The folders the failed save made are gone; the ones that were there stay.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep", "runs"]
+    assert list((tmp_path / "keep").iterdir()) == []
 
 
 def test_missing_directory(tmp_path):

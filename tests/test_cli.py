@@ -125,7 +125,7 @@ def test_convert_safetensors_and_named_arch(files, outs, capsys):
         [
             "convert",
             files["dir"] / "r20.safetensors",
-            outs / "r20",
+            outs / "new" / "r20",  # convert makes the missing folder
             "--arch",
             "resnet20",
             "--num-classes",
@@ -136,7 +136,7 @@ def test_convert_safetensors_and_named_arch(files, outs, capsys):
     )
     assert rc == 0, err
     assert rel_diff(out) <= TOLERANCE
-    assert checkpoint.load_metadata(outs / "r20")["arch"] == "resnet20"
+    assert checkpoint.load_metadata(outs / "new" / "r20")["arch"] == "resnet20"
 
 
 def test_convert_ema(files, outs, capsys, tmp_path):

@@ -49,9 +49,11 @@ def ckpts(tmp_path_factory):
         ("b", "digits[5-9]", 1, []),
         ("wide", "digits[0-4]", 0, ["--width", "8", "--epochs", "1"]),
     ]:
-        argv = ["train", *TRAIN, *extra, "--data", data, "--seed", seed, "--out", d / name]
+        # One under folders that do not exist yet: train makes them.
+        out = d / "new" / "dir" / name if name == "wide" else d / name
+        argv = ["train", *TRAIN, *extra, "--data", data, "--seed", seed, "--out", out]
         assert main([str(a) for a in argv]) == 0
-        made[name] = d / name
+        made[name] = out
     rgb = models.resnet20(num_classes=5, width=4)
     checkpoint.save(d / "rgb", rgb, rgb.init(jax.random.key(0), np.zeros((1, 16, 16, 3))))
     made["rgb"] = d / "rgb"
@@ -241,6 +243,7 @@ def test_merge_separate_heads_and_eval_each_head(ckpts, outs, capsys):
         ("train-existing-out", r"already exists \(pass --overwrite"),
         ("train-negative-seed", r"--seed must be >= 0, got -1"),
         ("train-negative-lr", r"--lr must be a positive number, got -1.0"),
+        ("train-out-under-a-file", r"report.json/t: .*report.json is not a directory"),
         ("train-nan-weight-decay", r"--weight-decay must be a number >= 0, got nan"),
         ("eval-missing", r"nope: no such checkpoint directory"),
         ("eval-not-a-checkpoint", r"not a pleas-jax checkpoint"),
@@ -298,6 +301,14 @@ def test_bad_input_one_line_error_and_nothing_written(
             -1,
             "--out",
             outs / "t",
+        ],
+        "train-out-under-a-file": [
+            "train",
+            *TRAIN,
+            "--data",
+            "digits",
+            "--out",
+            tmp_path / "report.json" / "t",
         ],
         "train-negative-lr": ["train", *TRAIN, "--data", "digits", "--lr", -1, "--out", outs / "t"],
         "train-nan-weight-decay": [
