@@ -230,7 +230,12 @@ def merge(
       least_squares: ``"closed_form"``, ``"gd"`` or ``None`` (keep the
         partial merge's weights, ZipIt!-style).
       heads: ``"shared"`` (same label space; classifier refit like any layer) or
-        ``"separate"`` (the merged backbone with each source model's head).
+        ``"separate"`` (the merged backbone with each source model's head). The
+        models do not say which labels they were trained on: two 5-class
+        models of digits 0-4 and 5-9 merge under ``"shared"`` into one
+        classifier that confuses them, so pass ``"separate"`` for different
+        label spaces (:func:`pleas_jax.workflow.heads_mode` picks it from
+        checkpoints' recorded classes, as ``pleas-jax merge`` does).
       similarity: activation similarity (``"distance"``, ``"correlation"``, ``"inner"``).
       matching_dtype: compute dtype of both models in the activation-matching
         pass, e.g. ``"bfloat16"`` (bf16 compute with fp32 accumulation; in the
