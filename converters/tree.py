@@ -260,33 +260,27 @@ def convert_checkpoint(
             )
         record = _verification_record(report, size)
 
-    created = _make_parents(dst_dir.parent)
-    try:
-        if dst_dir.is_dir() and not any(dst_dir.iterdir()):
-            dst_dir.rmdir()
-        counts = set(conv.num_batches_tracked.values())
-        checkpoint.save(
-            dst_dir,
-            module,
-            conv.variables,
-            overwrite=replace,
-            converted_from="torch",
-            source=str(src_pth.resolve()),
-            source_sha256=conv.source_sha256,
-            ema=False,
-            image_size=size,
-            normalization=norm,
-            crop=crop,
-            # As `pleas-jax convert` keeps it: the reverse conversion is then bit-exact.
-            torch_num_batches_tracked=(
-                counts.pop() if len(counts) == 1 else conv.num_batches_tracked
-            ),
-            verification=record,
-            release=dict(release) if release else None,
-        )
-    except BaseException:
-        _remove_empty(created)
-        raise
+    # checkpoint.save makes missing parents and removes them if it fails.
+    if dst_dir.is_dir() and not any(dst_dir.iterdir()):
+        dst_dir.rmdir()
+    counts = set(conv.num_batches_tracked.values())
+    checkpoint.save(
+        dst_dir,
+        module,
+        conv.variables,
+        overwrite=replace,
+        converted_from="torch",
+        source=str(src_pth.resolve()),
+        source_sha256=conv.source_sha256,
+        ema=False,
+        image_size=size,
+        normalization=norm,
+        crop=crop,
+        # As `pleas-jax convert` keeps it: the reverse conversion is then bit-exact.
+        torch_num_batches_tracked=(counts.pop() if len(counts) == 1 else conv.num_batches_tracked),
+        verification=record,
+        release=dict(release) if release else None,
+    )
     return _row(
         src_pth,
         dst_dir,
@@ -297,25 +291,6 @@ def convert_checkpoint(
         max_rel=None if record is None else record["max_rel"],
         seconds=time.perf_counter() - t0,
     )
-
-
-def _make_parents(path: Path) -> list[Path]:
-    """``mkdir -p path``; returns the directories it created, deepest first."""
-    created = []
-    p = path
-    while not p.exists():
-        created.append(p)
-        p = p.parent
-    path.mkdir(parents=True, exist_ok=True)
-    return created
-
-
-def _remove_empty(dirs: Sequence[Path]) -> None:
-    for d in dirs:
-        try:
-            d.rmdir()
-        except OSError:
-            return  # not empty (or gone): its parents are not empty either
 
 
 def iter_convert_tree(
