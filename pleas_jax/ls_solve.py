@@ -104,6 +104,16 @@ def _host_cholesky(g, diag, b, floor):
     return (x * s[:, None]).astype(np.float32)
 
 
+def on_one_device(tree):
+    """``tree``'s arrays on the first device, for a program that calls back to
+    the host (``"cholesky_f64"``). In a program replicated over several devices
+    (the sums' ``psum`` leaves them so) every device calls back, and XLA:CPU's
+    collectives deadlock: a merge on 2-8 simulated devices hung, then aborted."""
+    device = jax.devices()[0]
+    arrays = (jax.Array, np.ndarray)
+    return jax.tree.map(lambda x: jax.device_put(x, device) if isinstance(x, arrays) else x, tree)
+
+
 def _cholesky_solve(g, diag, b, method, floor):
     """``(g + diag(diag))⁻¹ b`` for a Gram ``g`` and a positive ``diag ≥ floor``:
     fp32 Cholesky on the device (Jacobi-scaled: a unit diagonal changes nothing
@@ -208,10 +218,19 @@ def solve(
         first = first_solver(float(counts[name]), layer.dim)
         problems.append((name, layer, s["gram"], args, sets, centre, first))
 
+    def solve_with(solver, gram, args, sets, centre):
+        if solver != "cholesky_f64":
+            return _solve_matrix(gram, *args, sets, float(ridge), centre, solver)
+        # The result returns to where the sums live.
+        home = getattr(gram, "sharding", None)
+        one_gram, one_args = on_one_device((gram, args))
+        w, ok = _solve_matrix(one_gram, *one_args, sets, float(ridge), centre, solver)
+        return (w, ok) if home is None else (jax.device_put(w, home), ok)
+
     def cholesky(p):
         _, _, gram, args, sets, centre, first = p
         with jax.default_matmul_precision("highest"):
-            return _solve_matrix(gram, *args, sets, float(ridge), centre, first)
+            return solve_with(first, gram, args, sets, centre)
 
     with jax.default_matmul_precision("highest"):
         # Every layer's Cholesky solve is dispatched before any result is
@@ -230,7 +249,7 @@ def solve(
             solver = first
             if not bool(ok):
                 for solver in SOLVERS[SOLVERS.index(first) + 1 :]:
-                    w, ok = _solve_matrix(gram, *args, sets, float(ridge), centre, solver)
+                    w, ok = solve_with(solver, gram, args, sets, centre)
                     if bool(ok):
                         break
             if not bool(ok):

@@ -82,7 +82,7 @@ from pleas_jax.least_squares import (
     memory_report,
 )
 from pleas_jax.ls_data import Batches
-from pleas_jax.ls_solve import SOLVERS, _cholesky_solve, _pinv_solve, first_solver
+from pleas_jax.ls_solve import SOLVERS, _cholesky_solve, _pinv_solve, first_solver, on_one_device
 from pleas_jax.pair_problems import _from_matrix, _problem
 from pleas_jax.partial import GroupBlocks
 from pleas_jax.tree import to_dict
@@ -396,7 +396,8 @@ def fit(
                     # smallest norm) where there is no ridge (see ls_solve).
                     first = SOLVERS.index(first_solver(count[n], problems[n].layer.dim))
                     for solver in SOLVERS[first:]:
-                        out = _solve_layer(*args, solver)
+                        host = solver == "cholesky_f64"
+                        out = _solve_layer(*(on_one_device(args) if host else args), solver)
                         if bool(jnp.all(jnp.isfinite(out[0]))):
                             break
                     # To the host at once: the device then holds the sums and

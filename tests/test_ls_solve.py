@@ -129,3 +129,45 @@ def test_fewer_rows_than_inputs_are_solved_in_float64():
     # With more rows than inputs fp32 stays the first choice.
     more = _stats_from_arrays(_layer("dense", (8, 0, 0), (4, 0, 0), False), x[:, :8], y)
     assert solve({"l": more}, ridge=1e-4)["l"]["solver"] == "cholesky"
+
+
+# A merge whose layers see fewer rows than inputs (32 images of 8 px) solves
+# them by float64 on the host; on several devices that host callback hung.
+_FEW_ROWS = """
+import json, sys
+sys.path.insert(0, {root!r})
+import jax, numpy as np
+from pleas_jax import merge, models
+from tests.helpers import images, init, randomize_norms
+
+m = models.resnet20(num_classes=5, width=4)
+va, vb = randomize_norms(init(m, 8), 1), randomize_norms(init(m, 8, seed=2), 3)
+data = [images(16, 8, seed=s) for s in range(2)]
+x = images(8, 8, seed=11)
+out = {{"devices": len(jax.devices())}}
+for statistics in ("per_merge", "pair"):
+    r = merge((m, va), (m, vb), data, 1.5, statistics=statistics, progress=False,
+              count_xla_flops=False)
+    layers = r.report["least_squares_report"]["layers"]
+    out[statistics] = {{
+        "solvers": sorted({{v["solver"] for v in layers.values()}}),
+        "logits": np.asarray(r.logits(x)).tolist(),
+    }}
+print(json.dumps(out))
+"""
+
+
+def test_host_float64_solves_run_on_several_devices():
+    from tests.helpers import run_on_cpu_devices
+
+    one, two = (run_on_cpu_devices(_FEW_ROWS, n=n, timeout=400) for n in (1, 2))
+    assert (one["devices"], two["devices"]) == (1, 2)
+    errs = {}
+    for statistics in ("per_merge", "pair"):
+        assert "cholesky_f64" in two[statistics]["solvers"], two[statistics]["solvers"]
+        a, b = (np.asarray(r[statistics]["logits"]) for r in (one, two))
+        errs[statistics] = float(np.abs(a - b).max() / np.abs(a).max())
+    print("2 devices vs 1, max relative logit difference:", errs)
+    # Sums in another order (1e-7 apart) through systems of more inputs than
+    # rows, conditioned only by the ridge: the same solution to ~1e-3.
+    assert all(e <= 1e-2 for e in errs.values()), errs
