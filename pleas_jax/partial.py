@@ -208,6 +208,12 @@ def merge_variables(
             raise ValueError(f"{path_str(path)} exists in model A but not in model B")
         a, b = np.asarray(a), np.asarray(fb[path])
         axes = {ax: blocks[g] for ax, g in axis_groups.get(path, {}).items()}
+        for ax, g in axis_groups.get(path, {}).items():
+            if a.shape[ax] != b.shape[ax]:
+                raise ValueError(
+                    f"{path_str(path)} has {a.shape[ax]} units on axis {ax} (group {g}) in A "
+                    f"but {b.shape[ax]} in B: different widths"
+                )
         if not axes and a.shape != b.shape:
             raise ValueError(f"{path_str(path)} has shape {a.shape} in A but {b.shape} in B")
         out[path] = _merge_leaf(a, b, axes)

@@ -83,6 +83,14 @@ def test_separate_blocks_never_meet():
     assert np.any(kernel[:, :, :mi, mo:] != 0)
 
 
+def test_models_of_other_widths_are_refused():
+    m, va, _, spec = _pair()
+    wide = models.resnet("resnet20", num_classes=5, width=8)
+    blocks = partial.full_blocks(spec, identity(spec), 0.5)
+    with pytest.raises(ValueError, match=r"has 4 units on axis \d \(group .*\) in A but 8 in B"):
+        partial.partial_merge(m, spec, blocks, va, init(wide, 16, seed=2))
+
+
 def test_block_sparse_layers_equal_dense_evaluation():
     m, va, vb, spec = _pair()
     blocks = partial.full_blocks(spec, identity(spec), 0.6)
