@@ -16,7 +16,7 @@ features when asked.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -281,7 +281,7 @@ def activation_statistics(
     module_b,
     variables_b,
     spec: Mapping[str, Any],
-    batches: Iterable[Any],
+    batches: Iterable[Any] | Callable[[], Iterable[Any]],
     similarity: str = "distance",
     *,
     mesh: jax.sharding.Mesh | None = None,
@@ -294,7 +294,8 @@ def activation_statistics(
     Args:
       module_a, variables_a, module_b, variables_b: the two models.
       spec: their permutation spec.
-      batches: iterable of images ``[N, H, W, C]`` (or ``(images, labels)``).
+      batches: iterable of images ``[N, H, W, C]`` (or ``(images, labels)``),
+        or a callable returning one.
       similarity: which statistics to keep (see :func:`activation_matching`).
       mesh: a 1-D data mesh (all local devices by default).
       dtype: compute dtype of both models for this pass (e.g. ``"bfloat16"``;
@@ -329,9 +330,18 @@ def activation_statistics(
     first, update = _accumulate(similarity)
     variables = (variables_a, variables_b)
     acc = None
+    if callable(batches):  # as merge and least squares take them
+        batches = batches()
     for batch in tqdm(batches, desc="activation statistics", disable=not progress, leave=False):
         x = batch[0] if isinstance(batch, tuple | list) else batch
         x = np.asarray(x)
+        if x.ndim != 4:
+            # One array of images iterates as single images: say so here,
+            # not as a parameter-shape error deep inside the model.
+            raise ValueError(
+                f"batches must hold images [N, H, W, C], got a batch of shape {x.shape} "
+                "(pass a list of batches, e.g. [images], not one array)"
+            )
         masked = distributed.is_padded(len(x), mesh)
         step = _compiled_step(module_a, module_b, points_key, similarity, mesh, precision, masked)
         x, mask = distributed.shard_batch(x, mesh)
@@ -394,7 +404,7 @@ def activation_matching(
     module_b,
     variables_b,
     spec: Mapping[str, Any],
-    batches: Iterable[Any],
+    batches: Iterable[Any] | Callable[[], Iterable[Any]],
     similarity: str = "distance",
     *,
     mesh: jax.sharding.Mesh | None = None,

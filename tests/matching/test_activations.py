@@ -95,6 +95,19 @@ def test_empty_data_is_an_error():
     module, va, vb, spec, _ = _pair("resnet20", 0.0, size=16, width=4)
     with pytest.raises(ValueError, match="at least one batch"):
         activation_matching(module, va, module, vb, spec, [])
+    # One array of images, not a list of batches: named, not a Flax shape error.
+    with pytest.raises(ValueError, match=r"got a batch of shape \(16, 16, 3\).*not one array"):
+        activation_matching(module, va, module, vb, spec, images(4, 16))
+
+
+def test_a_callable_of_batches_is_read_like_the_batches():
+    module, va, vb, spec, _ = _pair("resnet20", 0.0, size=16, width=4)
+    data = [images(6, 16, seed=1), images(5, 16, seed=2)]
+    listed = activation_matching(module, va, module, vb, spec, data)
+    called = activation_matching(module, va, module, vb, spec, lambda: iter(data))
+    for g in spec:
+        np.testing.assert_array_equal(listed[0][g], called[0][g])
+        np.testing.assert_array_equal(listed[1][g], called[1][g])
 
 
 _SHARDED = textwrap.dedent(
