@@ -51,7 +51,7 @@ from pleas_jax.least_squares import DEFAULT_MAX_MEMORY_BYTES
 from pleas_jax.least_squares import least_squares as fit_least_squares
 from pleas_jax.matching.activations import SIMILARITIES, activation_matching, with_compute_dtype
 from pleas_jax.matching.weights import weight_matching
-from pleas_jax.pair_least_squares import PairStatistics, fit, pair_statistics
+from pleas_jax.pair_least_squares import PairStatistics, fit, models_fingerprint, pair_statistics
 from pleas_jax.permutation import identity
 from pleas_jax.products import check_precision
 from pleas_jax.spec import Group, derive_spec
@@ -304,6 +304,13 @@ def merge(
         with_compute_dtype(module_a, matching_dtype)  # a bad dtype fails before any work
     check_precision(ls_precision)
     check_precision(matching_precision)
+    if isinstance(statistics, PairStatistics) and statistics.models is not None:
+        if statistics.models != models_fingerprint(va, vb):
+            raise ValueError(
+                "statistics: these pair statistics were taken from other source models "
+                "(or with A and B the other way round); take them from this pair "
+                "(statistics='pair')"
+            )
     data_fn = _batches_factory(data)
     example = _first_images(data_fn)[:1]
 

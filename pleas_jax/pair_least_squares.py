@@ -104,17 +104,39 @@ class PairStatistics:
       memory: the pass that took the sums, as
         :func:`pleas_jax.least_squares.memory_report` describes it
         (``"chunks"``, ``"passes"``, ``"peak_statistics_bytes"``, ...).
+      models: :func:`models_fingerprint` of the source models (A, B in that
+        order), which a merge reusing the sums checks its models against.
     """
 
     layers: dict[str, Layer]
     sums: dict[str, dict[str, Any]]
     group_sizes: dict[str, int]
     memory: dict[str, Any] | None = None
+    models: tuple[float, ...] | None = None
 
     @property
     def nbytes(self) -> int:
         """Device memory the sums hold."""
         return sum(int(v.nbytes) for s in self.sums.values() for v in s.values())
+
+
+@jax.jit
+def _leaf_sums(variables_a, variables_b):
+    def leaf(x):
+        x = jnp.ravel(x).astype(jnp.float32)
+        # Weighted by position too, so that reordered values tell apart.
+        w = jnp.sin(jnp.arange(x.size, dtype=jnp.float32))
+        return jnp.stack([jnp.sum(x), jnp.sum(x * w)])
+
+    return jax.tree.map(leaf, (variables_a, variables_b))
+
+
+def models_fingerprint(variables_a, variables_b) -> tuple[float, ...]:
+    """Two order-sensitive sums per leaf of both models' variables, in one
+    compiled call: equal for the same pair, different for another pair, for
+    A and B swapped, or for retrained weights (not a cryptographic hash)."""
+    sums = jax.device_get(_leaf_sums(variables_a, variables_b))
+    return tuple(float(v) for leaf in jax.tree.leaves(sums) for v in np.ravel(leaf))
 
 
 def full_coordinate_blocks(spec: Mapping[str, Any]) -> dict[str, GroupBlocks]:
@@ -196,7 +218,8 @@ def pair_statistics(
     kw = {"init": False, "target_gram": True}
     chunks = memory_chunks(layers, max_memory_bytes, **kw)
     memory = memory_report(layers, chunks, max_memory_bytes, **kw)
-    return PairStatistics(layers, sums, {g: int(grp.size) for g, grp in spec.items()}, memory)
+    sizes = {g: int(grp.size) for g, grp in spec.items()}
+    return PairStatistics(layers, sums, sizes, memory, models_fingerprint(variables_a, variables_b))
 
 
 # -------------------------------------------------------------------- kernels

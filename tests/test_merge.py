@@ -197,6 +197,21 @@ def test_bad_arguments_fail_before_work(kwargs, message):
         merge((ma, va), (mb, vb), _no_data, progress=False, **args)
 
 
+def test_pair_statistics_of_another_pair_are_refused_before_any_work():
+    from pleas_jax.pair_least_squares import PairStatistics, models_fingerprint
+
+    (ma, va), (mb, vb), _, _ = _pair("resnet20")
+    own = models_fingerprint(va, vb)
+    assert models_fingerprint(va, vb) == own
+    assert models_fingerprint(vb, va) != own  # swapped
+    retrained = jax.tree.map(lambda x: x * 1.001, vb)
+    assert models_fingerprint(va, retrained) != own
+    taken = PairStatistics({}, {}, {}, None, own)
+    for pair in (((mb, vb), (ma, va)), ((ma, va), (mb, retrained))):
+        with pytest.raises(ValueError, match="pair statistics were taken from other source"):
+            merge(*pair, _no_data, 1.5, statistics=taken, progress=False)
+
+
 def test_ratio_outside_unit_interval():
     (ma, va), (mb, vb), data, x = _pair("resnet20")
     spec = derive_spec(ma, va, x[:1])
