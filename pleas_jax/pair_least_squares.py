@@ -339,6 +339,15 @@ def _check(stats: PairStatistics, blocks: Mapping[str, GroupBlocks]) -> None:
             )
 
 
+def _has(variables: Mapping[str, Any], path: tuple[str, ...]) -> bool:
+    node = variables.get("params", {})
+    for k in path:
+        if not isinstance(node, Mapping) or k not in node:
+            return False
+        node = node[k]
+    return True
+
+
 def fit(
     stats: PairStatistics,
     blocks: Mapping[str, GroupBlocks],
@@ -391,6 +400,12 @@ def fit(
     _check(stats, blocks)
     t0 = time.perf_counter()
     merged_variables = to_dict(merged_variables)
+    missing = [n for n, lay in stats.layers.items() if not _has(merged_variables, lay.path)]
+    if missing:
+        raise ValueError(
+            f"the pair statistics have layers the merged model lacks ({', '.join(missing[:3])}): "
+            "statistics of a shared-head merge reused with separate heads, or of another model?"
+        )
     problems = {
         n: _problem(n, full, blocks, merged_variables, mode) for n, full in stats.layers.items()
     }

@@ -124,6 +124,11 @@ def test_blocks_of_another_pair_are_rejected(pair):
         fit(pair[-1], blocks, vo)
     with pytest.raises(ValueError, match="mode must be"):
         fit(pair[-1], _merge(pair, 0.5)[0], _merge(pair, 0.5)[2], mode="adam")
+    # A backbone without the classifier the sums were taken with (separate heads).
+    blocks, _, vm = _merge(pair, 0.5)
+    backbone = {**vm, "params": {k: v for k, v in vm["params"].items() if k != "fc"}}
+    with pytest.raises(ValueError, match=r"layers the merged model lacks \(fc\)"):
+        fit(pair[-1], blocks, backbone)
 
 
 @pytest.mark.parametrize("mode", ["closed_form", "gd"])  # padded differently
