@@ -24,7 +24,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from pleas_jax import data, models
 from pleas_jax.batch_norm import recompute_batch_norm
 from pleas_jax.checkpoint import load, load_heads, load_metadata, save
-from pleas_jax.heads import apply_head, route_heads, train_linear_probe
+from pleas_jax.heads import apply_head, head_group, route_heads, train_linear_probe
 from pleas_jax.least_squares import least_squares
 from pleas_jax.matching.activations import activation_matching
 from pleas_jax.matching.lap import solve as linear_assignment
@@ -47,6 +47,7 @@ __all__ = [
     "compose",
     "data",
     "derive_spec",
+    "head_group",
     "identity",
     "invert",
     "least_squares",

@@ -23,6 +23,21 @@ from pleas_jax.partial import GroupBlocks
 Head = dict[str, jax.Array]
 
 
+def head_group(spec: Mapping, head: str = "fc") -> str:
+    """The group of ``spec`` whose units the classifier ``params/<head>``
+    reads (axis 0 of its kernel): the blocks :func:`route_heads` needs.
+
+    Raises:
+      ValueError: no group (or several) feeds that classifier.
+    """
+    found = [g for g in spec if any(tuple(p)[1:2] == (head,) and a == 0 for p, a in spec[g].axes)]
+    if len(found) != 1:
+        raise ValueError(
+            f"expected one group feeding params/{head}/kernel's inputs, found {len(found)}"
+        )
+    return found[0]
+
+
 def route_heads(blocks: GroupBlocks, head_a: Mapping, head_b: Mapping) -> tuple[Head, Head]:
     """Each source model's head, reading the merged backbone's features.
 
@@ -31,7 +46,9 @@ def route_heads(blocks: GroupBlocks, head_a: Mapping, head_b: Mapping) -> tuple[
     gives B-only units zero weight (and conversely for B).
 
     Args:
-      blocks: blocks of the group that the heads read (the backbone output).
+      blocks: blocks of the group that the heads read (the backbone output:
+        ``blocks[head_group(spec)]``, with the spec of the models with their
+        classifiers).
       head_a, head_b: ``{"kernel": [n, K_a], "bias": [K_a]}`` and likewise for B.
 
     Returns:

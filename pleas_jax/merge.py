@@ -330,9 +330,7 @@ def merge(
         spec = derive_spec(module_a, va, example)
         head_group: str | None = None  # the classifier's input group, for separate heads
         if heads == "separate":
-            (head_group,) = [
-                g for g in spec if any(tuple(p)[1:2] == ("fc",) and a == 0 for p, a in spec[g].axes)
-            ]
+            head_group = heads_lib.head_group(spec)
             spec = _backbone_spec(spec)
             heads_ab = (va["params"]["fc"], vb["params"]["fc"])
             module_a, module_b = module_a.clone(num_classes=None), module_b.clone(num_classes=None)

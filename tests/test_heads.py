@@ -20,6 +20,7 @@ def test_routed_heads_on_merged_backbone(ratio):
     va, vb = randomize_norms(init(ma, 16), 1), randomize_norms(init(mb, 16, seed=2), 3)
     spec = derive_spec(ma, va, np.zeros((1, 16, 16, 3), np.float32))
     (g_out,) = [g for g in spec if (("params", "fc", "kernel"), 0) in spec[g].axes]
+    assert heads.head_group(spec) == g_out
     blocks = partial.full_blocks(spec, identity(spec), ratio)
     backbone = ma.clone(num_classes=None)
     mm, vm = partial.partial_merge(backbone, spec, blocks, _strip_fc(va), _strip_fc(vb))
@@ -35,6 +36,13 @@ def test_routed_heads_on_merged_backbone(ratio):
     n_m, n_a, n_b = blocks[g_out].sizes
     assert np.all(np.asarray(ha["kernel"])[n_m + n_a :] == 0)
     assert np.all(np.asarray(hb["kernel"])[n_m : n_m + n_a] == 0)
+
+
+def test_head_group_needs_exactly_one_group_feeding_the_classifier():
+    m = models.resnet20(num_classes=3, width=4)
+    spec = derive_spec(m, init(m, 8), np.zeros((1, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="one group feeding params/head/kernel's inputs, found 0"):
+        heads.head_group(spec, "head")
 
 
 def test_linear_probe_learns_separable_classes():
