@@ -101,6 +101,9 @@ def train_linear_probe(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive whole number, got {batch_size!r}")
     x = jnp.asarray(features, jnp.float32)
+    raw = np.asarray(labels)
+    if raw.size and not np.array_equal(raw, np.round(raw)):
+        raise ValueError("labels must be whole numbers (class indices)")
     y = jnp.asarray(labels, jnp.int32)
     if x.ndim != 2 or y.shape != (x.shape[0],) or x.shape[0] == 0:
         raise ValueError(f"probe needs features [N, C] and labels [N], got {x.shape} and {y.shape}")

@@ -93,7 +93,12 @@ def make_blocks(
         p = np.asarray(perm[g], np.int64)
         if p.shape != (group.size,) or not np.array_equal(np.sort(p), np.arange(group.size)):
             raise ValueError(f"perm[{g}] is not a permutation of {group.size} units")
-        score = np.asarray(costs[g], np.float64)[np.arange(group.size), p]
+        cost = np.asarray(costs[g], np.float64)
+        if cost.shape != (group.size, group.size):
+            raise ValueError(
+                f"costs[{g}] has shape {cost.shape}, expected {(group.size, group.size)}"
+            )
+        score = cost[np.arange(group.size), p]
         # Stable sort: ties keep A's order, so blocks are deterministic.
         order = np.argsort(-score, kind="stable")
         n_m = group.size - n_separate(group.size, float(r))

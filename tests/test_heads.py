@@ -63,6 +63,8 @@ def test_linear_probe_learns_separable_classes():
 def test_probe_rejects_bad_labels():
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         heads.train_linear_probe(np.zeros((4, 2)), np.array([0, 1, 2, 3]), 3)
+    with pytest.raises(ValueError, match="labels must be whole numbers"):
+        heads.train_linear_probe(np.zeros((4, 2)), np.array([0, 0.5, 1, 2]), 3)
     for bad, message in (
         ({"batch_size": 0}, "batch_size must be a positive whole number"),
         ({"batch_size": -5}, "batch_size must be a positive whole number"),

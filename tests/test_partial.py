@@ -83,6 +83,16 @@ def test_separate_blocks_never_meet():
     assert np.any(kernel[:, :, :mi, mo:] != 0)
 
 
+def test_costs_of_the_wrong_shape_are_refused():
+    m, va, _, spec = _pair()
+    g = next(iter(spec))
+    n = spec[g].size
+    costs = {h: np.zeros((grp.size, grp.size)) for h, grp in spec.items()}
+    costs[g] = np.zeros((n, n - 1))
+    with pytest.raises(ValueError, match=rf"costs\[{g}\] has shape \({n}, {n - 1}\)"):
+        partial.make_blocks(spec, identity(spec), costs, 0.5)
+
+
 def test_models_of_other_widths_are_refused():
     m, va, _, spec = _pair()
     wide = models.resnet("resnet20", num_classes=5, width=8)
