@@ -33,8 +33,9 @@ CHECKPOINTS = Path(__file__).resolve().parents[1] / "demo" / "checkpoints"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--a", default=str(CHECKPOINTS / "mnist5k_seed0"), help="model A")
-    parser.add_argument("--b", default=str(CHECKPOINTS / "mnist5k_seed1"), help="model B")
+    same = "trained on the same classes as the other: this example merges into one shared head"
+    parser.add_argument("--a", default=str(CHECKPOINTS / "mnist5k_seed0"), help=f"model A, {same}")
+    parser.add_argument("--b", default=str(CHECKPOINTS / "mnist5k_seed1"), help=f"model B, {same}")
     parser.add_argument(
         "--budget",
         type=float,
@@ -49,6 +50,11 @@ def main() -> None:
     # 1. Load two models of the same architecture: (module, variables) pairs plus the
     #    metadata that says how their inputs were prepared.
     a, b = workflow.load_model(args.a), workflow.load_model(args.b)
+    if workflow.heads_mode(a, b) != "shared":
+        parser.error(
+            "A and B were trained on different classes; this example merges them into one "
+            "shared head (pleas-jax merge gives each its own head)"
+        )
     module_a, va = a.module, a.variables
     module_b, vb = b.module, b.variables
     # The task's data at the models' image size and normalisation (a Dataset with
