@@ -305,11 +305,13 @@ def merge(
     check_precision(ls_precision)
     check_precision(matching_precision)
     if isinstance(statistics, PairStatistics) and statistics.models is not None:
-        if statistics.models != models_fingerprint(va, vb):
+        # Separate heads take their sums from the backbones, as below.
+        fa, fb = (_without_head(v) if heads == "separate" else v for v in (va, vb))
+        if statistics.models != models_fingerprint(fa, fb):
             raise ValueError(
                 "statistics: these pair statistics were taken from other source models "
-                "(or with A and B the other way round); take them from this pair "
-                "(statistics='pair')"
+                "(or with A and B the other way round, or the other heads mode); take them "
+                "from this pair (statistics='pair')"
             )
     data_fn = _batches_factory(data)
     example = _first_images(data_fn)[:1]
