@@ -282,7 +282,7 @@ def test_the_program_exits_at_once_after_an_interrupt(monkeypatch, code):
     from pleas_jax import cli
 
     class Exited(Exception):
-        pass
+        """Stands for the process ending in os._exit."""
 
     def fake_exit(status):
         raise Exited(status)
